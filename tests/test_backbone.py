@@ -1,0 +1,241 @@
+"""SlowFast backbone: structure, parity with pytorchvideo's detection model, RoIAlign geometry, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline.backbone import (
+    PRESETS,
+    BackboneConfig,
+    _pytorchvideo_kwargs,
+    actor_features,
+    backbone_from_checkpoint,
+    boxes_to_rois,
+    build_backbone,
+    file_sha256,
+    load_checkpoint,
+    pool_maps,
+    save_checkpoint,
+)
+from pipeline.errors import InputError
+
+torch.set_num_threads(1)
+
+
+def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so eval-mode parity tests the norms too."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+
+
+def _detection_model(cfg: BackboneConfig) -> nn.Module:
+    from pytorchvideo.models.slowfast import create_slowfast_with_roi_head
+
+    torch.manual_seed(0)
+    model = create_slowfast_with_roi_head(**_pytorchvideo_kwargs(cfg))
+    _randomise_norms(model)
+    return model.eval()
+
+
+def _kinetics_model(cfg: BackboneConfig) -> nn.Module:
+    """pytorchvideo's Kinetics classification SlowFast (res5 stride 2, no dilation: same weight shapes)."""
+    from pytorchvideo.models.slowfast import create_slowfast
+
+    torch.manual_seed(1)
+    kw = _pytorchvideo_kwargs(cfg)
+    del kw["stage_spatial_strides"], kw["stage_conv_b_dilations"]
+    return create_slowfast(**kw, model_num_class=400)
+
+
+def _clip(cfg: BackboneConfig, batch: int = 2, height: int = 64, width: int = 80, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, t, height, width, generator=g) for t in (cfg.t_slow, cfg.t_fast)]
+
+
+# ----------------------------------------------------------------------------------------------- structure
+
+
+def test_r50_preset_is_the_paper_backbone():
+    cfg = PRESETS["r50"]
+    assert (cfg.slow_channels, cfg.fast_channels, cfg.actor_channels) == (2048, 256, 2304)
+    assert (cfg.t_slow, cfg.t_fast, cfg.window, cfg.alpha, cfg.beta) == (8, 32, 64, 4, 8)
+    assert (cfg.output_stride, cfg.res5_dilation, cfg.short_side, cfg.model_depth) == (16, 2, 256, 50)
+    assert cfg.aligned is False  # pytorchvideo's AVA checkpoint
+
+
+def test_mini_preset_forward_shapes():
+    cfg = PRESETS["mini"]
+    model = build_backbone("mini").eval()
+    with torch.no_grad():
+        Fs, Ff = model(_clip(cfg, height=64, width=80))
+    assert Fs.shape == (2, cfg.slow_channels, 8, 4, 5)
+    assert Ff.shape == (2, cfg.fast_channels, 32, 4, 5)
+    slow, fast, fast_seq = pool_maps(Fs, Ff)
+    assert slow.shape == (2, cfg.slow_channels, 4, 5) and fast.shape == (2, cfg.fast_channels, 4, 5)
+    assert fast_seq.shape == (2, cfg.fast_channels, 32)
+    torch.testing.assert_close(fast_seq[:, :, 3], Ff[:, :, 3].mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(stem_width=4, beta=8), dict(model_depth=34), dict(t_fast=30), dict(short_side=8)],
+)
+def test_invalid_configs_are_refused(change):
+    with pytest.raises(ValueError):
+        dataclasses.replace(PRESETS["mini"], **change)
+
+
+def test_unknown_preset_names_the_presets():
+    with pytest.raises(ValueError, match="mini"):
+        build_backbone("r18")
+
+
+# ----------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("preset", ["mini", "r50"])
+def test_pooled_actor_feature_equals_pytorchvideo_detection_head(preset, tmp_path):
+    """Ours (backbone, time pooling, concat, RoIAlign 7x7, spatial max) == slowfast_r50_detection before its
+    projection, with the same (random) weights, loaded through our AVA checkpoint reader."""
+    cfg = PRESETS[preset]
+    det = _detection_model(cfg)
+    path = tmp_path / "SLOWFAST_8x8_R50_DETECTION.pyth"
+    torch.save({"model_state": det.state_dict()}, path)
+    ours = build_backbone(cfg).eval()
+    info = load_checkpoint(ours, path)
+    assert info["format"] == "ava-detection"
+
+    x = _clip(cfg, height=64, width=80)
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.9]]), torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.4, 0.8]])]
+    rois = boxes_to_rois(boxes, height=64, width=80)
+    with torch.no_grad():
+        head = det.detection_head
+        expected = head.pool_spatial(head.roi_layer(det.model([t.clone() for t in x]).squeeze(2), rois)).flatten(1)
+        slow, fast, _ = pool_maps(*ours(x))
+        got = actor_features(slow, fast, rois, aligned=cfg.aligned).amax((2, 3))  # (N, C_s+C_f)
+    assert got.shape == (3, cfg.actor_channels)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    # and the head's projection comes back for the baseline
+    assert info["head_state"]["weight"].shape == (80, cfg.actor_channels)
+    torch.testing.assert_close(info["head_state"]["weight"], head.proj.weight)
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_roi_align_known_answer_on_arange_map(aligned):
+    """A map whose value is x + 100 y: bilinear sampling is exact, so each bin equals its centre's x + 100 y.
+
+    Frame 128x192 px -> map 8x12 at stride 16. The normalised box (0.25, 0.25, 0.75, 0.75) is (48, 32, 144, 96)
+    px, i.e. (3, 2, 9, 6) on the map; aligned=True shifts it by -0.5 map pixels (pixel centres)."""
+    h, w = 8, 12
+    grid = torch.arange(w, dtype=torch.float32)[None, :] + 100 * torch.arange(h, dtype=torch.float32)[:, None]
+    slow = grid.expand(1, 2, h, w)  # (B=1, C_s=2, h, w)
+    fast = grid.expand(1, 1, h, w) * 2  # (B=1, C_f=1, h, w)
+    rois = boxes_to_rois([torch.tensor([[0.25, 0.25, 0.75, 0.75]])], height=128, width=192)
+    torch.testing.assert_close(rois, torch.tensor([[0.0, 48.0, 32.0, 144.0, 96.0]]))
+    out = actor_features(slow, fast, rois, aligned=aligned)
+    assert out.shape == (1, 3, 7, 7)
+    shift = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = 3 - shift, 2 - shift, 9 - shift, 6 - shift
+    cx = x1 + (torch.arange(7) + 0.5) * (x2 - x1) / 7
+    cy = y1 + (torch.arange(7) + 0.5) * (y2 - y1) / 7
+    expected = cx[None, :] + 100 * cy[:, None]  # (7, 7)
+    torch.testing.assert_close(out[0, 0], expected)
+    torch.testing.assert_close(out[0, 1], expected)
+    torch.testing.assert_close(out[0, 2], 2 * expected)
+
+
+def test_rois_as_list_or_tensor_agree():
+    g = torch.Generator().manual_seed(0)
+    slow, fast = torch.rand(2, 4, 6, 8, generator=g), torch.rand(2, 2, 6, 8, generator=g)
+    boxes = [torch.tensor([[0.1, 0.2, 0.6, 0.9]]), torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.7, 0.6]])]
+    as_tensor = actor_features(slow, fast, boxes_to_rois(boxes, 96, 128), aligned=True)
+    as_list = actor_features(slow, fast, [b * torch.tensor([128.0, 96, 128, 96]) for b in boxes], aligned=True)
+    torch.testing.assert_close(as_tensor, as_list)
+    assert as_tensor.shape == (3, 6, 7, 7)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_kinetics_checkpoint_loads_trunk_and_drops_classifier(tmp_path):
+    cfg = PRESETS["mini"]
+    kin = _kinetics_model(cfg)
+    path = tmp_path / "SLOWFAST_8x8_R50.pyth"
+    torch.save({"model_state": kin.state_dict(), "epoch": 196}, path)
+    ours = build_backbone(cfg)
+    info = load_checkpoint(ours, path)
+    assert info["format"] == "kinetics"
+    assert info["head_state"]["proj.weight"].shape == (400, cfg.actor_channels)
+    assert info["sha256"] == file_sha256(path) and len(info["sha256"]) == 64
+    ref = kin.state_dict()
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0)
+
+
+def test_own_checkpoint_round_trip_rebuilds_from_file_alone(tmp_path):
+    cfg = dataclasses.replace(PRESETS["mini"], name="mini-aligned", aligned=True, short_side=64)
+    model = build_backbone(cfg)
+    head = nn.Linear(cfg.actor_channels, 80)
+    path = save_checkpoint(model, cfg, tmp_path / "sub" / "backbone.pt", head=head, meta={"epochs": 3})
+    assert [p.name for p in path.parent.iterdir()] == ["backbone.pt"]  # no temporary left behind
+    rebuilt, info = backbone_from_checkpoint(path)
+    assert rebuilt.cfg == cfg and info["format"] == "stctx" and info["meta"] == {"epochs": 3}
+    torch.testing.assert_close(info["head_state"]["weight"], head.weight)
+    for (k, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_mismatch_names_missing_unexpected_and_wrong_shape_keys(tmp_path):
+    cfg = PRESETS["mini"]
+    state = _detection_model(cfg).state_dict()
+    dropped = "model.blocks.2.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight"
+    del state[dropped]
+    state["model.blocks.9.extra.weight"] = torch.zeros(1)
+    wrong = "model.blocks.1.multipathway_blocks.1.res_blocks.0.branch2.conv_b.weight"
+    state[wrong] = torch.zeros(3, 3)
+    path = tmp_path / "bad.pyth"
+    torch.save({"model_state": state}, path)
+    with pytest.raises(InputError) as err:
+        load_checkpoint(build_backbone(cfg), path)
+    msg = str(err.value)
+    assert msg.startswith(str(path))
+    assert "missing (1): blocks.2.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight" in msg
+    assert "unexpected (1): blocks.9.extra.weight" in msg
+    assert "wrong shape (1): blocks.1.multipathway_blocks.1.res_blocks.0.branch2.conv_b.weight: checkpoint (3, 3)" in msg
+
+
+def test_checkpoint_of_another_width_is_refused(tmp_path):
+    small = PRESETS["mini"]
+    path = save_checkpoint(build_backbone(small), small, tmp_path / "mini.pt")
+    wider = dataclasses.replace(small, name="wider", stem_width=8)
+    with pytest.raises(InputError, match=r"wrong shape \(\d+\)"):
+        load_checkpoint(build_backbone(wider), path)
+
+
+def test_unreadable_and_foreign_files_raise_input_errors(tmp_path):
+    model = build_backbone("mini")
+    with pytest.raises(InputError, match="not found"):
+        load_checkpoint(model, tmp_path / "nope.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(InputError, match="weights_only"):
+        load_checkpoint(model, tmp_path / "text.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="model_state"):
+        load_checkpoint(model, tmp_path / "other.pt")
+    torch.save({"model_state": {"layer.weight": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    with pytest.raises(InputError, match="unrecognised"):
+        load_checkpoint(model, tmp_path / "foreign.pt")
