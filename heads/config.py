@@ -1,0 +1,172 @@
+"""The head family: one frozen config, the Table 1 variants as named ``replace()``s, the ablation list.
+
+A variant is two structural choices on top of shared sizes:
+
+- ``queries``: ``"pooled"`` gives each actor one token (its 7x7 RoI features max-pooled), ``"grid"`` keeps
+  the 7x7 layout as 49 tokens (the paper's "-sa" rows).
+- ``context``: ``"none"`` is the linear baseline; ``"spatial"`` is one cross-attention block over the H*W
+  tokens of the time-pooled concat(slow, fast) map; ``"st"`` is a block over the H*W tokens of the
+  time-pooled slow map followed by a block over the T_f tokens of the space-pooled fast sequence.
+
+Defaults where the paper is silent (all fields, so an ablation can change them):
+
+- ``width`` D = 256, ``n_heads`` = 8 (32 dims per head): the DETR/Transformer-base per-head size at a width
+  that keeps the r50 head around 2 M parameters, small next to the 2304-d inputs it projects.
+- ``ffn_ratio`` = 4 with GELU: the Transformer default.
+- ``norm`` = ``"pre"``: pre-norm residual blocks train without warm-up and are robust to the large,
+  post-ReLU magnitudes of SlowFast features; ``"post"`` (the original Transformer) stays selectable.
+- ``dropout`` = 0.1 on residual branches, ``attn_dropout`` = 0.0, ``cls_dropout`` = 0.5 before the last
+  linear layer (0.5 is the SlowFast AVA head's dropout, so the baseline row matches the backbone's head).
+- ``spatial_pos`` = ``"sine"``: 2D sine encoding of absolute map indices (row, col). It exists for every
+  H, W and does not depend on how far a map was padded, so mixed aspect ratios need no interpolation.
+  ``"learned"`` is a factorised row/col table of ``max_positions`` entries each, also indexed absolutely.
+- ``temporal_pos`` = ``"sine"``: 1D sine encoding of the fast frame index.
+- ``actor_pos`` = ``"learned"``: a learned embedding of the 7x7 layout for grid queries (ignored by
+  pooled queries, which have no layout).
+- Context positions are added to keys only (DETR), so values carry content only; the actor layout
+  embedding is added to the actor tokens once, as part of their identity (ViT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+Queries = Literal["pooled", "grid"]
+Context = Literal["none", "spatial", "st"]
+Norm = Literal["pre", "post"]
+Activation = Literal["relu", "gelu"]
+SpatialPos = Literal["sine", "learned", "none"]
+TemporalPos = Literal["sine", "learned", "none"]
+ActorPos = Literal["learned", "sine", "none"]
+
+# Which HeadInputs fields each context structure reads, so a cache reader loads only those.
+_NEEDS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "spatial": frozenset({"slow", "fast"}),
+    "st": frozenset({"slow", "fast_seq"}),
+}
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """One head of the family; see the module docstring for the defaults and why.
+
+    Sizes: ``C_s``/``C_f`` slow/fast channels of the cached maps, ``K`` classes, ``roi_size`` the RoIAlign
+    output side (actor features are (C_s + C_f, roi_size, roi_size)), ``width`` the attention width D.
+    """
+
+    name: str = "st-sa"
+    queries: Queries = "grid"
+    context: Context = "st"
+    C_s: int = 2048
+    C_f: int = 256
+    K: int = 80
+    roi_size: int = 7
+    width: int = 256
+    n_heads: int = 8
+    ffn_ratio: float = 4.0
+    activation: Activation = "gelu"
+    norm: Norm = "pre"
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    cls_dropout: float = 0.5
+    spatial_pos: SpatialPos = "sine"
+    temporal_pos: TemporalPos = "sine"
+    actor_pos: ActorPos = "learned"
+    max_positions: int = 64
+    sine_temperature: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = typing.get_args(_HINTS[f.name])
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"HeadConfig.{f.name}={value!r}: expected one of {choices}")
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ValueError(f"HeadConfig.name={self.name!r}: expected a slug of letters, digits, '-', '_', '.'")
+        for size in ("C_s", "C_f", "K", "roi_size", "width", "n_heads", "max_positions"):
+            if not isinstance(getattr(self, size), int) or getattr(self, size) < 1:
+                raise ValueError(f"HeadConfig.{size}={getattr(self, size)!r}: expected a positive int")
+        if self.width % self.n_heads:
+            raise ValueError(f"HeadConfig.width={self.width} is not divisible by n_heads={self.n_heads}")
+        if self.width % 4:
+            raise ValueError(f"HeadConfig.width={self.width}: the 2D positional encodings need a multiple of 4")
+        for p in ("dropout", "attn_dropout", "cls_dropout"):
+            if not 0.0 <= getattr(self, p) < 1.0:
+                raise ValueError(f"HeadConfig.{p}={getattr(self, p)!r}: expected a probability in [0, 1)")
+        if self.ffn_ratio <= 0 or self.sine_temperature <= 0:
+            raise ValueError("HeadConfig.ffn_ratio and sine_temperature must be positive")
+        if self.context == "none" and self.queries != "pooled":
+            raise ValueError("HeadConfig: the baseline (context='none') has no actor tokens; use queries='pooled'")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """HeadInputs fields besides ``actor``/``box_clip`` that this head reads (subset of slow, fast, fast_seq)."""
+        return _NEEDS[self.context]
+
+    @property
+    def slug(self) -> str:
+        """The readable name for paths and table rows (the variant name)."""
+        return self.name
+
+    def digest(self, n: int = 8) -> str:
+        """Short sha256 of every field, for ``<slug>-<digest>`` output paths."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field; ``from_dict`` rebuilds the config from it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
+        """Inverse of ``to_dict``. Unknown keys are an error; missing keys take today's defaults."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"HeadConfig.from_dict: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+_HINTS = typing.get_type_hints(HeadConfig)
+
+_BASE = HeadConfig()
+
+VARIANTS: dict[str, HeadConfig] = {
+    "baseline": replace(_BASE, name="baseline", queries="pooled", context="none"),
+    "spatial": replace(_BASE, name="spatial", queries="pooled", context="spatial"),
+    "spatial-sa": replace(_BASE, name="spatial-sa", queries="grid", context="spatial"),
+    "st": replace(_BASE, name="st", queries="pooled", context="st"),
+    "st-sa": replace(_BASE, name="st-sa", queries="grid", context="st"),
+}
+
+ABLATION: tuple[str, ...] = ("baseline", "spatial", "spatial-sa", "st", "st-sa")
+
+# Frame-mAP@0.5 on AVA v2.2 val, Table 1 of the paper.
+PAPER_MAP: dict[str, float] = {
+    "baseline": 24.80,
+    "spatial": 26.50,
+    "spatial-sa": 26.75,
+    "st": 26.65,
+    "st-sa": 27.02,
+}
+
+# Backbone-dependent sizes. "mini" is a narrow head for the generated mini-AVA; C_s/C_f must equal the
+# channels of the cache it trains from (the training code should take them from the cache's feature spec).
+SIZES: dict[str, dict[str, int]] = {
+    "r50": {"C_s": 2048, "C_f": 256, "width": 256, "n_heads": 8},
+    "mini": {"C_s": 64, "C_f": 8, "width": 32, "n_heads": 4},
+}
+
+
+def variant(name: str, size: str = "r50", **overrides: Any) -> HeadConfig:
+    """``VARIANTS[name]`` at the sizes ``SIZES[size]``, with any further field overrides."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown head variant {name!r}; known: {sorted(VARIANTS)}")
+    if size not in SIZES:
+        raise KeyError(f"unknown head size {size!r}; known: {sorted(SIZES)}")
+    return replace(VARIANTS[name], **{**SIZES[size], **overrides})

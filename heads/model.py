@@ -1,0 +1,173 @@
+"""The heads: the linear baseline and the cross-attention context head, and ``build_head``.
+
+Shape legend: N boxes, B clips, Q actor tokens per box (1 pooled, R*R grid), M most boxes in one clip,
+C_s/C_f slow/fast channels, C = C_s + C_f, R RoI side (7), H W map height/width, T_f fast frames,
+L context tokens, D width, K classes.
+
+Boxes of one clip share its context, and a query token never attends to another query, so the heads
+pack the boxes of each clip into one query sequence of M*Q tokens and attend once per clip to that
+clip's tokens: keys and values are projected once per clip, never copied per box.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from heads.blocks import cross_attention_block, position_1d, position_2d
+from heads.config import HeadConfig
+from heads.inputs import HeadInputs
+
+Context = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def key_padding(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, H, W) validity -> (B, H*W) key_padding_mask (True = ignore), or None when all positions are real."""
+    return None if valid is None else ~valid.flatten(1)  # (B, H*W)
+
+
+def pack_by_clip(x: torch.Tensor, box_clip: torch.Tensor, num_clips: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group per-box tokens by clip: x (N, Q, D), box_clip (N,) -> packed (B, M*Q, D) and slot (N,).
+
+    Box n lands in row ``slot[n]`` of the (B*M, Q, D) view; unused slots are zeros (their outputs are
+    dropped by ``unpack_by_clip``). Costs one host sync for M.
+    """
+    n, q, d = x.shape
+    counts = torch.bincount(box_clip, minlength=num_clips)  # (B,) or longer if box_clip is out of range
+    if counts.numel() != num_clips:
+        raise ValueError(f"box_clip holds clip index {counts.numel() - 1} but the batch has {num_clips} clips")
+    m = max(int(counts.max()), 1)
+    order = torch.argsort(box_clip, stable=True)  # (N,)
+    starts = torch.cumsum(counts, 0) - counts  # (B,) first sorted position of each clip
+    rank = torch.empty_like(box_clip)
+    rank[order] = torch.arange(n, device=x.device) - starts[box_clip[order]]  # (N,) index within its clip
+    slot = box_clip * m + rank  # (N,)
+    packed = x.new_zeros(num_clips * m, q, d).index_copy(0, slot, x)  # (B*M, Q, D)
+    return packed.view(num_clips, m * q, d), slot  # (B, M*Q, D)
+
+
+def unpack_by_clip(packed: torch.Tensor, slot: torch.Tensor, q: int) -> torch.Tensor:
+    """Inverse of ``pack_by_clip``: packed (B, M*Q, D), slot (N,) -> (N, Q, D)."""
+    return packed.reshape(-1, q, packed.shape[-1]).index_select(0, slot)  # (N, Q, D)
+
+
+class PooledActorTokens(nn.Module):
+    """One token per actor: the 7x7 RoI features max-pooled, projected to D."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.C_s + cfg.C_f, cfg.width)
+
+    def forward(self, actor: torch.Tensor) -> torch.Tensor:
+        """(N, C, R, R) -> (N, 1, D)."""
+        return self.proj(actor.amax(dim=(2, 3)))[:, None]  # (N, 1, D)
+
+
+class GridActorTokens(nn.Module):
+    """R*R tokens per actor (the 7x7 layout kept), projected to D, plus an embedding of the layout."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.C_s + cfg.C_f, cfg.width)
+        self.pos = position_2d(cfg.actor_pos, cfg, cfg.roi_size)
+
+    def forward(self, actor: torch.Tensor) -> torch.Tensor:
+        """(N, C, R, R) -> (N, R*R, D)."""
+        x = self.proj(actor.flatten(2).transpose(1, 2))  # (N, R*R, D)
+        return x + self.pos(tuple(actor.shape[2:]), x)
+
+
+class MapTokens(nn.Module):
+    """Context tokens from time-pooled maps: channel-concat of ``fields``, one token per map position."""
+
+    def __init__(self, fields: tuple[str, ...], channels: int, cfg: HeadConfig):
+        super().__init__()
+        self.fields = fields
+        self.proj = nn.Linear(channels, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.pos = position_2d(cfg.spatial_pos, cfg, cfg.max_positions)
+
+    def forward(self, batch: HeadInputs) -> Context:
+        """-> tokens (B, H*W, D), key positions (H*W, D), key_padding_mask (B, H*W) or None."""
+        x = torch.cat([batch.require(f) for f in self.fields], dim=1)  # (B, C, H, W)
+        tokens = self.norm(self.proj(x.flatten(2).transpose(1, 2)))  # (B, H*W, D)
+        return tokens, self.pos(tuple(x.shape[2:]), tokens), key_padding(batch.valid)
+
+
+class SequenceTokens(nn.Module):
+    """Context tokens from a space-pooled sequence: one token per time step."""
+
+    def __init__(self, field: str, channels: int, cfg: HeadConfig):
+        super().__init__()
+        self.field = field
+        self.proj = nn.Linear(channels, cfg.width)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.pos = position_1d(cfg.temporal_pos, cfg, cfg.max_positions)
+
+    def forward(self, batch: HeadInputs) -> Context:
+        """-> tokens (B, T, D), key positions (T, D), no padding mask (every clip has T steps)."""
+        x = batch.require(self.field)  # (B, C, T)
+        tokens = self.norm(self.proj(x.transpose(1, 2)))  # (B, T, D)
+        return tokens, self.pos(tuple(x.shape[2:]), tokens), None
+
+
+def spatial_context(cfg: HeadConfig) -> list[nn.Module]:
+    """Table 1 "spatial": one block over the H*W tokens of time-pooled concat(slow, fast)."""
+    return [MapTokens(("slow", "fast"), cfg.C_s + cfg.C_f, cfg)]
+
+
+def spatiotemporal_context(cfg: HeadConfig) -> list[nn.Module]:
+    """Table 1 "st": a block over time-pooled slow (H*W tokens), then one over space-pooled fast (T_f tokens)."""
+    return [MapTokens(("slow",), cfg.C_s, cfg), SequenceTokens("fast_seq", cfg.C_f, cfg)]
+
+
+class BaselineHead(nn.Module):
+    """Table 1 row 1: max-pool the 7x7 RoI features, dropout, linear C -> K."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.config = cfg
+        self.dropout = nn.Dropout(cfg.cls_dropout)
+        self.proj = nn.Linear(cfg.C_s + cfg.C_f, cfg.K)
+
+    def forward(self, batch: HeadInputs) -> torch.Tensor:
+        """HeadInputs (only ``actor`` is read) -> logits (N, K)."""
+        return self.proj(self.dropout(batch.actor.amax(dim=(2, 3))))  # (N, K)
+
+
+class ContextHead(nn.Module):
+    """Actor tokens -> one cross-attention block per context source -> max over tokens -> two linears."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.config = cfg
+        self.actor = {"pooled": PooledActorTokens, "grid": GridActorTokens}[cfg.queries](cfg)
+        self.sources = nn.ModuleList({"spatial": spatial_context, "st": spatiotemporal_context}[cfg.context](cfg))
+        self.blocks = nn.ModuleList(cross_attention_block(cfg) for _ in self.sources)
+        self.norm = {"pre": nn.LayerNorm, "post": lambda d: nn.Identity()}[cfg.norm](cfg.width)
+        self.classifier = nn.Sequential(
+            nn.Linear(cfg.width, cfg.width),
+            nn.ReLU(),
+            nn.Dropout(cfg.cls_dropout),
+            nn.Linear(cfg.width, cfg.K),
+        )
+
+    def forward(self, batch: HeadInputs) -> torch.Tensor:
+        """HeadInputs (actor, box_clip and the fields in ``config.needs``) -> logits (N, K)."""
+        contexts = [source(batch) for source in self.sources]
+        tokens = self.actor(batch.actor)  # (N, Q, D)
+        x, slot = pack_by_clip(tokens, batch.box_clip, contexts[0][0].shape[0])  # (B, M*Q, D)
+        for block, (ctx, pos, pad) in zip(self.blocks, contexts):
+            x = block(x, ctx, pos, pad)  # (B, M*Q, D)
+        x = unpack_by_clip(self.norm(x), slot, tokens.shape[1])  # (N, Q, D)
+        return self.classifier(x.amax(dim=1))  # (N, K)
+
+
+def build_head(cfg: HeadConfig) -> nn.Module:
+    """The head for ``cfg``; its ``forward(HeadInputs) -> (N, K)`` logits, and ``.config`` is ``cfg``."""
+    return {"none": BaselineHead, "spatial": ContextHead, "st": ContextHead}[cfg.context](cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
