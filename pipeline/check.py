@@ -1,0 +1,247 @@
+"""``stctx ava check AVA_DIR``: validate an AVA v2.2 folder before any GPU time is spent.
+
+Reports counts per split (videos, keyframes, boxes) and every problem found, each with its file and line:
+rows that fail to parse, unknown action ids, boxes outside [0, 1] or degenerate, timestamps out of range,
+missing frame lists, frame folders or frames that keyframe windows need. Exit code 1 when there are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import ava
+from pipeline.errors import InputError
+
+MAX_SHOWN = 20  # problems printed per kind; the counts cover all of them
+
+
+@dataclass
+class Problem:
+    kind: str
+    where: str
+    message: str
+    severity: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class SplitCounts:
+    videos: int = 0
+    keyframes: int = 0
+    gt_boxes: int = 0
+    gt_rows: int = 0
+    det_boxes: int = 0
+    excluded: int = 0
+    frame_folders: int = 0
+
+
+@dataclass
+class CheckReport:
+    root: str
+    splits: dict[str, SplitCounts] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def add(self, kind: str, where: str, message: str, severity: str = "error") -> None:
+        self.problems.append(Problem(kind, where, message, severity))
+
+    def to_dict(self) -> dict:
+        return {"root": self.root, "ok": self.ok, "splits": {k: asdict(v) for k, v in self.splits.items()},
+                "problems": [asdict(p) for p in self.problems]}
+
+    def format(self) -> str:
+        lines = [f"AVA folder {self.root}", ""]
+        header = f"{'split':<6} {'videos':>7} {'keyframes':>10} {'gt boxes':>9} {'gt rows':>8} {'det boxes':>10} {'excluded':>9} {'frame dirs':>10}"
+        lines += [header, "-" * len(header)]
+        for name, c in self.splits.items():
+            lines.append(f"{name:<6} {c.videos:>7} {c.keyframes:>10} {c.gt_boxes:>9} {c.gt_rows:>8} {c.det_boxes:>10} {c.excluded:>9} {c.frame_folders:>10}")
+        lines.append("")
+        by_kind: dict[str, list[Problem]] = {}
+        for p in self.problems:
+            by_kind.setdefault(p.kind, []).append(p)
+        for kind, items in by_kind.items():
+            severity = items[0].severity
+            lines.append(f"{severity}s: {kind} ({len(items)})")
+            lines += [f"  {p}" for p in items[:MAX_SHOWN]]
+            if len(items) > MAX_SHOWN:
+                lines.append(f"  ... and {len(items) - MAX_SHOWN} more")
+        n_err, n_warn = len(self.errors), len(self.problems) - len(self.errors)
+        lines.append(f"{'OK' if self.ok else 'FAILED'}: {n_err} errors, {n_warn} warnings")
+        return "\n".join(lines)
+
+
+def check_ava(root: str | Path, splits: tuple[str, ...] = ava.SPLITS, check_frames: bool = True) -> CheckReport:
+    """Validate every file of an AVA folder; never raises on bad content, reports it."""
+    paths = ava.AvaPaths(root)
+    report = CheckReport(root=str(paths.root))
+    if not paths.root.is_dir():
+        report.add("missing files", str(paths.root), "not a directory")
+        return report
+    labelmap = _check_labelmap(paths, report)
+    for split in splits:
+        report.splits[split] = _check_split(paths, split, labelmap, report, check_frames)
+    return report
+
+
+def _check_labelmap(paths: ava.AvaPaths, report: CheckReport) -> dict[int, str]:
+    if not paths.labelmap.exists():
+        report.add("missing files", str(paths.labelmap), "label map not found")
+        return {}
+    try:
+        labelmap = ava.read_labelmap(paths.labelmap)
+    except InputError as err:
+        report.add("unparsable rows", f"{err.path}:{err.line}" if err.line else str(err.path), err.message)
+        return {}
+    outside = sorted(i for i in labelmap if not 1 <= i <= ava.NUM_CLASSES)
+    if outside:
+        report.add("unknown action ids", str(paths.labelmap), f"ids outside 1..{ava.NUM_CLASSES}: {outside}")
+    return labelmap
+
+
+def _check_rows(path: Path, columns, report: CheckReport):
+    frame, problems = ava.scan_csv(path, columns)
+    for p in problems:
+        report.add("unparsable rows", f"{p.path}:{p.line}", p.message)
+    return frame
+
+
+def _check_split(paths: ava.AvaPaths, split: str, labelmap, report: CheckReport, check_frames: bool) -> SplitCounts:
+    counts = SplitCounts()
+    required = {"ground truth": paths.groundtruth(split), "frame list": paths.frame_list(split)}
+    optional = {"exclusions": paths.exclusions(split), "detections": paths.detections(split)}
+    for what, path in required.items():
+        if not path.exists():
+            report.add("missing files", str(path), f"{split} {what} not found")
+    for what, path in optional.items():
+        if not path.exists():
+            report.add("missing files", str(path), f"{split} {what} not found", severity="warning")
+
+    gt = _check_rows(paths.groundtruth(split), ava.GROUNDTRUTH, report) if paths.groundtruth(split).exists() else None
+    det = _check_rows(paths.detections(split), ava.DETECTIONS, report) if paths.detections(split).exists() else None
+    if paths.exclusions(split).exists():
+        excl = _check_rows(paths.exclusions(split), ava.EXCLUSIONS, report)
+        counts.excluded = len(excl)
+    keyframes: set[tuple[str, int]] = set()
+    for name, frame, path in (("ground truth", gt, paths.groundtruth(split)), ("detections", det, paths.detections(split))):
+        if frame is None or frame.empty:
+            continue
+        lines = _data_line_numbers(path)
+        _check_values(frame, lines, path, labelmap, report, is_gt=name == "ground truth")
+        keyframes |= set(zip(frame["video_id"], frame["timestamp"].astype(int)))
+    if gt is not None and not gt.empty:
+        counts.gt_rows = len(gt)
+        counts.gt_boxes = len(gt.drop_duplicates(["video_id", "timestamp", "x1", "y1", "x2", "y2"]))
+    if det is not None:
+        counts.det_boxes = len(det.drop_duplicates(["video_id", "timestamp", "x1", "y1", "x2", "y2"]))
+    counts.keyframes = len(keyframes)
+    videos = sorted({v for v, _ in keyframes})
+    counts.videos = len(videos)
+
+    frames = None
+    if paths.frame_list(split).exists():
+        try:
+            frames = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
+        except InputError as err:
+            report.add("unparsable rows", f"{err.path}:{err.line}", err.message)
+    if check_frames and frames is not None:
+        counts.frame_folders = _check_frames(paths, split, frames, keyframes, report)
+    return counts
+
+
+def _data_line_numbers(path: Path) -> np.ndarray:
+    """1-based line numbers of the non-blank lines, to map parsed rows back to lines."""
+    with open(path, newline="") as f:
+        return np.array([i for i, line in enumerate(f, start=1) if line.strip()], dtype=np.int64)
+
+
+def _check_values(frame, lines, path: Path, labelmap, report: CheckReport, is_gt: bool) -> None:
+    # Rows that failed to parse were dropped from `frame`; map row -> line through the parsable lines.
+    good = _parsable_lines(path, frame, lines)
+    x1, y1, x2, y2 = (frame[c].to_numpy() for c in ("x1", "y1", "x2", "y2"))
+    outside = (np.minimum.reduce([x1, y1, x2, y2]) < 0) | (np.maximum.reduce([x1, y1, x2, y2]) > 1)
+    degenerate = (x2 <= x1) | (y2 <= y1)
+    ts = frame["timestamp"].to_numpy()
+    out_of_range = (ts < ava.FIRST_KEYFRAME) | (ts > ava.LAST_KEYFRAME)
+    actions = frame["action_id"].to_numpy()
+    unknown = (actions != -1) & ((actions < 1) | (actions > ava.NUM_CLASSES))
+    checks = (
+        ("boxes outside [0,1]", outside, lambda i: f"box {x1[i]} {y1[i]} {x2[i]} {y2[i]} is outside [0, 1]"),
+        ("degenerate boxes", degenerate, lambda i: f"box {x1[i]} {y1[i]} {x2[i]} {y2[i]} has zero or negative size"),
+        ("timestamps out of range", out_of_range,
+         lambda i: f"timestamp {ts[i]} outside {ava.FIRST_KEYFRAME}..{ava.LAST_KEYFRAME}"),
+        ("unknown action ids", unknown, lambda i: f"action id {actions[i]} outside 1..{ava.NUM_CLASSES}"),
+    )
+    for kind, mask, message in checks:
+        for i in np.flatnonzero(mask):
+            report.add(kind, f"{path}:{good[i]}", message(i))
+
+
+def _parsable_lines(path: Path, frame, lines: np.ndarray) -> np.ndarray:
+    if len(frame) == len(lines):
+        return lines
+    # some rows failed to parse: find which lines made it into the frame
+    _, problems = ava.scan_csv(path, ava.GROUNDTRUTH if "person_id" in frame.columns else
+                               (ava.DETECTIONS if "score" in frame.columns else ava.EXCLUSIONS))
+    bad = {p.line for p in problems}
+    return np.array([line for line in lines if line not in bad], dtype=np.int64)
+
+
+def _check_frames(paths: ava.AvaPaths, split: str, frames: dict[str, list[str]], keyframes, report) -> int:
+    """Every annotated video needs a frame folder holding the frames its keyframe windows read."""
+    needed: dict[str, int] = Counter()
+    for video_id, sec in keyframes:
+        needed[video_id] = max(needed[video_id], ava.keyframe_frame_index(sec) + ava.WINDOW // 2 - 1)
+    folders = 0
+    list_path = paths.frame_list(split)
+    for video_id in sorted(needed):
+        folder = paths.frames / video_id
+        listed = frames.get(video_id)
+        if listed is None:
+            report.add("missing frames", str(list_path), f"video {video_id} is annotated but not in the frame list")
+            continue
+        if not folder.is_dir():
+            report.add("missing frames", str(folder), "frame folder not found")
+            continue
+        folders += 1
+        on_disk = set(os.listdir(folder))
+        missing = [p for p in listed if Path(p).name not in on_disk]
+        if missing:
+            report.add("missing frames", str(folder), f"{len(missing)} listed frames not on disk, e.g. {missing[0]}")
+        last = needed[video_id]
+        if len(listed) <= last - ava.WINDOW // 2 + 1:
+            report.add("missing frames", str(folder),
+                       f"{len(listed)} frames, but keyframe frame index {last - ava.WINDOW // 2 + 1} is needed")
+        elif len(listed) <= last:
+            report.add("short videos", str(folder),
+                       f"{len(listed)} frames; the last keyframe window reaches index {last} and is clamped",
+                       severity="warning")
+    return folders
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ava_dir", metavar="AVA_DIR", help="folder with frames/, frame_lists/, annotations/")
+    parser.add_argument("--split", choices=ava.SPLITS, action="append", help="check only this split (repeatable)")
+    parser.add_argument("--no-frames", action="store_true", help="skip the frame folder checks")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def run_cli(args) -> int:
+    report = check_ava(args.ava_dir, tuple(args.split or ava.SPLITS), check_frames=not args.no_frames)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
+    return 0 if report.ok else 1

@@ -1,0 +1,67 @@
+"""The ``stctx`` command: utilities around the pipeline (the pipeline itself runs through Luigi tasks).
+
+Each subcommand lives in the module that does the work, as a pair ``configure_parser(parser)`` /
+``run_cli(args) -> exit code``; this file only wires them up. Bad input ends in one clear line
+(``file:line: what was expected``), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline.errors import InputError
+
+# (command path, module, help); modules import lazily so `stctx --help` stays fast.
+COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("ava", "check"), "pipeline.check", "validate an AVA v2.2 folder before any GPU time is spent"),
+    (("ava", "frames"), "pipeline.frames", "decode AVA movies into the frames layout (30 fps, seconds 900-1800)"),
+    (("mini-ava",), "pipeline.mini_ava", "generate the mini-AVA test bed in the AVA folder layout"),
+    (("eval",), "pipeline.evaluation", "frame-mAP@0.5 of detections against ground truth (official AVA protocol)"),
+    (("cache", "info"), "cache.verify", "summarise a feature cache store"),
+    (("cache", "verify"), "cache.verify", "check a feature cache store: completeness, shapes, NaN/Inf, checksums"),
+)
+
+GROUPS = {"ava": "AVA dataset utilities", "cache": "feature cache utilities"}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stctx", description=__doc__.splitlines()[0])
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    wanted = [a for a in (argv or []) if not a.startswith("-")][:2]
+    for path, module, help_text in COMMANDS:
+        if len(path) == 2:
+            if path[0] not in groups:
+                group = top.add_parser(path[0], help=GROUPS[path[0]], description=GROUPS[path[0]])
+                groups[path[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
+        else:
+            sub = top.add_parser(path[0], help=help_text, description=help_text)
+        sub.set_defaults(_module=module, _name=" ".join(path))
+        if list(path) == wanted[: len(path)]:  # configure only the chosen command: imports stay lazy
+            _load(module).configure_parser(sub)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return int(_load(args._module).run_cli(args) or 0)
+    except InputError as err:
+        print(f"stctx {args._name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stctx {args._name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`stctx ava check`: counts on a good folder, one report entry per kind of problem, exit codes."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import ava, check, cli
+
+VIDEO = "-x000000001"
+
+
+@pytest.fixture
+def ava_dir(tmp_path):
+    """A one-video AVA folder per split with frames for keyframes 902 and 903."""
+    paths = ava.AvaPaths(tmp_path / "ava")
+    (paths.annotations / "person_box_67091280_iou90").mkdir(parents=True)
+    (paths.root / "frame_lists").mkdir()
+    paths.labelmap.write_text(ava.SHIPPED_LABELMAP.read_text())
+    n_frames = ava.keyframe_frame_index(903) + 32
+    for split in ava.SPLITS:
+        video = f"{VIDEO[:-1]}{ava.SPLITS.index(split)}"
+        (paths.frames / video).mkdir(parents=True)
+        img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+        lines = [" ".join(ava.FRAME_LIST_HEADER)]
+        for i in range(n_frames):
+            img.save(paths.frames / video / f"{video}_{i + 1:06d}.jpg")
+            lines.append(f'{video} 0 {i} {video}/{video}_{i + 1:06d}.jpg ""')
+        paths.frame_list(split).write_text("\n".join(lines) + "\n")
+        paths.groundtruth(split).write_text(
+            f"{video},0902,0.1,0.1,0.5,0.9,12,0\n{video},0902,0.1,0.1,0.5,0.9,17,0\n{video},903,0.5,0.1,0.9,0.9,80,1\n\n")
+        paths.exclusions(split).write_text(f"{video},0904\n")
+        paths.detections(split).write_text(f"{video},0902,0.1,0.1,0.5,0.9,,0.97\n{video},0903,0.2,0.1,0.4,0.6,,0.3\n")
+    return paths
+
+
+def test_good_folder_counts(ava_dir):
+    report = check.check_ava(ava_dir.root)
+    assert report.ok, report.format()
+    counts = report.splits["train"]
+    assert (counts.videos, counts.keyframes, counts.gt_rows, counts.gt_boxes, counts.det_boxes, counts.excluded,
+            counts.frame_folders) == (1, 2, 3, 2, 2, 1, 1)
+    assert "OK: 0 errors" in report.format()
+
+
+@pytest.mark.parametrize("row, kind", [
+    ("{v},0902,0.1,0.1,0.5,0.9,12", "unparsable rows"),
+    ("{v},0902,0.1,0.1,0.5,0.9,95,0", "unknown action ids"),
+    ("{v},0902,0.1,0.1,1.5,0.9,12,0", "boxes outside [0,1]"),
+    ("{v},0902,0.5,0.1,0.5,0.9,12,0", "degenerate boxes"),
+    ("{v},0100,0.1,0.1,0.5,0.9,12,0", "timestamps out of range"),
+])
+def test_each_problem_kind_is_reported_with_its_line(ava_dir, row, kind):
+    video = f"{VIDEO[:-1]}1"
+    path = ava_dir.groundtruth("val")
+    path.write_text(path.read_text() + row.format(v=video) + "\n")
+    report = check.check_ava(ava_dir.root)
+    found = [p for p in report.errors if p.kind == kind]
+    assert not report.ok and len(found) == 1, report.format()
+    assert found[0].where == f"{path}:5"
+
+
+def test_missing_frames_and_files(ava_dir):
+    video = f"{VIDEO[:-1]}0"
+    (ava_dir.frames / video / f"{video}_000070.jpg").unlink()
+    ava_dir.exclusions("val").unlink()
+    report = check.check_ava(ava_dir.root)
+    kinds = {(p.kind, p.severity) for p in report.problems}
+    assert ("missing frames", "error") in kinds and ("missing files", "warning") in kinds
+    import shutil
+    shutil.rmtree(ava_dir.frames / video)
+    assert any("frame folder not found" in p.message for p in check.check_ava(ava_dir.root).errors)
+
+
+def test_cli_exit_codes_and_json(ava_dir, capsys):
+    assert cli.main(["ava", "check", str(ava_dir.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    ava_dir.labelmap.write_text("garbage {")
+    assert cli.main(["ava", "check", str(ava_dir.root)]) == 1
+    assert "FAILED" in capsys.readouterr().out
