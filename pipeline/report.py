@@ -1,0 +1,124 @@
+"""Table 1: frame-mAP per head variant over seeds, the paper's numbers beside ours, and the classes where
+context matters. Writes ``table1.md``, ``table1.csv`` and ``table1.png``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+# Classes whose evidence lies outside the actor box or in the order of events (AVA action ids).
+CONTEXT_CLASSES: dict[int, str] = {
+    65: "give/serve (an object) to (a person)",
+    78: "take (an object) from (a person)",
+    17: "carry/hold (an object)",
+    80: "watch (a person)",
+    69: "hand wave",
+}
+
+
+def ablation_frame(results: Sequence[Mapping], paper: Mapping[str, float], order: Sequence[str]) -> pd.DataFrame:
+    """One row per variant: ``variant, map_mean, map_std, n_seeds, paper_map`` (mAP in percent), then the mean AP
+    (percent) of each context class as ``ap_<id>``.
+
+    ``results`` are metrics dicts of single runs: ``variant``, ``seed``, ``mAP`` (a fraction) and ``per_class``
+    (``{"<id>": AP fraction or None}``).
+    """
+    rows = []
+    for name in order:
+        runs = [r for r in results if r["variant"] == name]
+        if not runs:
+            continue
+        maps = np.array([100.0 * r["mAP"] for r in runs])
+        row = {
+            "variant": name,
+            "map_mean": maps.mean(),
+            "map_std": maps.std(ddof=1) if len(maps) > 1 else 0.0,
+            "n_seeds": len(runs),
+            "paper_map": paper.get(name, math.nan),
+            "seeds": " ".join(str(r["seed"]) for r in runs),
+        }
+        for class_id in CONTEXT_CLASSES:
+            aps = [r["per_class"].get(str(class_id)) for r in runs]
+            aps = [100.0 * a for a in aps if a is not None]
+            row[f"ap_{class_id}"] = float(np.mean(aps)) if aps else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = ()) -> str:
+    """The table as Markdown: mean ± std over seeds, the paper's number, context-class APs."""
+    class_cols = [c for c in table.columns if c.startswith("ap_")]
+    header = ["variant", "frame-mAP (ours)", "seeds", "paper (AVA v2.2)"] + [
+        f"AP {CONTEXT_CLASSES[int(c[3:])].split(' (')[0]} ({c[3:]})" for c in class_cols
+    ]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [r["variant"], f"{r['map_mean']:.2f} ± {r['map_std']:.2f}", str(r["n_seeds"]), _num(r["paper_map"])]
+        cells += [_num(r[c]) for c in class_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "mAP and AP in percent; ± is the standard deviation over seeds.", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _num(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def plot_table(table: pd.DataFrame, path: Path, title: str) -> None:
+    """Left: mAP per variant with the seeds' spread, paper numbers as markers. Right: AP of the context classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    class_cols = [c for c in table.columns if c.startswith("ap_")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    x = np.arange(len(table))
+    ax1.bar(x, table["map_mean"], yerr=table["map_std"], capsize=4, color="#4c72b0", label="ours (mean ± std)")
+    ax1.set_xticks(x, table["variant"], rotation=20)
+    ax1.set_ylabel("frame-mAP@0.5 (%)")
+    ax1.set_title("Table 1 variants")
+    lo = float(np.nanmin(table["map_mean"] - table["map_std"]))
+    ax1.set_ylim(max(0.0, lo - 5.0), None)
+    paper = ax1.twinx()
+    paper.plot(x, table["paper_map"], "D", color="#dd8452", label="paper, AVA v2.2 (right axis)")
+    paper.set_ylabel("paper frame-mAP (%)")
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = paper.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
+    width = 0.8 / max(1, len(table))
+    for i, (_, r) in enumerate(table.iterrows()):
+        ax2.bar(np.arange(len(class_cols)) + i * width, [r[c] for c in class_cols], width, label=r["variant"])
+    ax2.set_xticks(np.arange(len(class_cols)) + 0.4 - width / 2,
+                   [CONTEXT_CLASSES[int(c[3:])].split(" (")[0] for c in class_cols], rotation=15)
+    ax2.set_ylabel("AP (%)")
+    ax2.set_title("classes where context matters")
+    ax2.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_ablation(results: Sequence[Mapping], out_dir: str | Path, paper: Mapping[str, float],
+                   order: Sequence[str], title: str, notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write table1.md, table1.csv and table1.png into ``out_dir`` (each atomically); returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = ablation_frame(results, paper, order)
+    paths = {"md": out_dir / "table1.md", "csv": out_dir / "table1.csv", "png": out_dir / "table1.png"}
+    plot_table(table, paths["png"], title)
+    tmp = out_dir / "table1.csv.tmp"
+    table.round(4).to_csv(tmp, index=False)
+    tmp.replace(paths["csv"])
+    tmp = out_dir / "table1.md.tmp"
+    tmp.write_text(format_markdown(table, title, notes))
+    tmp.replace(paths["md"])
+    return paths
