@@ -21,8 +21,10 @@ Defaults where the paper is silent (all fields, so an ablation can change them):
   H, W and does not depend on how far a map was padded, so mixed aspect ratios need no interpolation.
   ``"learned"`` is a factorised row/col table of ``max_positions`` entries each, also indexed absolutely.
 - ``temporal_pos`` = ``"sine"``: 1D sine encoding of the fast frame index.
-- ``actor_pos`` = ``"learned"``: a learned embedding of the 7x7 layout for grid queries (ignored by
-  pooled queries, which have no layout).
+- ``actor_pos`` = ``"learned"``: a learned (factorised row/col) embedding of the 7x7 layout for grid
+  queries (ignored by pooled queries, which have no layout).
+- The classifier after the blocks is Linear(D, D), ReLU, dropout, Linear(D, K); a pre-norm head applies a
+  final LayerNorm before the max over actor tokens.
 - Context positions are added to keys only (DETR), so values carry content only; the actor layout
   embedding is added to the actor tokens once, as part of their identity (ViT).
 """
@@ -125,7 +127,11 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HeadConfig:
-        """Inverse of ``to_dict``. Unknown keys are an error; missing keys take today's defaults."""
+        """Inverse of ``to_dict``. Unknown keys are an error; missing keys take today's defaults.
+
+        Missing keys are allowed so that checkpoints written before a field existed still load: a new
+        field's default must reproduce the behaviour from before it existed.
+        """
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"HeadConfig.from_dict: unknown fields {sorted(unknown)}")
@@ -155,11 +161,12 @@ PAPER_MAP: dict[str, float] = {
     "st-sa": 27.02,
 }
 
-# Backbone-dependent sizes. "mini" is a narrow head for the generated mini-AVA; C_s/C_f must equal the
-# channels of the cache it trains from (the training code should take them from the cache's feature spec).
+# Sizes per backbone preset (pipeline.backbone.PRESETS, same keys; a test keeps the channels equal).
+# "mini" is a narrow head for the generated mini-AVA. C_s/C_f must equal the channels of the cache a head
+# trains from, so training code should take them from the cache's feature spec when it differs.
 SIZES: dict[str, dict[str, int]] = {
     "r50": {"C_s": 2048, "C_f": 256, "width": 256, "n_heads": 8},
-    "mini": {"C_s": 64, "C_f": 8, "width": 32, "n_heads": 4},
+    "mini": {"C_s": 128, "C_f": 32, "width": 32, "n_heads": 4},
 }
 
 

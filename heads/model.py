@@ -144,7 +144,8 @@ class ContextHead(nn.Module):
         self.actor = {"pooled": PooledActorTokens, "grid": GridActorTokens}[cfg.queries](cfg)
         self.sources = nn.ModuleList({"spatial": spatial_context, "st": spatiotemporal_context}[cfg.context](cfg))
         self.blocks = nn.ModuleList(cross_attention_block(cfg) for _ in self.sources)
-        self.norm = {"pre": nn.LayerNorm, "post": lambda d: nn.Identity()}[cfg.norm](cfg.width)
+        # Pre-norm blocks leave the residual stream unnormalised; post-norm blocks end in a LayerNorm.
+        self.norm = nn.LayerNorm(cfg.width) if cfg.norm == "pre" else nn.Identity()
         self.classifier = nn.Sequential(
             nn.Linear(cfg.width, cfg.width),
             nn.ReLU(),

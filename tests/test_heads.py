@@ -188,6 +188,14 @@ def test_registry():
     assert variant("st", "mini", width=16).width == 16
 
 
+def test_sizes_match_backbone_presets():
+    from pipeline.backbone import PRESETS
+
+    assert set(SIZES) <= set(PRESETS)
+    for name, sizes in SIZES.items():
+        assert (sizes["C_s"], sizes["C_f"]) == (PRESETS[name].slow_channels, PRESETS[name].fast_channels)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
