@@ -17,7 +17,7 @@ was trained with torchvision's default ``aligned=False``; PySlowFast's AVA confi
 Checkpoints (nothing is downloaded; ``torch.load(weights_only=True)``):
 - ``ava-detection``: pytorchvideo's ``SLOWFAST_8x8_R50_DETECTION.pyth``, ``{"model_state": ...}`` of
   ``slowfast_r50_detection`` (keys ``model.blocks.*`` and ``detection_head.proj.*``); the head's
-  projection (2304 -> 80) is returned as ``info["head_state"]``.
+  projection (2304 -> 80) is returned as ``info["head_state"]`` (keys ``proj.weight``, ``proj.bias``).
 - ``kinetics``: pytorchvideo's ``SLOWFAST_8x8_R50.pyth``, ``{"model_state": ...}`` of ``slowfast_r50``
   (keys ``blocks.*``); its classification head (``blocks.6.*``, 400 classes) is dropped.
 - ``stctx``: ours, self-describing (``save_checkpoint``): format tag, version, backbone config,
@@ -288,8 +288,8 @@ def _split_state(fmt: str, state: Mapping[str, torch.Tensor], num_blocks: int) -
     backbone, head = {}, {}
     for k, v in state.items():
         if fmt == "ava-detection":
-            if k.startswith("detection_head.proj."):
-                head[k[len("detection_head.proj."):]] = v
+            if k.startswith("detection_head."):
+                head[k[len("detection_head."):]] = v
             elif k.startswith("model."):
                 backbone[k[len("model."):]] = v
             else:
@@ -326,8 +326,8 @@ def load_checkpoint(model: SlowFastBackbone, path: str | Path) -> dict:
     """Load backbone weights from an AVA detection, Kinetics or stctx checkpoint into ``model``.
 
     Returns info: ``format``, ``path``, ``sha256``, ``num_tensors`` loaded, ``head_state`` (the checkpoint's
-    head weights: AVA detection ``{"weight": (80, 2304), "bias": (80,)}``, Kinetics' 400-way head, or the
-    head saved with ours; None if absent), ``config`` (ours only, as saved) and ``meta`` (ours only).
+    head weights keyed like a module whose Linear is ``proj``: AVA detection ``{"proj.weight": (80, 2304),
+    "proj.bias": (80,)}``, Kinetics' 400-way head, or the head saved with ours; None if absent), ``config`` (ours only, as saved) and ``meta`` (ours only).
     Any mismatch raises ``InputError`` naming the missing, unexpected and wrongly shaped keys.
     """
     path = Path(path)

@@ -19,6 +19,7 @@ resize; ``benchmarks/bench_backbone.py`` measures whole items.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -86,6 +87,12 @@ class KeyframeClips(Dataset):
 
     def __len__(self) -> int:
         return len(self.keyframes)
+
+    def subset(self, indices: Sequence[int]) -> "KeyframeClips":
+        """The same clips restricted to ``indices`` (in that order); shares the frame listings."""
+        other = copy.copy(self)
+        other.keyframes = [self.keyframes[i] for i in indices]
+        return other
 
     @property
     def video_ids(self) -> list[str]:

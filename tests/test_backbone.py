@@ -127,8 +127,8 @@ def test_pooled_actor_feature_equals_pytorchvideo_detection_head(preset, tmp_pat
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
     # and the head's projection comes back for the baseline
-    assert info["head_state"]["weight"].shape == (80, cfg.actor_channels)
-    torch.testing.assert_close(info["head_state"]["weight"], head.proj.weight)
+    assert info["head_state"]["proj.weight"].shape == (80, cfg.actor_channels)
+    torch.testing.assert_close(info["head_state"]["proj.weight"], head.proj.weight)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -189,12 +189,13 @@ def test_kinetics_checkpoint_loads_trunk_and_drops_classifier(tmp_path):
 def test_own_checkpoint_round_trip_rebuilds_from_file_alone(tmp_path):
     cfg = dataclasses.replace(PRESETS["mini"], name="mini-aligned", aligned=True, short_side=64)
     model = build_backbone(cfg)
-    head = nn.Linear(cfg.actor_channels, 80)
+    head = nn.Sequential()
+    head.proj = nn.Linear(cfg.actor_channels, 80)
     path = save_checkpoint(model, cfg, tmp_path / "sub" / "backbone.pt", head=head, meta={"epochs": 3})
     assert [p.name for p in path.parent.iterdir()] == ["backbone.pt"]  # no temporary left behind
     rebuilt, info = backbone_from_checkpoint(path)
     assert rebuilt.cfg == cfg and info["format"] == "stctx" and info["meta"] == {"epochs": 3}
-    torch.testing.assert_close(info["head_state"]["weight"], head.weight)
+    torch.testing.assert_close(info["head_state"]["proj.weight"], head.proj.weight)
     for (k, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 

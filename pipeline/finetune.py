@@ -1,0 +1,223 @@
+"""Fine-tune the SlowFast backbone end to end on frames with the baseline head.
+
+Shape legend: B clips, N boxes, C = C_s + C_f actor channels, R RoI side (7), K classes (80).
+
+The baseline (Table 1 row 1) on live features: actor features (``pipeline.backbone.actor_features``),
+spatial max pooling over the RxR bins, dropout, Linear(C, K), sigmoid BCE against the 80-way multi-hot
+labels of the training proposals (ground truth + detector boxes >= 0.8, ``pipeline.ava.training_proposals``).
+Its Linear has the layout of pytorchvideo's detection head projection, so an AVA detection checkpoint
+initialises both the backbone and this head.
+
+A plain loop: per-video batches of clips (``pipeline.clips.clip_loader``), optional horizontal flips, SGD or
+AdamW with a cosine schedule, bf16 autocast on CUDA. It writes our self-describing checkpoint (backbone config,
+backbone and head weights, the fine-tuning config and losses) atomically and returns the metrics.
+Deterministic on CPU for a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.ava import NUM_CLASSES, Proposals, make_key
+from pipeline.backbone import (
+    PRESETS,
+    BackboneConfig,
+    actor_features,
+    boxes_to_rois,
+    build_backbone,
+    file_sha256,
+    load_checkpoint,
+    pool_maps,
+    save_checkpoint,
+)
+from pipeline.clips import KeyframeClips, clip_loader
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Optimisation of the end-to-end fine-tuning (the paper does not give one for this step)."""
+
+    epochs: int = 6
+    batch_size: int = 8
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    warmup_steps: int = 10
+    dropout: float = 0.5
+    flip: bool = True  # random horizontal flips of clip and boxes
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (use with a pretrained init and small batches)
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"invalid fine-tuning config {self}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+
+
+class ActorClassifier(nn.Module):
+    """The baseline head: (N, C, R, R) actor features -> spatial max -> dropout -> Linear -> (N, K) logits."""
+
+    def __init__(self, channels: int, num_classes: int = NUM_CLASSES, dropout: float = 0.5):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(channels, num_classes)
+
+    def forward(self, actor: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.dropout(actor.amax(dim=(2, 3))))  # (N, K)
+
+
+class ActionDetector(nn.Module):
+    """Backbone + baseline head on clips and boxes (the end-to-end model)."""
+
+    def __init__(self, backbone: nn.Module, head: ActorClassifier):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, slow: torch.Tensor, fast: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """slow (B,3,T_s,H,W), fast (B,3,T_f,H,W), rois (N,5) in input pixels -> (N, K) logits."""
+        s, f, _ = pool_maps(*self.backbone([slow, fast]))
+        return self.head(actor_features(s, f, rois, aligned=self.backbone.cfg.aligned))
+
+
+def _boxes_of(batch: dict, lookup: dict[str, int], proposals: Proposals) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-clip normalised boxes [(N_b, 4)] and their labels (N, K) for a batch of clips."""
+    boxes, labels = [], []
+    for vid, sec in zip(batch["video_id"], batch["sec"]):
+        k = lookup.get(make_key(vid, sec))
+        lo, hi = (0, 0) if k is None else (proposals.offsets[k], proposals.offsets[k + 1])
+        boxes.append(proposals.boxes[lo:hi])
+        labels.append(proposals.labels[lo:hi])
+    return boxes, np.concatenate(labels).astype(np.float32)
+
+
+def _flip(batch: dict, boxes: list[np.ndarray], flips: torch.Tensor) -> list[np.ndarray]:
+    """Mirror the flagged clips (B,) in place of the batch and their boxes: x -> 1 - x."""
+    for key in ("slow", "fast"):
+        batch[key] = torch.where(flips[:, None, None, None, None], batch[key].flip(-1), batch[key])
+    return [b[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0] if f else b for b, f in zip(boxes, flips.tolist())]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def _set_bn_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def finetune_backbone(
+    backbone_cfg: BackboneConfig,
+    clips: KeyframeClips,
+    proposals: Proposals,
+    out_path: str | Path,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    init: str | Path | None = None,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Train backbone + baseline head on ``clips`` against ``proposals``; write our checkpoint to ``out_path``.
+
+    ``proposals`` holds each training keyframe's boxes (normalised x1 y1 x2 y2) and 80-way multi-hot labels;
+    clips whose keyframe has no proposal are skipped. ``init``: a checkpoint (AVA detection, Kinetics or ours)
+    for the backbone, and for the head where it carries a (K, C) projection; without it the weights are random
+    (seeded). Returns dict(train_loss per epoch, step_loss, steps, clips, boxes, seconds, clips_per_s,
+    checkpoint, sha256).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(backbone_cfg)
+    head = ActorClassifier(backbone_cfg.actor_channels, NUM_CLASSES, cfg.dropout)
+    init_info = None
+    if init is not None:
+        init_info = load_checkpoint(backbone, init)
+        state = init_info["head_state"] or {}
+        if {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in head.state_dict().items()}:
+            head.load_state_dict(state)  # an AVA detection head or ours; Kinetics' 400-way head does not fit
+    model = ActionDetector(backbone, head).to(device)
+
+    lookup = {k: i for i, k in enumerate(proposals.keys) if proposals.offsets[i + 1] > proposals.offsets[i]}
+    keep = [i for i, (v, s) in enumerate(clips.keyframes) if make_key(v, s) in lookup]
+    if not keep:
+        raise ValueError("no clip keyframe has a training proposal")
+    train_clips = clips.subset(keep)
+    loader = clip_loader(train_clips, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    total = cfg.epochs * len(loader.batch_sampler)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, cfg.warmup_steps))
+    flip_rng = torch.Generator().manual_seed(cfg.seed)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    epoch_loss, step_loss, num_boxes, start = [], [], 0, time.perf_counter()
+    for epoch in range(cfg.epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        model.train()
+        if cfg.freeze_bn:
+            _set_bn_eval(model)
+        losses, weights = [], []
+        for batch in loader:
+            boxes, labels = _boxes_of(batch, lookup, proposals)
+            if cfg.flip:
+                boxes = _flip(batch, boxes, torch.rand(len(boxes), generator=flip_rng) < 0.5)
+            rois = boxes_to_rois([torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)) for b in boxes],
+                                 batch["height"], batch["width"])
+            slow, fast = (batch[k].to(device, non_blocking=True) for k in ("slow", "fast"))
+            with torch.autocast(**amp):
+                logits = model(slow, fast, rois.to(device))
+            loss = F.binary_cross_entropy_with_logits(logits.float(), torch.from_numpy(labels).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step_loss.append(loss.item())
+            losses.append(loss.item() * len(labels))
+            weights.append(len(labels))
+            num_boxes += len(labels)
+        epoch_loss.append(sum(losses) / sum(weights))
+        if log:
+            log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss[-1]:.4f} ({time.perf_counter() - start:.1f} s)")
+    seconds = time.perf_counter() - start
+
+    meta = {
+        "finetune": dataclasses.asdict(cfg),
+        "init": None if init_info is None else {"format": init_info["format"], "sha256": init_info["sha256"]},
+        "train_loss": epoch_loss,
+        "clips": len(keep),
+        "boxes_per_epoch": num_boxes // cfg.epochs,
+    }
+    path = save_checkpoint(model.backbone, backbone_cfg, out_path, head=model.head, meta=meta)
+    return {
+        "train_loss": epoch_loss,
+        "step_loss": step_loss,
+        "steps": len(step_loss),
+        "clips": len(keep),
+        "boxes": num_boxes // cfg.epochs,
+        "seconds": seconds,
+        "clips_per_s": len(keep) * cfg.epochs / seconds,
+        "checkpoint": str(path),
+        "sha256": file_sha256(path),
+    }
