@@ -1,0 +1,406 @@
+"""Reading the cache for heads: a keyframe dataset, a block sampler, a collate and a device loader.
+
+Shape legend: B keyframes (clips) of a batch, N boxes of a batch, C_s/C_f slow/fast channels,
+H W map (padded to the batch maximum), T_f fast frames, R RoI side (7), K classes (80).
+Box convention: see ``cache/schema.py``.
+
+Throughput: box metadata of every video is read once, up front (it is small); workers read only the
+big arrays a head uses (``fields``), in contiguous keyframe ranges that ``KeyframeBlockSampler``
+aligns to shards, so a block is one whole-shard read. Batches stay in the storage dtype (float16 or
+uint8) until ``to_device`` moves them, pinned, to the head's device and converts them there.
+
+A batch (``collate_runs``, then ``to_device``) is a dict whose tensor keys match ``heads.HeadInputs``:
+``actor`` (N, C_s + C_f, R, R), ``box_clip`` (N,), ``slow`` (B, C_s, H, W), ``fast`` (B, C_f, H, W),
+``fast_seq`` (B, C_f, T_f), ``valid`` (B, H, W); plus ``labels`` (N, K), ``boxes`` (N, 4),
+``box_source``, ``box_score``, ``person_id`` (N,), ``sec`` (B,), ``image_hw``/``map_hw`` (B, 2) and
+``video_id`` (list of B str).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torchvision.ops import roi_align
+
+from cache.schema import (
+    BOX_FIELDS,
+    COMPLETE_ATTR,
+    MAP_FIELDS,
+    NUM_CLASSES,
+    QUANTISED_MAPS,
+    READABLE_FIELDS,
+    ROI_SIZE,
+    SAMPLING_RATIO,
+    SOURCE_DET,
+    SPATIAL_SCALE,
+)
+from cache.store import CacheError, FeatureStore
+
+# proposals(video_id, sec, stored) -> new boxes of that keyframe. ``stored`` and the result map the names
+# of BOX_FIELDS to arrays with one row per box; the result needs at least ``boxes`` (n, 4) and ``labels``
+# (n, K); missing fields default to detector boxes of score 1 with person id -1.
+Proposals = Callable[[str, int, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def recompute_actor_features(
+    slow: torch.Tensor,
+    fast: torch.Tensor,
+    boxes: torch.Tensor,
+    box_clip: torch.Tensor,
+    image_hw: torch.Tensor,
+    aligned: bool,
+    map_hw: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RoIAlign of the time-pooled concat(slow, fast) maps at the boxes, batched, on the maps' device.
+
+    slow (B, C_s, H, W), fast (B, C_f, H, W), possibly right/bottom-padded; boxes (N, 4) normalised
+    x1 y1 x2 y2; box_clip (N,) long; image_hw (B, 2) pixel size of the frame the backbone saw;
+    map_hw (B, 2) the real map size of each clip (None: no padding). Returns (N, C_s + C_f, R, R) in
+    the maps' dtype. Clips are grouped by map size so padding never enters the interpolation: the
+    result equals the extraction's RoIAlign on the unpadded map.
+    """
+    x = torch.cat([slow, fast], dim=1)  # (B, C_s + C_f, H, W)
+    compute = x if x.is_cuda else x.float()  # CPU RoIAlign has no float16 kernel
+    out = x.new_zeros((len(boxes), x.shape[1], ROI_SIZE, ROI_SIZE))
+    if len(boxes) == 0:
+        return out
+    size = image_hw.to(boxes.device, boxes.dtype)[box_clip]  # (N, 2) = (height, width)
+    scale = torch.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], dim=1)  # (N, 4)
+    rois = torch.cat([box_clip[:, None].to(boxes.dtype), boxes * scale], dim=1)  # (N, 5) pixels
+    rois = rois.to(compute.device, compute.dtype)
+    if map_hw is None:
+        groups = [(None, torch.ones(len(boxes), dtype=torch.bool, device=boxes.device))]
+    else:
+        hw_of_box = map_hw[box_clip.to(map_hw.device)]  # (N, 2)
+        groups = [(tuple(hw.tolist()), (hw_of_box == hw).all(dim=1)) for hw in torch.unique(map_hw, dim=0)]
+    for hw, mask in groups:
+        mask = mask.to(compute.device)
+        if not mask.any():
+            continue
+        maps = compute if hw is None else compute[:, :, : hw[0], : hw[1]]
+        feats = roi_align(maps, rois[mask], (ROI_SIZE, ROI_SIZE), SPATIAL_SCALE, SAMPLING_RATIO, aligned)
+        out[mask] = feats.to(out.dtype)
+    return out
+
+
+class CacheDataset(Dataset):
+    """Keyframes of complete videos of a store; ``__getitems__`` reads contiguous runs in one go.
+
+    - ``split``: read the videos of the split's manifest (and refuse a video rewritten since the commit);
+      or ``videos``: these video ids (each must be complete); neither: every complete video.
+    - ``fields``: the big arrays to read, a subset of ``{"actor", "slow", "fast", "fast_seq"}``; box
+      metadata (boxes, labels, source, score, person id) is always there. The baseline reads ``{"actor"}``.
+    - ``proposals``: ``"stored"``, or a callable that returns other boxes per keyframe (jitter, another
+      threshold); then the actor features are recomputed on the device from the maps (read for it).
+    - Keyframes without boxes are skipped unless ``keep_empty``.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore | str | os.PathLike,
+        *,
+        split: str | None = None,
+        videos: Sequence[str] | None = None,
+        fields: frozenset[str] = frozenset({"actor"}),
+        proposals: str | Proposals = "stored",
+        keep_empty: bool = False,
+    ):
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        unknown = set(fields) - READABLE_FIELDS
+        if unknown:
+            raise ValueError(f"CacheDataset.fields: unknown {sorted(unknown)}; choose from {sorted(READABLE_FIELDS)}")
+        if proposals != "stored" and not callable(proposals):
+            raise ValueError("CacheDataset.proposals: 'stored' or a callable(video_id, sec, stored_boxes)")
+        self.url = store.url
+        self.aligned = store.aligned
+        self.storage = store.storage
+        self.fields = frozenset(fields)
+        self.proposals = proposals
+        self.recompute = callable(proposals) and "actor" in self.fields
+        # what the workers read: for recomputed actor features, the maps instead of the stored features
+        read = set(self.fields)
+        if self.recompute:
+            read = (read - {"actor"}) | {"slow", "fast"}
+        self.read_fields = frozenset(read)
+
+        if split is not None and videos is not None:
+            raise ValueError("CacheDataset: give split or videos, not both")
+        expected = None
+        if split is not None:
+            manifest = store.manifest(split)
+            if manifest is None:
+                raise CacheError(f"{store.url}: split {split!r} has no manifest (not committed)")
+            expected = manifest["videos"]
+            videos = sorted(expected)
+        elif videos is None:
+            videos = store.video_ids()
+        self.video_ids: list[str] = list(videos)
+        self.meta: list[dict] = []
+        kf_video, kf_t = [], []
+        for i, vid in enumerate(self.video_ids):
+            group = store.video(vid)
+            attrs = group.attrs.asdict()
+            if expected is not None and attrs[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
+                raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
+            meta = {
+                "sec": group["sec"][...],
+                "offsets": group["box_offsets"][...],
+                "image_hw": np.asarray(attrs["image_hw"], np.int64),
+                "map_hw": np.asarray(attrs["map_hw"], np.int64),
+                **{f: group[f][...] for f in BOX_FIELDS},
+            }
+            self.meta.append(meta)
+            t = np.arange(len(meta["sec"]))
+            if not keep_empty:
+                t = t[np.diff(meta["offsets"]) > 0]
+            kf_video.append(np.full(len(t), i, np.int32))
+            kf_t.append(t.astype(np.int32))
+        self.kf_video = np.concatenate(kf_video) if kf_video else np.zeros(0, np.int32)
+        self.kf_t = np.concatenate(kf_t) if kf_t else np.zeros(0, np.int32)
+        self._arrays: dict | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.kf_video)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"] = None  # zarr handles are reopened in each worker
+        return state
+
+    def _array(self, video: int, name: str):
+        if self._arrays is None or self._pid != os.getpid():
+            self._store = FeatureStore.open(self.url)
+            self._arrays, self._pid = {}, os.getpid()
+        key = (video, name)
+        if key not in self._arrays:
+            self._arrays[key] = self._store.video(self.video_ids[video])[name]
+        return self._arrays[key]
+
+    def key(self, index: int) -> str:
+        v, t = self.kf_video[index], self.kf_t[index]
+        return f"{self.video_ids[v]},{int(self.meta[v]['sec'][t]):04d}"
+
+    def runs(self, indices: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """Group indices into (video, keyframe list) runs of consecutive keyframes of one video."""
+        out: list[tuple[int, list[int]]] = []
+        for i in indices:
+            v, t = int(self.kf_video[i]), int(self.kf_t[i])
+            if out and out[-1][0] == v and out[-1][1][-1] + 1 == t:
+                out[-1][1].append(t)
+            else:
+                out.append((v, [t]))
+        return out
+
+    def __getitem__(self, index: int) -> list[dict]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        return [self._read_run(v, ts) for v, ts in self.runs(indices)]
+
+    def _read_run(self, v: int, ts: list[int]) -> dict:
+        meta = self.meta[v]
+        vid = self.video_ids[v]
+        t0, t1 = ts[0], ts[-1] + 1
+        b0, b1 = int(meta["offsets"][t0]), int(meta["offsets"][t1])
+        run = {
+            "video_id": [vid] * (t1 - t0),
+            "sec": meta["sec"][t0:t1],
+            "image_hw": np.broadcast_to(meta["image_hw"], (t1 - t0, 2)),
+            "map_hw": np.broadcast_to(meta["map_hw"], (t1 - t0, 2)),
+        }
+        counts = np.diff(meta["offsets"][t0 : t1 + 1])
+        if callable(self.proposals):
+            per_kf = []
+            for k, t in enumerate(range(t0, t1)):
+                a, b = meta["offsets"][t], meta["offsets"][t + 1]
+                stored = {f: meta[f][a:b] for f in BOX_FIELDS}
+                per_kf.append(_complete_boxes(self.proposals(vid, int(meta["sec"][t]), stored)))
+            counts = np.array([len(p["boxes"]) for p in per_kf], np.int64)
+            for f in BOX_FIELDS:
+                run[f] = np.concatenate([p[f] for p in per_kf]) if per_kf else meta[f][:0]
+        else:
+            for f in BOX_FIELDS:
+                run[f] = meta[f][b0:b1]
+        run["box_count"] = counts
+        if "actor" in self.read_fields:
+            run["actor"] = self._array(v, "actor")[b0:b1]
+        for name in MAP_FIELDS:
+            if name in self.read_fields:
+                run[name] = self._array(v, name)[t0:t1]
+                if self.storage.quantised and name in QUANTISED_MAPS:
+                    run[f"{name}_scale"] = self._array(v, f"{name}_scale")[t0:t1]
+                    run[f"{name}_offset"] = self._array(v, f"{name}_offset")[t0:t1]
+        return run
+
+
+def _complete_boxes(p: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    boxes = np.asarray(p["boxes"], np.float32).reshape(-1, 4)
+    n = len(boxes)
+    defaults = {
+        "box_source": np.full(n, SOURCE_DET, np.uint8),
+        "box_score": np.ones(n, np.float32),
+        "person_id": np.full(n, -1, np.int32),
+    }
+    out = {"boxes": np.clip(boxes, 0.0, 1.0), "labels": np.asarray(p["labels"], np.uint8).reshape(n, NUM_CLASSES)}
+    for k, d in defaults.items():
+        out[k] = np.asarray(p[k], d.dtype).reshape(n) if k in p else d
+    return out
+
+
+def _pad_maps(parts: list[np.ndarray], hw: tuple[int, int]) -> torch.Tensor:
+    """Concatenate (b, C, h, w) parts into (B, C, H, W), right/bottom-padded with zeros."""
+    if all(p.shape[-2:] == hw for p in parts):
+        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0]))
+    total = sum(len(p) for p in parts)
+    out = np.zeros((total, parts[0].shape[1], *hw), parts[0].dtype)
+    i = 0
+    for p in parts:
+        out[i : i + len(p), :, : p.shape[2], : p.shape[3]] = p
+        i += len(p)
+    return torch.from_numpy(out)
+
+
+def collate_runs(batches: list[list[dict]] | list[dict]) -> dict:
+    """Concatenate runs (from ``__getitems__``) into one batch of CPU tensors in the storage dtype."""
+    runs: list[dict] = [r for item in batches for r in (item if isinstance(item, list) else [item])]
+    cat = lambda k: np.concatenate([r[k] for r in runs])  # noqa: E731
+    counts = cat("box_count")
+    batch: dict = {
+        "video_id": [v for r in runs for v in r["video_id"]],
+        "sec": torch.from_numpy(cat("sec").astype(np.int64)),
+        "image_hw": torch.from_numpy(cat("image_hw").astype(np.int64)),
+        "map_hw": torch.from_numpy(cat("map_hw").astype(np.int64)),
+        "box_clip": torch.repeat_interleave(torch.arange(len(counts)), torch.from_numpy(counts)),
+    }
+    for f in BOX_FIELDS:
+        batch[f] = torch.from_numpy(cat(f))
+    if "actor" in runs[0]:
+        batch["actor"] = torch.from_numpy(cat("actor"))
+    hw = tuple(int(v) for v in batch["map_hw"].max(dim=0).values) if len(counts) else (0, 0)
+    for name in ("slow", "fast"):
+        if name in runs[0]:
+            batch[name] = _pad_maps([r[name] for r in runs], hw)
+            if f"{name}_scale" in runs[0]:
+                batch[f"{name}_scale"] = torch.from_numpy(cat(f"{name}_scale"))
+                batch[f"{name}_offset"] = torch.from_numpy(cat(f"{name}_offset"))
+    if "fast_seq" in runs[0]:
+        batch["fast_seq"] = torch.from_numpy(cat("fast_seq"))
+    if "slow" in batch or "fast" in batch:
+        rows = torch.arange(hw[0])[None, :, None] < batch["map_hw"][:, 0, None, None]  # (B, H, 1)
+        cols = torch.arange(hw[1])[None, None, :] < batch["map_hw"][:, 1, None, None]  # (B, 1, W)
+        batch["valid"] = rows & cols  # (B, H, W)
+    return batch
+
+
+def to_device(
+    batch: dict,
+    device: torch.device | str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    aligned: bool = False,
+    fields: frozenset[str] | None = None,
+    non_blocking: bool = True,
+) -> dict:
+    """Move a collated batch to ``device`` and convert there: dequantise uint8 maps, cast features to
+    ``dtype``, compute missing actor features by RoIAlign (``aligned`` from the store), and drop maps
+    that were read only for that (``fields``: what the head asked for)."""
+    device = torch.device(device)
+    out = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    for name in QUANTISED_MAPS:
+        if f"{name}_scale" in out:
+            scale, offset = out.pop(f"{name}_scale"), out.pop(f"{name}_offset")
+            out[name] = out[name].to(dtype) * scale[:, :, None, None].to(dtype) + offset[:, :, None, None].to(dtype)
+            out[name] = out[name] * out["valid"][:, None].to(dtype)  # padding stays zero
+    for name in ("actor", *MAP_FIELDS):
+        if name in out:
+            out[name] = out[name].to(dtype)
+    out["labels"] = out["labels"].to(dtype)
+    if "actor" not in out and (fields is None or "actor" in fields) and "slow" in out and "fast" in out:
+        out["actor"] = recompute_actor_features(
+            out["slow"], out["fast"], out["boxes"], out["box_clip"], out["image_hw"], aligned, out["map_hw"]
+        )
+    if fields is not None:
+        for name in MAP_FIELDS:
+            if name in out and name not in fields:
+                del out[name]
+        if not ({"slow", "fast"} & set(fields)):
+            out.pop("valid", None)
+    return out
+
+
+class KeyframeBlockSampler(Sampler[int]):
+    """Yields dataset indices in blocks of consecutive keyframes of one video, aligned to shards
+    (``block`` keyframes, default the store's ``keyframes_per_shard``); with ``shuffle``, the order of
+    the blocks is shuffled each epoch (``set_epoch``), the keyframes inside a block stay in order."""
+
+    def __init__(self, dataset: CacheDataset, *, block: int | None = None, shuffle: bool = True, seed: int = 0):
+        self.block = block or dataset.storage.keyframes_per_shard
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        # a block = the dataset indices of one video whose keyframe falls into one shard
+        key = dataset.kf_video.astype(np.int64) * (1 << 32) + dataset.kf_t // self.block
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+        self.blocks = np.split(np.arange(len(key)), starts[1:]) if len(key) else []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.arange(len(self.blocks))
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.blocks))
+        for i in order:
+            yield from self.blocks[i].tolist()
+
+
+class DeviceLoader:
+    """Iterates a DataLoader over a ``CacheDataset`` and yields batches on the head's device."""
+
+    def __init__(self, loader: DataLoader, dataset: CacheDataset, device: torch.device, dtype: torch.dtype):
+        self.loader, self.dataset, self.device, self.dtype = loader, dataset, device, dtype
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.batch_sampler.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            yield to_device(batch, self.device, dtype=self.dtype, aligned=self.dataset.aligned, fields=self.dataset.fields)
+
+
+def make_loader(
+    dataset: CacheDataset,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 2,
+    prefetch_factor: int = 4,
+    drop_last: bool = False,
+    block: int | None = None,
+) -> DeviceLoader:
+    """Batches of ``batch_size`` keyframes on ``device``: shard-aligned block reads in ``num_workers``
+    processes, pinned memory when the device is CUDA, conversion to ``dtype`` on the device."""
+    device = torch.device(device)
+    sampler = KeyframeBlockSampler(dataset, block=block, shuffle=shuffle, seed=seed)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+        collate_fn=collate_runs,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+    )
+    return DeviceLoader(loader, dataset, device, dtype)

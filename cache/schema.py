@@ -1,0 +1,166 @@
+"""The on-disk schema of the feature cache: one file, data only, versioned.
+
+Shape legend: T keyframes of a video, M boxes of a video (all keyframes), C_s/C_f slow/fast channels,
+H W res5 map height/width, T_f fast frames, R RoI side (7), K classes (80).
+
+Layout of a store (a directory or an fsspec URL, Zarr v3)::
+
+    <store>/zarr.json                 root group; attrs: schema_version, schema, identity, store_name, provenance
+    <store>/videos/<video_id>/        one group per video, written by one task
+        sec, box_offsets, boxes, box_source, box_score, labels, person_id, slow, fast, fast_seq, actor
+        [slow_scale, slow_offset, fast_scale, fast_offset]      only with uint8 storage
+        attrs: video_id, image_hw, map_hw, keyframes, boxes, provenance, and ``complete`` (the marker)
+    <store>/manifests/<split>/        attrs: the committed list of videos of a split, counts, checksums
+
+Box convention (stated here once; everything else refers to it):
+    boxes are normalised ``x1 y1 x2 y2`` in [0, 1] of the keyframe, x to the right, y down. For RoIAlign
+    they are scaled to pixels of the frame the backbone saw (``image_hw`` = the frame after the
+    short-side resize, stored per video), and ``torchvision.ops.roi_align`` maps pixels to the res5 map
+    with ``spatial_scale = 1/16``, ``sampling_ratio = 0`` and the ``aligned`` flag of the backbone
+    config (stored in the store's identity; ``aligned=True`` shifts pixel centres by -0.5).
+
+Ragged boxes: the boxes of keyframe ``t`` are rows ``box_offsets[t]:box_offsets[t+1]`` of every per-box
+array. ``box_source`` is a bit set (1 ground truth, 2 detector); ``box_score`` is the detector score,
+1.0 for ground-truth-only boxes; ``person_id`` is -1 when unknown; ``labels`` is 80-way multi-hot.
+
+A video group is valid only once its ``complete`` attribute exists: it is written last, after every
+chunk, and holds the counts and a CRC-32 of every array's stored bytes in index order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+SCHEMA_VERSION = 1
+
+NUM_CLASSES = 80
+ROI_SIZE = 7
+SPATIAL_SCALE = 1.0 / 16
+SAMPLING_RATIO = 0
+
+VIDEOS_GROUP = "videos"
+MANIFESTS_GROUP = "manifests"
+COMPLETE_ATTR = "complete"
+
+SOURCE_GT = 1
+SOURCE_DET = 2
+
+# The leading dimension of every array says what a row is and how it is chunked.
+PER_KEYFRAME = "keyframe"
+PER_BOX = "box"
+
+StorageDtype = Literal["float16", "float32", "uint8"]
+Compressor = Literal["zstd", "blosc-zstd", "blosc-lz4", "none"]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a video group.
+
+    ``dtype`` is a numpy dtype name, or ``"map"`` (the storage dtype: float16, float32 or uint8) or
+    ``"feature"`` (float32 with float32 storage, else float16) resolved by ``StorageConfig``.
+    ``sharded`` arrays are chunked per row (one keyframe or one box) and sharded; the others are small
+    and stored as one chunk.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    sharded: bool = False
+    quantised_only: bool = False  # exists only with uint8 storage
+
+    @property
+    def per(self) -> str:
+        return self.dims[0]
+
+
+ARRAYS: dict[str, ArraySpec] = {
+    spec.name: spec
+    for spec in (
+        ArraySpec("sec", (PER_KEYFRAME,), "int32"),
+        ArraySpec("box_offsets", ("keyframe_edge",), "int64"),  # (T + 1,)
+        ArraySpec("boxes", (PER_BOX, "xyxy"), "float32"),
+        ArraySpec("box_source", (PER_BOX,), "uint8"),
+        ArraySpec("box_score", (PER_BOX,), "float32"),
+        ArraySpec("labels", (PER_BOX, "class"), "uint8"),
+        ArraySpec("person_id", (PER_BOX,), "int32"),
+        ArraySpec("slow", (PER_KEYFRAME, "channel_slow", "height", "width"), "map", sharded=True),
+        ArraySpec("fast", (PER_KEYFRAME, "channel_fast", "height", "width"), "map", sharded=True),
+        ArraySpec("fast_seq", (PER_KEYFRAME, "channel_fast", "time_fast"), "feature", sharded=True),
+        ArraySpec("actor", (PER_BOX, "channel", "roi_y", "roi_x"), "feature", sharded=True),
+        # uint8 storage: value = q * scale + offset, per keyframe and channel
+        ArraySpec("slow_scale", (PER_KEYFRAME, "channel_slow"), "float32", quantised_only=True),
+        ArraySpec("slow_offset", (PER_KEYFRAME, "channel_slow"), "float32", quantised_only=True),
+        ArraySpec("fast_scale", (PER_KEYFRAME, "channel_fast"), "float32", quantised_only=True),
+        ArraySpec("fast_offset", (PER_KEYFRAME, "channel_fast"), "float32", quantised_only=True),
+    )
+}
+
+BOX_FIELDS: tuple[str, ...] = ("boxes", "box_source", "box_score", "labels", "person_id")
+MAP_FIELDS: tuple[str, ...] = ("slow", "fast", "fast_seq")
+QUANTISED_MAPS: tuple[str, ...] = ("slow", "fast")
+# What a reader may ask for; box metadata is always read (it is small).
+READABLE_FIELDS: frozenset[str] = frozenset({"actor", *MAP_FIELDS})
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How maps are stored: part of the extraction config (it changes the store's name).
+
+    ``dtype="uint8"`` quantises ``slow`` and ``fast`` per keyframe and channel (min/max affine);
+    ``fast_seq`` and ``actor`` then stay float16. Every chunk also carries a CRC-32C.
+    """
+
+    dtype: StorageDtype = "float16"
+    compressor: Compressor = "zstd"
+    level: int = 3
+    keyframes_per_shard: int = 16
+    boxes_per_shard: int = 64
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "float32", "uint8"):
+            raise ValueError(f"StorageConfig.dtype must be float16, float32 or uint8, got {self.dtype!r}")
+        if self.compressor not in ("zstd", "blosc-zstd", "blosc-lz4", "none"):
+            raise ValueError(f"StorageConfig.compressor must be zstd, blosc-zstd, blosc-lz4 or none, got {self.compressor!r}")
+        if self.keyframes_per_shard < 1 or self.boxes_per_shard < 1:
+            raise ValueError("StorageConfig: keyframes_per_shard and boxes_per_shard must be >= 1")
+
+    def dtype_of(self, spec: ArraySpec) -> str:
+        if spec.dtype == "map":
+            return self.dtype
+        if spec.dtype == "feature":
+            return "float32" if self.dtype == "float32" else "float16"
+        return spec.dtype
+
+    @property
+    def quantised(self) -> bool:
+        return self.dtype == "uint8"
+
+    def arrays(self) -> tuple[ArraySpec, ...]:
+        """The arrays a video group of this storage holds."""
+        return tuple(s for s in ARRAYS.values() if self.quantised or not s.quantised_only)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "StorageConfig":
+        return cls(**d)
+
+
+def schema_description() -> dict:
+    """The schema as JSON, stored in the root attributes (for humans and for ``cache info``)."""
+    return {
+        "version": SCHEMA_VERSION,
+        "arrays": {
+            s.name: {"dims": list(s.dims), "dtype": s.dtype, "sharded": s.sharded, "quantised_only": s.quantised_only}
+            for s in ARRAYS.values()
+        },
+        "boxes": "normalised x1 y1 x2 y2; RoIAlign on pixels of the resized frame (image_hw), "
+        f"spatial_scale {SPATIAL_SCALE}, sampling_ratio {SAMPLING_RATIO}, aligned per identity",
+        "roi_size": ROI_SIZE,
+        "num_classes": NUM_CLASSES,
+        "source_bits": {"gt": SOURCE_GT, "det": SOURCE_DET},
+    }

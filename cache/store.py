@@ -1,0 +1,326 @@
+"""Opening a cache store: its identity, its name, its videos and its split manifests.
+
+A store is a Zarr v3 group at a directory or an fsspec URL (layout: see ``cache/schema.py``). Its
+identity is everything that determines its content: the schema version, the backbone checkpoint's
+sha256 and the extraction config (which includes the storage options and the RoIAlign ``aligned``
+flag). The store's name is a readable slug plus a hash of that identity, and opening an existing store
+with another identity or schema version raises instead of mixing features.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import socket
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import zarr
+from zarr.core.sync import sync
+
+from cache.schema import (
+    COMPLETE_ATTR,
+    MANIFESTS_GROUP,
+    SCHEMA_VERSION,
+    VIDEOS_GROUP,
+    StorageConfig,
+    schema_description,
+)
+
+# AVA ids are 11 characters of [A-Za-z0-9_-] and may start with '-'; we allow a little more but never
+# anything that changes the path (slashes, a leading dot).
+_VIDEO_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
+_SPLIT = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class CacheError(RuntimeError):
+    """A cache store is missing, incomplete or not the one asked for."""
+
+
+class StoreMismatchError(CacheError):
+    """The store at a URL was made with another schema version, backbone or extraction config."""
+
+
+class SchemaVersionError(StoreMismatchError):
+    """The store's schema version is not the one this code reads and writes."""
+
+
+class IncompleteVideoError(CacheError):
+    """A video group has no completion marker (still being written, or its writer died)."""
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal configs give equal strings (and hashes)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "cache"
+
+
+def store_name(schema_version: int, backbone_sha256: str, extraction_config: Mapping) -> str:
+    """``<readable slug>-<12 hex>``: the slug from the config's ``backbone`` name and storage dtype, the hash
+    of exactly (schema version, backbone sha256, canonical JSON of the extraction config)."""
+    ident = canonical_json(
+        {"schema_version": schema_version, "backbone_sha256": backbone_sha256, "extraction_config": extraction_config}
+    )
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    parts = [str(extraction_config.get("backbone", "features"))]
+    storage = extraction_config.get("storage")
+    if isinstance(storage, Mapping) and "dtype" in storage:
+        parts.append(str(storage["dtype"]))
+    return f"{_slug('-'.join(parts))}-v{schema_version}-{digest}"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What determines a store's content.
+
+    ``extraction`` is the pipeline's extraction config (backbone preset, frame size, proposal rule, ...)
+    as JSON-able data; ``aligned`` is the RoIAlign flag of the backbone config; ``storage`` the dtype,
+    compression and sharding. All of it goes into the store's name.
+    """
+
+    backbone_sha256: str
+    extraction: Mapping[str, Any] = field(default_factory=dict)
+    aligned: bool = False
+    storage: StorageConfig = StorageConfig()
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[0-9a-f]{64}", self.backbone_sha256):
+            raise ValueError(f"CacheSpec.backbone_sha256 must be 64 lowercase hex digits, got {self.backbone_sha256!r}")
+        if "storage" in self.extraction or "aligned" in self.extraction:
+            raise ValueError("CacheSpec.extraction must not hold 'storage' or 'aligned': they are fields of CacheSpec")
+        canonical_json(dict(self.extraction))  # JSON-able, or raise now rather than at write time
+
+    @property
+    def extraction_config(self) -> dict:
+        return {**self.extraction, "aligned": bool(self.aligned), "storage": self.storage.to_dict()}
+
+    @property
+    def identity(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "backbone_sha256": self.backbone_sha256,
+            "extraction_config": self.extraction_config,
+        }
+
+    @property
+    def name(self) -> str:
+        return store_name(SCHEMA_VERSION, self.backbone_sha256, self.extraction_config)
+
+
+def provenance() -> dict:
+    """Software versions, host and time: recorded, never part of the identity."""
+    versions = {}
+    for pkg in ("stctx", "torch", "torchvision", "pytorchvideo", "zarr", "numcodecs", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "versions": {"python": platform.python_version(), **versions},
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_video_id(video_id: str) -> str:
+    if not isinstance(video_id, str) or not _VIDEO_ID.fullmatch(video_id):
+        raise ValueError(f"video id {video_id!r}: expected letters, digits, '_', '-', '.' (not starting with '.')")
+    return video_id
+
+
+def _url(url: str | os.PathLike) -> str:
+    return os.fspath(url)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+class FeatureStore:
+    """An opened store. Use ``FeatureStore.open`` to read and ``FeatureStore.create`` to write."""
+
+    def __init__(self, root: zarr.Group, url: str):
+        self.root = root
+        self.url = url
+        attrs = root.attrs.asdict()
+        version = attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{url}: the cache has schema version {version}, this stctx reads and writes version "
+                f"{SCHEMA_VERSION}; extract into a new store (the name changes with the version) or use the "
+                "stctx release that wrote it"
+            )
+        try:
+            self.identity: dict = attrs["identity"]
+            self.storage = StorageConfig.from_dict(self.identity["extraction_config"]["storage"])
+            self.aligned = bool(self.identity["extraction_config"]["aligned"])
+        except (KeyError, TypeError) as e:
+            raise CacheError(f"{url}: root attributes lack the cache identity ({e}); not an stctx cache") from e
+        self.name: str = attrs.get("store_name", "")
+        self.provenance: dict = attrs.get("provenance", {})
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str | os.PathLike, *, expect: CacheSpec | None = None, mode: str = "r") -> "FeatureStore":
+        """Open an existing store; with ``expect``, refuse one whose identity differs."""
+        url = _url(url)
+        try:
+            root = zarr.open_group(url, mode=mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise CacheError(f"{url}: no cache store here") from e
+        store = cls(root, url)
+        if expect is not None:
+            store.check_identity(expect)
+        return store
+
+    @classmethod
+    def create(cls, url: str | os.PathLike, spec: CacheSpec) -> "FeatureStore":
+        """Open the store at ``url`` for writing, creating it if absent; an existing store must have ``spec``'s identity.
+
+        Safe when several processes create the same store at once: the identity is deterministic, so
+        whichever root metadata lands, it is the same one.
+        """
+        url = _url(url)
+        try:
+            return cls.open(url, expect=spec, mode="r+")
+        except CacheError as e:
+            if isinstance(e, StoreMismatchError):
+                raise
+        if _is_local(url):
+            Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "schema": schema_description(),
+            "identity": spec.identity,
+            "store_name": spec.name,
+            "provenance": provenance(),
+        }
+        try:
+            root = zarr.create_group(url, attributes=attrs, overwrite=False)
+        except zarr.errors.ContainsGroupError:
+            return cls.open(url, expect=spec, mode="r+")
+        for sub in (VIDEOS_GROUP, MANIFESTS_GROUP):
+            try:
+                root.create_group(sub)
+            except zarr.errors.ContainsGroupError:
+                pass
+        return cls.open(url, expect=spec, mode="r+")
+
+    def check_identity(self, spec: CacheSpec) -> None:
+        want = spec.identity
+        if canonical_json(self.identity) != canonical_json(want):
+            diffs = [k for k in want if canonical_json(want[k]) != canonical_json(self.identity.get(k))]
+            detail = []
+            for k in diffs:
+                if k == "extraction_config":
+                    have, new = self.identity.get(k) or {}, want[k]
+                    keys = sorted(k2 for k2 in set(have) | set(new) if canonical_json(have.get(k2)) != canonical_json(new.get(k2)))
+                    detail.append(f"extraction_config keys {keys}")
+                else:
+                    detail.append(f"{k} ({self.identity.get(k)!r} != {want[k]!r})")
+            raise StoreMismatchError(
+                f"{self.url}: the store was made with another {', '.join(detail)}; "
+                f"features of different extractions are never mixed: use the store named {spec.name!r}"
+            )
+
+    # -- videos ----------------------------------------------------------------------------------
+    def _video_path(self, video_id: str) -> str:
+        return f"{VIDEOS_GROUP}/{check_video_id(video_id)}"
+
+    def _listed_video_ids(self) -> list[str]:
+        async def _ls():
+            return [k async for k in self.root.store.list_dir(VIDEOS_GROUP)]
+
+        return sorted(k.rstrip("/") for k in sync(_ls()) if k.rstrip("/") != "zarr.json")
+
+    def _group_attrs(self, video_id: str) -> dict | None:
+        try:
+            return zarr.open_group(self.root.store, path=self._video_path(video_id), mode="r").attrs.asdict()
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return None
+
+    def video_status(self) -> dict[str, bool]:
+        """Every video group present, complete or not."""
+        out = {}
+        for vid in self._listed_video_ids():
+            try:
+                check_video_id(vid)
+            except ValueError:
+                continue  # not ours (a temporary file of an interrupted write, say)
+            attrs = self._group_attrs(vid)
+            out[vid] = bool(attrs and COMPLETE_ATTR in attrs)
+        return out
+
+    def video_ids(self) -> list[str]:
+        """The complete videos, sorted."""
+        return [v for v, done in self.video_status().items() if done]
+
+    def is_complete(self, video_id: str) -> bool:
+        attrs = self._group_attrs(video_id)
+        return bool(attrs and COMPLETE_ATTR in attrs)
+
+    def video(self, video_id: str) -> zarr.Group:
+        """The group of a complete video; an incomplete or missing one raises."""
+        try:
+            group = zarr.open_group(self.root.store, path=self._video_path(video_id), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise CacheError(f"{self.url}: no video {video_id!r} in the cache") from e
+        if COMPLETE_ATTR not in group.attrs:
+            raise IncompleteVideoError(f"{self.url}: video {video_id!r} is incomplete (no completion marker)")
+        return group
+
+    def delete_video(self, video_id: str) -> None:
+        sync(self.root.store.delete_dir(self._video_path(video_id)))
+
+    def begin_video(self, video_id: str, **kwargs):
+        """Start writing a video group; see ``cache.writer.VideoWriter``."""
+        from cache.writer import VideoWriter
+
+        return VideoWriter(self, video_id, **kwargs)
+
+    # -- manifests -------------------------------------------------------------------------------
+    def commit_split(self, split: str, video_ids: list[str]) -> dict:
+        """Write the manifest of a split (its videos, counts and checksums): the split's commit, written last."""
+        if not _SPLIT.fullmatch(split):
+            raise ValueError(f"split name {split!r}: expected letters, digits, '_' or '-'")
+        videos = {}
+        for vid in sorted(set(video_ids)):
+            attrs = self.video(vid).attrs.asdict()
+            marker = attrs[COMPLETE_ATTR]
+            videos[vid] = {"keyframes": marker["keyframes"], "boxes": marker["boxes"], "checksums": marker["checksums"]}
+        manifest = {
+            "split": split,
+            "videos": videos,
+            "keyframes": sum(v["keyframes"] for v in videos.values()),
+            "boxes": sum(v["boxes"] for v in videos.values()),
+            "provenance": provenance(),
+        }
+        path = f"{MANIFESTS_GROUP}/{split}"
+        try:
+            group = zarr.open_group(self.root.store, path=path, mode="r+")
+            group.attrs.put(manifest)  # one atomic rewrite of the group's metadata
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            zarr.create_group(self.root.store, path=path, attributes=manifest, overwrite=False)
+        return manifest
+
+    def manifest(self, split: str) -> dict | None:
+        try:
+            return zarr.open_group(self.root.store, path=f"{MANIFESTS_GROUP}/{split}", mode="r").attrs.asdict()
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None
+
+    def splits(self) -> list[str]:
+        async def _ls():
+            return [k async for k in self.root.store.list_dir(MANIFESTS_GROUP)]
+
+        return sorted(k.rstrip("/") for k in sync(_ls()) if k.rstrip("/") != "zarr.json")

@@ -1,0 +1,109 @@
+"""Synthetic videos for tests and benchmarks: post-ReLU-like maps, random boxes, their RoI features.
+
+Shape legend as in ``cache/writer.py``. The maps imitate res5 activations after a ReLU: about half
+zeros, the rest positive with a heavy tail; actor features are RoIAlign of the float32 maps, exactly
+as the extraction computes them (so stored and recomputed features can be compared).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from cache.schema import NUM_CLASSES, ROI_SIZE, SAMPLING_RATIO, SOURCE_DET, SOURCE_GT, SPATIAL_SCALE
+from cache.store import FeatureStore
+from cache.writer import BoxTable
+
+
+@dataclass(frozen=True)
+class SyntheticShape:
+    """Sizes of a synthetic video. ``r50()``: the paper's backbone at short side 256 on a 16:9 frame."""
+
+    slow_channels: int = 8
+    fast_channels: int = 4
+    time_fast: int = 4
+    map_hw: tuple[int, int] = (6, 8)
+    image_hw: tuple[int, int] = (96, 128)
+
+    @classmethod
+    def r50(cls) -> "SyntheticShape":
+        return cls(slow_channels=2048, fast_channels=256, time_fast=32, map_hw=(16, 29), image_hw=(256, 455))
+
+    @property
+    def channels(self) -> tuple[int, int, int]:
+        return self.slow_channels, self.fast_channels, self.time_fast
+
+
+def relu_like(rng: np.random.Generator, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """About half zeros, the rest |N(0, 1)|^2-ish: the value distribution of post-ReLU res5 maps."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x = np.maximum(x, 0) * (1.0 + 0.5 * np.abs(rng.standard_normal(shape[:2] + (1,) * (len(shape) - 2), dtype=np.float32)))
+    return x.astype(dtype, copy=False)
+
+
+def random_boxes(rng: np.random.Generator, num_keyframes: int, max_boxes: int = 3) -> BoxTable:
+    keyframes = []
+    for _ in range(num_keyframes):
+        n = int(rng.integers(0, max_boxes + 1))
+        xy = rng.uniform(0, 0.6, (n, 2))
+        wh = rng.uniform(0.1, 0.4, (n, 2))
+        boxes = np.clip(np.concatenate([xy, xy + wh], axis=1), 0, 1)
+        labels = (rng.random((n, NUM_CLASSES)) < 0.05).astype(np.uint8)
+        source = rng.choice([SOURCE_GT, SOURCE_DET, SOURCE_GT | SOURCE_DET], n).astype(np.uint8)
+        score = np.where(source == SOURCE_GT, 1.0, rng.uniform(0.8, 1.0, n)).astype(np.float32)
+        keyframes.append(dict(boxes=boxes, labels=labels, source=source, score=score, person_id=np.arange(n)))
+    return BoxTable.from_keyframes(keyframes)
+
+
+def actor_from_maps(slow: np.ndarray, fast: np.ndarray, table: BoxTable, t0: int, t1: int, image_hw, aligned: bool) -> np.ndarray:
+    """RoIAlign (float32) of keyframes t0..t1-1's boxes on their concatenated maps -> (N, C, R, R)."""
+    x = torch.from_numpy(np.concatenate([slow, fast], axis=1)).float()  # (B, C_s + C_f, H, W)
+    a, b = table.offsets[t0], table.offsets[t1]
+    clip = np.repeat(np.arange(t1 - t0), np.diff(table.offsets[t0 : t1 + 1]))
+    h, w = image_hw
+    rois = np.concatenate([clip[:, None], table.boxes[a:b] * np.array([w, h, w, h], np.float32)], axis=1)
+    out = roi_align(x, torch.from_numpy(rois).float(), (ROI_SIZE, ROI_SIZE), SPATIAL_SCALE, SAMPLING_RATIO, aligned)
+    return out.numpy()
+
+
+def write_synthetic_video(
+    store: FeatureStore,
+    video_id: str,
+    *,
+    num_keyframes: int = 7,
+    shape: SyntheticShape = SyntheticShape(),
+    seed: int = 0,
+    batch: int = 3,
+    max_boxes: int = 3,
+    sleep: float = 0.0,
+    progress=None,
+) -> dict:
+    """Write one synthetic video group with the extraction's batch-by-batch protocol; returns the
+    float32 data written (``slow``, ``fast``, ``fast_seq``, ``actor``, ``boxes``)."""
+    rng = np.random.default_rng(seed)
+    table = random_boxes(rng, num_keyframes, max_boxes)
+    secs = 902 + np.arange(num_keyframes)
+    writer = store.begin_video(
+        video_id, secs=secs, boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels
+    )
+    c_s, c_f, t_f = shape.channels
+    parts = {"slow": [], "fast": [], "fast_seq": [], "actor": []}
+    for t0 in range(0, num_keyframes, batch):
+        t1 = min(num_keyframes, t0 + batch)
+        slow = relu_like(rng, (t1 - t0, c_s, *shape.map_hw))
+        fast = relu_like(rng, (t1 - t0, c_f, *shape.map_hw))
+        fast_seq = relu_like(rng, (t1 - t0, c_f, t_f))
+        actor = actor_from_maps(slow, fast, table, t0, t1, shape.image_hw, store.aligned)
+        writer.append(slow, fast, fast_seq, actor)
+        for k, v in zip(parts, (slow, fast, fast_seq, actor)):
+            parts[k].append(v)
+        if progress is not None:
+            progress(video_id, t1)
+        if sleep:
+            time.sleep(sleep)
+    writer.finish()
+    return {"boxes": table, "secs": secs, **{k: np.concatenate(v) for k, v in parts.items()}}

@@ -1,0 +1,352 @@
+"""Feature cache: round trip, identity and schema refusals, completion markers, crash and concurrency
+safety (subprocesses), verify/info, and stored == recomputed actor features."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cache import (
+    BoxTable,
+    CacheDataset,
+    CacheError,
+    CacheSpec,
+    FeatureStore,
+    SchemaVersionError,
+    StorageConfig,
+    StoreMismatchError,
+    VideoExistsError,
+    collate_runs,
+    make_loader,
+    recompute_actor_features,
+    store_name,
+    to_device,
+)
+from cache.synthetic import SyntheticShape, write_synthetic_video
+from cache.verify import main as cache_main
+from cache.verify import verify_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "ab" * 32
+SMALL = StorageConfig(keyframes_per_shard=4, boxes_per_shard=4)
+
+
+def make_store(path, storage=SMALL, aligned=False, sha=SHA) -> FeatureStore:
+    return FeatureStore.create(path, CacheSpec(sha, {"backbone": "mini", "short_side": 96}, aligned=aligned, storage=storage))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def test_store_name_is_deterministic_and_covers_identity():
+    cfg = {"backbone": "r50", "short_side": 256, "storage": {"dtype": "float16"}}
+    name = store_name(1, SHA, cfg)
+    assert name == store_name(1, SHA, dict(reversed(list(cfg.items()))))  # key order does not matter
+    assert name.startswith("r50-float16-v1-") and len(name.rsplit("-", 1)[1]) == 12
+    others = {store_name(2, SHA, cfg), store_name(1, "cd" * 32, cfg), store_name(1, SHA, {**cfg, "short_side": 320})}
+    assert name not in others and len(others) == 3
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
+def test_round_trip(tmp_path, dtype):
+    store = make_store(tmp_path / "s", StorageConfig(dtype=dtype, keyframes_per_shard=4, boxes_per_shard=4))
+    written = {vid: write_synthetic_video(store, vid, num_keyframes=9, seed=i) for i, vid in enumerate(["-abc", "v2"])}
+    ds = CacheDataset(store, fields=frozenset({"actor", "slow", "fast", "fast_seq"}), keep_empty=True)
+    assert len(ds) == 18 and ds.video_ids == ["-abc", "v2"]
+    batch = to_device(collate_runs(ds.__getitems__(list(range(len(ds))))), "cpu")
+    rtol, atol = {"float32": (1e-6, 1e-6), "float16": (1e-3, 1e-3), "uint8": (0, None)}[dtype]
+    for name in ("slow", "fast", "fast_seq", "actor"):
+        want = np.concatenate([written[v][name] for v in ds.video_ids])
+        got = batch[name].numpy()
+        # uint8: per-channel affine codes, error at most half a step of (max - min) / 255
+        tol = atol if atol is not None else 0.5 * np.ptp(want) / 255 + 1e-6
+        if dtype == "uint8" and name in ("fast_seq", "actor"):
+            tol = 1e-3 * np.abs(want).max()  # stored as float16
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=tol, err_msg=name)
+    tables = [written[v]["boxes"] for v in ds.video_ids]
+    np.testing.assert_array_equal(batch["boxes"].numpy(), np.concatenate([t.boxes for t in tables]))
+    np.testing.assert_array_equal(batch["labels"].numpy(), np.concatenate([t.labels for t in tables]))
+    np.testing.assert_array_equal(batch["person_id"].numpy(), np.concatenate([t.person_id for t in tables]))
+    counts = np.concatenate([np.diff(t.offsets) for t in tables])
+    np.testing.assert_array_equal(batch["box_clip"].numpy(), np.repeat(np.arange(18), counts))
+    assert batch["valid"].all() and batch["sec"].tolist() == list(range(902, 911)) * 2
+    assert ds.key(0) == "-abc,0902"
+
+
+def test_schema_version_mismatch_refused_with_clear_message(tmp_path):
+    make_store(tmp_path / "s")
+    group = zarr.open_group(tmp_path / "s", mode="r+")
+    group.update_attributes({"schema_version": 999})
+    with pytest.raises(SchemaVersionError, match=r"schema version 999, this stctx reads and writes version 1"):
+        FeatureStore.open(tmp_path / "s")
+    with pytest.raises(SchemaVersionError):
+        make_store(tmp_path / "s")  # never written into either
+    assert cache_main(["verify", str(tmp_path / "s")]) == 2
+
+
+def test_other_backbone_or_config_never_mixed(tmp_path):
+    make_store(tmp_path / "s")
+    with pytest.raises(StoreMismatchError, match="backbone_sha256"):
+        make_store(tmp_path / "s", sha="cd" * 32)
+    with pytest.raises(StoreMismatchError, match=r"extraction_config keys \['storage'\]"):
+        make_store(tmp_path / "s", storage=StorageConfig(dtype="uint8", keyframes_per_shard=4, boxes_per_shard=4))
+    with pytest.raises(StoreMismatchError, match=r"\['aligned'\]"):
+        make_store(tmp_path / "s", aligned=True)
+    spec = CacheSpec("cd" * 32, {"backbone": "mini"})
+    with pytest.raises(StoreMismatchError):
+        CacheDataset(FeatureStore.open(tmp_path / "s", expect=spec))
+
+
+def test_incomplete_group_is_invisible_and_rewritten(tmp_path):
+    store = make_store(tmp_path / "s")
+    write_synthetic_video(store, "done", seed=1)
+    table = BoxTable.from_keyframes([dict(boxes=np.array([[0.1, 0.1, 0.5, 0.5]]), labels=np.zeros((1, 80)))] * 5)
+    shape = SyntheticShape()
+    w = store.begin_video("half", secs=range(902, 907), boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw,
+                          channels=shape.channels)
+    c = shape.channels
+    w.append(np.ones((4, c[0], 6, 8)), np.ones((4, c[1], 6, 8)), np.ones((4, c[1], c[2])), np.ones((4, c[0] + c[1], 7, 7)))
+    # the writer dies here: a whole shard of maps is on disk, no marker
+    assert store.video_status() == {"done": True, "half": False}
+    assert store.video_ids() == ["done"]
+    assert CacheDataset(tmp_path / "s").video_ids == ["done"]
+    with pytest.raises(CacheError, match="incomplete"):
+        store.video("half")
+    assert cache_main(["verify", str(tmp_path / "s")]) == 1
+    write_synthetic_video(store, "half", seed=2)  # the rerun deletes the partial group and writes it anew
+    assert store.video_ids() == ["done", "half"]
+    assert verify_store(str(tmp_path / "s")).ok
+    with pytest.raises(VideoExistsError):
+        write_synthetic_video(store, "half", seed=3)
+
+
+WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from cache import CacheSpec, FeatureStore, StorageConfig
+    from cache.synthetic import write_synthetic_video
+    store_path, log_path, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    videos = sys.argv[4:]
+    spec = CacheSpec({sha!r}, {{"backbone": "mini", "short_side": 96}},
+                     storage=StorageConfig(keyframes_per_shard=4, boxes_per_shard=4))
+    store = FeatureStore.create(store_path, spec)
+    log = open(log_path, "a", buffering=1)
+    def progress(vid, t):
+        log.write(f"append {{vid}} {{t}}\\n")
+    for i, vid in enumerate(videos):
+        if store.is_complete(vid):
+            log.write(f"skip {{vid}}\\n")
+            continue
+        write_synthetic_video(store, vid, num_keyframes=12, seed=i, batch=3, sleep=sleep, progress=progress)
+        log.write(f"done {{vid}}\\n")
+    """
+).format(root=str(ROOT), sha=SHA)
+
+
+def _writer(tmp_path, store, log, sleep, videos):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), str(store), str(log), str(sleep), *videos])
+
+
+def _wait_for(log: Path, line: str, proc, timeout=120.0):
+    t = time.time()
+    while time.time() - t < timeout:
+        if log.exists() and line in log.read_text().splitlines():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"writer exited ({proc.returncode}) before {line!r}: {log.read_text() if log.exists() else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timeout waiting for {line!r}")
+
+
+def test_sigkill_mid_video_then_rerun(tmp_path):
+    store, log = tmp_path / "s", tmp_path / "log.txt"
+    proc = _writer(tmp_path, store, log, 0.3, ["v0", "v1", "v2"])
+    _wait_for(log, "append v1 6", proc)  # v0 finished; v1 has a whole shard (4 keyframes) on disk
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    opened = FeatureStore.open(store)
+    assert opened.video_status() == {"v0": True, "v1": False}
+    assert CacheDataset(opened).video_ids == ["v0"]
+    v0_marker = store / "videos" / "v0" / "zarr.json"
+    mtime = v0_marker.stat().st_mtime_ns
+    log.write_text("")
+    rerun = _writer(tmp_path, store, log, 0.0, ["v0", "v1", "v2"])
+    assert rerun.wait(timeout=120) == 0
+    assert log.read_text().splitlines()[0] == "skip v0"  # finished video not recomputed
+    assert [ln for ln in log.read_text().splitlines() if ln.startswith("done")] == ["done v1", "done v2"]
+    assert v0_marker.stat().st_mtime_ns == mtime
+    report = verify_store(str(store))
+    assert report.ok, report.problems
+    assert report.videos == 3 and report.keyframes == 36
+
+
+def test_two_processes_write_one_store_concurrently(tmp_path):
+    store = tmp_path / "s"
+    procs = [_writer(tmp_path, store, tmp_path / f"log{i}.txt", 0.05, vids) for i, vids in enumerate([["a0", "a1"], ["b0", "b1"]])]
+    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    report = verify_store(str(store))
+    assert report.ok, report.problems
+    assert FeatureStore.open(store).video_ids() == ["a0", "a1", "b0", "b1"]
+    assert len(CacheDataset(store, keep_empty=True)) == 48
+
+
+@pytest.fixture
+def verified_store(tmp_path):
+    store = make_store(tmp_path / "s")
+    for i, vid in enumerate(["-x1", "v2"]):
+        write_synthetic_video(store, vid, seed=i)
+    assert cache_main(["verify", str(tmp_path / "s")]) == 0
+    return tmp_path / "s"
+
+
+def _verify_output(path, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = cache_main(["verify", str(path)])
+    return rc, capsys.readouterr().out
+
+
+def test_verify_detects_nan(verified_store, capsys):
+    zarr.open_array(verified_store / "videos" / "v2" / "fast_seq", mode="r+")[1, 0, 0] = np.nan
+    rc, out = _verify_output(verified_store, capsys)
+    assert rc == 1 and "'v2': fast_seq contains NaN or Inf" in out
+
+
+def test_verify_detects_missing_marker(verified_store, capsys):
+    group = zarr.open_group(verified_store / "videos" / "-x1", mode="r+")
+    attrs = group.attrs.asdict()
+    del attrs["complete"]
+    group.attrs.put(attrs)
+    rc, out = _verify_output(verified_store, capsys)
+    assert rc == 1 and "'-x1': incomplete" in out
+
+
+def test_verify_detects_wrong_shape(verified_store, capsys):
+    zarr.open_array(verified_store / "videos" / "v2" / "slow", mode="r+").resize((6, 8, 6, 8))
+    rc, out = _verify_output(verified_store, capsys)
+    assert rc == 1 and "'v2': slow has shape (6, 8, 6, 8), expected (7, 8, 6, 8)" in out
+
+
+def test_verify_detects_corrupt_chunk_and_changed_data(verified_store, capsys):
+    shard = next(p for p in sorted((verified_store / "videos" / "v2" / "slow" / "c").rglob("*")) if p.is_file())
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    rc, out = _verify_output(verified_store, capsys)
+    assert rc == 1 and "'v2': cannot read slow" in out
+    # data rewritten through zarr (chunk CRCs valid) but not what the writer wrote: the marker's CRC catches it
+    zarr.open_array(verified_store / "videos" / "-x1" / "actor", mode="r+")[0, 0, 0, 0] += 1
+    rc, out = _verify_output(verified_store, capsys)
+    assert rc == 1 and "'-x1': actor checksum" in out
+
+
+def test_info_output(verified_store, capsys):
+    capsys.readouterr()
+    assert cache_main(["info", str(verified_store)]) == 0
+    out = capsys.readouterr().out
+    assert "videos      2 complete, 0 incomplete" in out and "keyframes   14" in out
+    assert "schema      version 1" in out and f"sha256 {SHA}" in out and "float16 zstd" in out
+    assert cache_main(["info", "--json", str(verified_store)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["keyframes"] == 14 and info["bytes"] > 0 and info["provenance"]["versions"]["zarr"]
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_stored_and_recomputed_actor_features_agree(tmp_path, aligned):
+    store = make_store(tmp_path / "s", aligned=aligned)
+    write_synthetic_video(store, "wide", seed=0, shape=SyntheticShape(map_hw=(6, 8), image_hw=(96, 128)))
+    write_synthetic_video(store, "tall", seed=1, shape=SyntheticShape(map_hw=(8, 6), image_hw=(128, 96)))
+    fields = frozenset({"actor", "slow", "fast"})
+    stored = CacheDataset(store, fields=fields)
+    same_boxes = lambda vid, sec, boxes: boxes  # noqa: E731 - proposals callable returning the stored boxes
+    recomputed = CacheDataset(store, fields=fields, proposals=same_boxes)
+    assert recomputed.read_fields == {"slow", "fast"}
+    idx = list(range(len(stored)))
+    a = to_device(collate_runs(stored.__getitems__(idx)), "cpu", aligned=aligned)
+    b = to_device(collate_runs(recomputed.__getitems__(idx)), "cpu", aligned=aligned, fields=fields)
+    assert a["slow"].shape[-2:] == (8, 8) and not a["valid"].all()  # two aspect ratios: padded, masked
+    torch.testing.assert_close(b["actor"], a["actor"], rtol=2e-3, atol=2e-3)
+    # the same RoIAlign as the backbone module's, on the unpadded maps
+    from pipeline.backbone import actor_features
+
+    k = int((a["box_clip"] == 0).sum())
+    h, w = a["map_hw"][0].tolist()
+    size = a["image_hw"][0].flip(0).repeat(2).float()
+    rois = torch.cat([torch.zeros(k, 1), a["boxes"][:k] * size], dim=1)
+    ref = actor_features(a["slow"][:1, :, :h, :w], a["fast"][:1, :, :h, :w], rois, aligned)
+    torch.testing.assert_close(b["actor"][:k], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_jittered_proposals_recompute_on_the_fly(tmp_path):
+    store = make_store(tmp_path / "s")
+    write_synthetic_video(store, "v", seed=0, num_keyframes=6)
+
+    def jitter(vid, sec, boxes):
+        return {**boxes, "boxes": np.clip(boxes["boxes"] + 0.05, 0, 1)}
+
+    ds = CacheDataset(store, fields=frozenset({"actor"}), proposals=jitter)
+    batch = to_device(collate_runs(ds.__getitems__(list(range(len(ds))))), "cpu", fields=ds.fields)
+    assert set(batch) >= {"actor", "labels", "box_clip"} and "slow" not in batch and "valid" not in batch
+    maps = CacheDataset(store, fields=frozenset({"slow", "fast"}))
+    m = to_device(collate_runs(maps.__getitems__(list(range(len(maps))))), "cpu")
+    want = recompute_actor_features(m["slow"], m["fast"], batch["boxes"], batch["box_clip"], m["image_hw"], False)
+    torch.testing.assert_close(batch["actor"], want)
+
+
+def test_loader_reads_only_requested_fields_in_shard_blocks(tmp_path):
+    store = make_store(tmp_path / "s")
+    for i, vid in enumerate(["a", "b", "c"]):
+        write_synthetic_video(store, vid, seed=i, num_keyframes=10)
+    ds = CacheDataset(store, fields=frozenset({"actor"}), keep_empty=True)
+    for workers in (0, 2):
+        loader = make_loader(ds, batch_size=8, shuffle=True, seed=1, num_workers=workers)
+        seen, boxes = [], 0
+        for batch in loader:
+            assert "slow" not in batch and "fast_seq" not in batch and batch["actor"].dtype == torch.float32
+            seen += [f"{v},{s:04d}" for v, s in zip(batch["video_id"], batch["sec"].tolist())]
+            boxes += len(batch["actor"])
+        assert sorted(seen) == sorted(ds.key(i) for i in range(len(ds)))
+        assert boxes == sum(len(m["boxes"]) for m in ds.meta)
+    # the sampler yields whole blocks: one shard (4 keyframes) of one video each, in order inside a block
+    sampler = make_loader(ds, batch_size=4, shuffle=True, seed=3, num_workers=0).loader.batch_sampler.sampler
+    assert [len(b) for b in sampler.blocks] == [4, 4, 2] * 3
+    for block in sampler.blocks:
+        v, t = ds.kf_video[block], ds.kf_t[block]
+        assert len(set(v)) == 1 and len(set(t // 4)) == 1 and list(t) == sorted(t)
+    order = list(sampler)
+    starts = {int(b[0]): b.tolist() for b in sampler.blocks}
+    i = 0
+    while i < len(order):
+        assert order[i : i + len(starts[order[i]])] == starts[order[i]]
+        i += len(starts[order[i]])
+
+
+def test_split_manifest_commit(tmp_path):
+    store = make_store(tmp_path / "s")
+    write_synthetic_video(store, "a", seed=0)
+    write_synthetic_video(store, "b", seed=1)
+    with pytest.raises(CacheError, match="no manifest"):
+        CacheDataset(store, split="train")
+    manifest = store.commit_split("train", ["a"])
+    assert manifest["keyframes"] == 7 and list(manifest["videos"]) == ["a"]
+    assert CacheDataset(store, split="train").video_ids == ["a"]
+    store.delete_video("a")
+    write_synthetic_video(store, "a", seed=5)  # another content under the committed name
+    with pytest.raises(CacheError, match="changed after split 'train' was committed"):
+        CacheDataset(store, split="train")
+    assert not verify_store(str(tmp_path / "s")).ok
