@@ -20,8 +20,9 @@ Box convention (stated here once; everything else refers to it):
     config (stored in the store's identity; ``aligned=True`` shifts pixel centres by -0.5).
 
 Ragged boxes: the boxes of keyframe ``t`` are rows ``box_offsets[t]:box_offsets[t+1]`` of every per-box
-array. ``box_source`` is a bit set (1 ground truth, 2 detector); ``box_score`` is the detector score,
-1.0 for ground-truth-only boxes; ``person_id`` is -1 when unknown; ``labels`` is 80-way multi-hot.
+array. ``box_source`` is 0 for ground truth (also a detector box that repeats a ground-truth box) and 1
+for a detector box, as ``pipeline.ava.Proposals``; ``box_score`` is the detector score, 1.0 for
+ground truth; ``person_id`` is -1 when unknown; ``labels`` is 80-way multi-hot.
 
 A video group is valid only once its ``complete`` attribute exists: it is written last, after every
 chunk, and holds the counts and a CRC-32 of every array's stored bytes in index order.
@@ -44,8 +45,8 @@ VIDEOS_GROUP = "videos"
 MANIFESTS_GROUP = "manifests"
 COMPLETE_ATTR = "complete"
 
-SOURCE_GT = 1
-SOURCE_DET = 2
+SOURCE_GT = 0
+SOURCE_DET = 1
 
 # The leading dimension of every array says what a row is and how it is chunked.
 PER_KEYFRAME = "keyframe"
@@ -162,5 +163,5 @@ def schema_description() -> dict:
         f"spatial_scale {SPATIAL_SCALE}, sampling_ratio {SAMPLING_RATIO}, aligned per identity",
         "roi_size": ROI_SIZE,
         "num_classes": NUM_CLASSES,
-        "source_bits": {"gt": SOURCE_GT, "det": SOURCE_DET},
+        "box_source": {"gt": SOURCE_GT, "det": SOURCE_DET},
     }

@@ -53,7 +53,7 @@ def random_boxes(rng: np.random.Generator, num_keyframes: int, max_boxes: int = 
         wh = rng.uniform(0.1, 0.4, (n, 2))
         boxes = np.clip(np.concatenate([xy, xy + wh], axis=1), 0, 1)
         labels = (rng.random((n, NUM_CLASSES)) < 0.05).astype(np.uint8)
-        source = rng.choice([SOURCE_GT, SOURCE_DET, SOURCE_GT | SOURCE_DET], n).astype(np.uint8)
+        source = rng.choice([SOURCE_GT, SOURCE_DET], n).astype(np.uint8)
         score = np.where(source == SOURCE_GT, 1.0, rng.uniform(0.8, 1.0, n)).astype(np.float32)
         keyframes.append(dict(boxes=boxes, labels=labels, source=source, score=score, person_id=np.arange(n)))
     return BoxTable.from_keyframes(keyframes)

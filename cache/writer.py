@@ -42,8 +42,8 @@ class BoxTable:
 
     - ``offsets``: (T + 1,) int64, starts at 0, non-decreasing.
     - ``boxes``: (M, 4) float32 normalised x1 y1 x2 y2 (convention: ``cache/schema.py``).
-    - ``source``: (M,) uint8 bits (1 ground truth, 2 detector); ``score``: (M,) float32 detector score,
-      1.0 for ground-truth-only boxes; ``labels``: (M, K) uint8 multi-hot; ``person_id``: (M,) int32, -1 unknown.
+    - ``source``: (M,) uint8, 0 ground truth, 1 detector; ``score``: (M,) float32 detector score,
+      1.0 for ground truth; ``labels``: (M, K) uint8 multi-hot; ``person_id``: (M,) int32, -1 unknown.
     """
 
     offsets: np.ndarray
@@ -71,8 +71,8 @@ class BoxTable:
         b = self.boxes
         if m and (not np.all(np.isfinite(b)) or b.min() < 0 or b.max() > 1 or np.any(b[:, 2] < b[:, 0]) or np.any(b[:, 3] < b[:, 1])):
             raise ValueError("BoxTable.boxes: expected finite normalised x1 y1 x2 y2 in [0, 1] with x1 <= x2, y1 <= y2")
-        if m and (np.any(self.source == 0) or np.any(self.source > (SOURCE_GT | SOURCE_DET))):
-            raise ValueError("BoxTable.source: every box needs source bits 1 (gt) and/or 2 (det)")
+        if m and not np.all(np.isin(self.source, (SOURCE_GT, SOURCE_DET))):
+            raise ValueError(f"BoxTable.source: expected {SOURCE_GT} (ground truth) or {SOURCE_DET} (detector)")
         if not np.all(np.isfinite(self.score)):
             raise ValueError("BoxTable.score: must be finite (1.0 for ground-truth-only boxes)")
 

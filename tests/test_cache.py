@@ -350,3 +350,45 @@ def test_split_manifest_commit(tmp_path):
     with pytest.raises(CacheError, match="changed after split 'train' was committed"):
         CacheDataset(store, split="train")
     assert not verify_store(str(tmp_path / "s")).ok
+
+
+def test_extract_video_writes_what_the_backbone_computes(tmp_path):
+    import pandas as pd
+
+    from pipeline.ava import groundtruth_proposals
+    from pipeline.backbone import PRESETS, actor_features, build_backbone, pool_maps
+    from pipeline.extract import extract_video
+
+    cfg = PRESETS["mini"]
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg).eval()
+    gt = pd.DataFrame(
+        dict(video_id=["-vid", "-vid", "-vid"], timestamp=[902, 902, 904], x1=[0.1, 0.1, 0.5], y1=[0.2, 0.2, 0.0],
+             x2=[0.6, 0.6, 1.0], y2=[0.9, 0.9, 0.7], action_id=[3, 12, 80], person_id=[0, 0, 1])
+    )
+    proposals = groundtruth_proposals(gt)
+    h, w = 64, 96
+    g = torch.Generator().manual_seed(1)
+    clips = {s: (torch.randn(3, cfg.t_slow, h, w, generator=g), torch.randn(3, cfg.t_fast, h, w, generator=g)) for s in (902, 903, 904)}
+    batches = [[902, 903], [904]]
+    loader = [dict(slow=torch.stack([clips[s][0] for s in b]), fast=torch.stack([clips[s][1] for s in b]),
+                   video_id=["-vid"] * len(b), sec=b, height=h, width=w) for b in batches]
+    spec = CacheSpec("ef" * 32, {"backbone": "mini"}, aligned=cfg.aligned, storage=SMALL)
+    store = FeatureStore.create(tmp_path / spec.name, spec)
+    out = extract_video(backbone, cfg, loader, proposals, store, "-vid", secs=[902, 903, 904])
+    assert out == dict(video_id="-vid", keyframes=3, boxes=2, skipped=False)
+    again = extract_video(backbone, cfg, iter(()), proposals, store, "-vid", secs=[902, 903, 904])
+    assert again["skipped"]
+    ds = CacheDataset(store, fields=frozenset({"actor", "slow", "fast", "fast_seq"}), keep_empty=True)
+    batch = to_device(collate_runs(ds.__getitems__([0, 1, 2])), "cpu")
+    with torch.no_grad():
+        Fs, Ff = backbone([torch.stack([clips[s][0] for s in (902, 903, 904)]), torch.stack([clips[s][1] for s in (902, 903, 904)])])
+        slow, fast, fast_seq = pool_maps(Fs, Ff)
+        rois = torch.tensor([[0, 0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h], [2, 0.5 * w, 0.0, 1.0 * w, 0.7 * h]])
+        actor = actor_features(slow, fast, rois, cfg.aligned)
+    for name, want in dict(slow=slow, fast=fast, fast_seq=fast_seq, actor=actor).items():
+        torch.testing.assert_close(batch[name], want, rtol=2e-3, atol=2e-3 * float(want.abs().max()), msg=name)
+    assert batch["box_clip"].tolist() == [0, 2] and batch["person_id"].tolist() == [0, 1]
+    assert batch["labels"][0].nonzero().flatten().tolist() == [2, 11] and batch["labels"][1, 79] == 1
+    assert batch["image_hw"][0].tolist() == [h, w] and tuple(batch["map_hw"][0].tolist()) == tuple(slow.shape[-2:])
+    assert verify_store(str(store.url)).ok

@@ -1,0 +1,126 @@
+"""Feature extraction: run the backbone over one video's keyframe clips and write its cache group.
+
+Shape legend: B clips, N boxes, C_s/C_f slow/fast channels, T_s/T_f slow/fast time, h w res5 map,
+R RoI side (7). Box convention: see ``cache/schema.py``.
+
+One call writes one video group (one Luigi task per video). A complete group is never recomputed;
+a partial one (a crashed run) is deleted and rewritten; the group's completion marker is written
+last, so a killed extraction leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cache.schema import SOURCE_DET, SOURCE_GT
+from cache.store import FeatureStore
+from cache.writer import BoxTable
+from pipeline.ava import Proposals, make_key
+from pipeline.backbone import BackboneConfig, actor_features, boxes_to_rois, pool_maps
+
+
+def box_table(proposals: Proposals, video_id: str, secs: Sequence[int]) -> BoxTable:
+    """The boxes of ``video_id``'s keyframes ``secs`` (in that order; a keyframe without proposals has none)."""
+    mine = proposals.for_video(video_id)
+    where = {int(t): k for k, t in enumerate(mine.timestamps)}
+    rows = []
+    for sec in secs:
+        k = where.get(int(sec))
+        a, b = (mine.offsets[k], mine.offsets[k + 1]) if k is not None else (0, 0)
+        rows.append(
+            dict(
+                boxes=mine.boxes[a:b],
+                labels=mine.labels[a:b],
+                source=np.where(mine.source[a:b] == Proposals.SOURCE_GT, SOURCE_GT, SOURCE_DET),
+                score=mine.score[a:b],
+                person_id=mine.person_id[a:b],
+            )
+        )
+    return BoxTable.from_keyframes(rows)
+
+
+def _video_secs(clips_loader, video_id: str) -> list[int]:
+    dataset = getattr(clips_loader, "dataset", None)
+    keyframes = getattr(dataset, "keyframes", None)
+    if keyframes is None:
+        raise ValueError("extract_video: pass secs=..., the clips loader's dataset has no keyframes list")
+    return [int(s) for v, s in keyframes if v == video_id]
+
+
+def extract_video(
+    backbone: nn.Module,
+    backbone_cfg: BackboneConfig,
+    clips_loader: Iterable[dict],
+    proposals: Proposals,
+    store: FeatureStore,
+    video_id: str,
+    *,
+    secs: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    amp: bool = True,
+) -> dict:
+    """Extract the features of ``video_id`` into ``store`` (opened with ``FeatureStore.create``).
+
+    ``clips_loader`` yields ``pipeline.clips.collate_clips`` batches of this video's keyframes in
+    increasing seconds (``clip_loader`` over a ``KeyframeClips`` of the video, not shuffled); ``secs``
+    are those seconds (default: the loader dataset's keyframes of the video). ``proposals`` hold the
+    boxes (``pipeline.ava.training_proposals`` or ``eval_proposals``); a keyframe without any gets its
+    maps stored and no boxes. Mixed precision on CUDA when ``amp``.
+
+    Returns dict(video_id, keyframes, boxes, skipped): ``skipped`` when the group was already complete
+    (then nothing is computed and the loader is not iterated).
+    """
+    if store.is_complete(video_id):
+        attrs = store.video(video_id).attrs
+        return dict(video_id=video_id, keyframes=attrs["keyframes"], boxes=attrs["boxes"], skipped=True)
+    if store.aligned != backbone_cfg.aligned:
+        raise ValueError(f"{store.url}: the store's RoIAlign aligned={store.aligned}, the backbone's {backbone_cfg.aligned}")
+    secs = sorted(int(s) for s in (secs if secs is not None else _video_secs(clips_loader, video_id)))
+    table = box_table(proposals, video_id, secs)
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else contextlib.nullcontext()
+    backbone.eval()
+    writer = None
+    done = 0
+    with torch.inference_mode():
+        for batch in clips_loader:
+            videos = set(batch["video_id"])
+            if videos != {video_id}:
+                raise ValueError(f"extract_video({video_id!r}): the loader yields keyframes of {sorted(videos)}")
+            batch_secs = [int(s) for s in batch["sec"]]
+            if batch_secs != secs[done : done + len(batch_secs)]:
+                want = [make_key(video_id, s) for s in secs[done : done + len(batch_secs)]]
+                raise ValueError(f"extract_video({video_id!r}): expected keyframes {want} in order, got {batch_secs}")
+            h, w = int(batch["height"]), int(batch["width"])
+            with autocast:
+                Fs, Ff = backbone([batch["slow"].to(device, non_blocking=True), batch["fast"].to(device, non_blocking=True)])
+            slow, fast, fast_seq = (x.float() for x in pool_maps(Fs.float(), Ff.float()))  # (B,C_s,h,w) (B,C_f,h,w) (B,C_f,T_f)
+            a, b = table.offsets[done], table.offsets[done + len(batch_secs)]
+            per_clip = [
+                torch.from_numpy(table.boxes[table.offsets[done + k] : table.offsets[done + k + 1]])
+                for k in range(len(batch_secs))
+            ]
+            rois = boxes_to_rois(per_clip, h, w).to(device)  # (N, 5) pixels of the resized frame
+            actor = actor_features(slow, fast, rois, backbone_cfg.aligned)  # (N, C_s + C_f, R, R)
+            assert actor.shape[0] == b - a
+            if writer is None:
+                writer = store.begin_video(
+                    video_id,
+                    secs=secs,
+                    boxes=table,
+                    image_hw=(h, w),
+                    map_hw=tuple(slow.shape[-2:]),
+                    channels=(slow.shape[1], fast.shape[1], fast_seq.shape[2]),
+                    attributes={"backbone": backbone_cfg.to_dict()},
+                )
+            writer.append(slow, fast, fast_seq, actor)
+            done += len(batch_secs)
+    if writer is None or done != len(secs):
+        raise ValueError(f"extract_video({video_id!r}): the loader gave {done} of {len(secs)} keyframes")
+    marker = writer.finish()
+    return dict(video_id=video_id, keyframes=marker["keyframes"], boxes=marker["boxes"], skipped=False)
