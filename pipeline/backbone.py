@@ -120,8 +120,9 @@ PRESETS: dict[str, BackboneConfig] = {
     # The paper's SlowFast R50 8x8, structured like pytorchvideo's slowfast_r50_detection.
     "r50": BackboneConfig(name="r50"),
     # Same structure (two pathways, laterals, dilated res5, stride 16, 8 + 32 frames), one bottleneck per
-    # stage and 1/16 of the widths: C_s = 128, C_f = 32; about 56k parameters, CPU-friendly.
-    "mini": BackboneConfig(name="mini", model_depth=18, stem_width=4, beta=4, short_side=96),
+    # stage and 1/16 of the widths: C_s = 128, C_f = 32; about 56k parameters, CPU-friendly. Short side 90:
+    # the mini-AVA frames (160x90, 120x90) go in at their own size.
+    "mini": BackboneConfig(name="mini", model_depth=18, stem_width=4, beta=4, short_side=90),
 }
 
 

@@ -29,7 +29,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.ava import NUM_CLASSES, Proposals, make_key
+from pipeline.ava import (
+    NUM_CLASSES,
+    AvaPaths,
+    Proposals,
+    frames_by_video,
+    make_key,
+    read_detections,
+    read_exclusions,
+    read_frame_list,
+    read_groundtruth,
+    training_proposals,
+)
 from pipeline.backbone import (
     PRESETS,
     BackboneConfig,
@@ -221,3 +232,57 @@ def finetune_backbone(
         "checkpoint": str(path),
         "sha256": file_sha256(path),
     }
+
+
+def finetune_on_ava(
+    ava_root: str | Path,
+    out_path: str | Path,
+    backbone_cfg: BackboneConfig,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    init: str | Path | None = None,
+    split: str = "train",
+    threshold: float = 0.8,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """``finetune_backbone`` on an AVA folder (real or mini-AVA): the split's training proposals (ground truth +
+    detector boxes >= ``threshold``), excluded keyframes left out, frames located through the frame list."""
+    paths = AvaPaths(ava_root)
+    proposals = training_proposals(
+        read_groundtruth(paths.groundtruth(split)), read_detections(paths.detections(split)), threshold
+    )
+    excluded = read_exclusions(paths.exclusions(split)) if paths.exclusions(split).exists() else set()
+    proposals = proposals.select(np.array([i for i, k in enumerate(proposals.keys) if k not in excluded], dtype=np.int64))
+    frame_list = paths.frame_list(split)
+    frame_lists = frames_by_video(read_frame_list(frame_list)) if frame_list.exists() else None
+    keyframes = list(zip(proposals.video_ids, proposals.timestamps))
+    clips = KeyframeClips.from_config(paths.frames, keyframes, backbone_cfg, frame_lists)
+    return finetune_backbone(backbone_cfg, clips, proposals, out_path, cfg, init=init, device=device, log=log)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """``stctx backbone finetune AVA_ROOT OUT``."""
+    parser.add_argument("ava_root", type=Path, help="AVA (or mini-AVA) folder")
+    parser.add_argument("out", type=Path, help="checkpoint to write (ours, self-describing)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="mini")
+    parser.add_argument("--init", type=Path, default=None, help="start from this checkpoint (AVA detection, Kinetics or ours)")
+    parser.add_argument("--split", default="train", choices=["train", "val"])
+    defaults = FinetuneConfig()
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
+    metrics = finetune_on_ava(args.ava_root, args.out, PRESETS[args.preset], cfg, init=args.init, split=args.split,
+                              device=args.device)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "step_loss"}, indent=1))
+    return 0
