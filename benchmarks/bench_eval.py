@@ -1,0 +1,238 @@
+"""Benchmark of the frame-mAP@0.5 evaluator (``pipeline.evaluation``) at the size of AVA v2.2 val.
+
+Generates an all-60-classes-per-box case (every detected box carries a score for each of the 60 evaluated
+classes, as a head's output written out does): ``--videos`` x 900 keyframes, about 2.5 boxes per keyframe,
+so 64 videos give about 8.6M detection rows. Generation is not timed. Each measurement runs in a fresh
+subprocess (``stctx eval --json`` on the CSV files: interpreter start, imports, CSV reading, evaluation)
+and reports its wall time and peak resident memory (``ru_maxrss`` of the child).
+
+    .venv/bin/python benchmarks/bench_eval.py                      # 20 and 64 videos, writes docs/benchmarks.md
+    .venv/bin/python benchmarks/bench_eval.py --videos 20 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.ava import SHIPPED_LABELMAP, read_labelmap  # noqa: E402
+
+SECTION = "eval"
+FIRST_SECOND = 902
+
+
+def generate_case(
+    out: Path, videos: int, keyframes: int = 900, boxes_per_key: float = 2.5, seed: int = 0
+) -> dict[str, Path]:
+    """Write groundtruth.csv, detections.csv, exclusions.csv and labelmap.pbtxt of a synthetic case to ``out``.
+
+    Ground truth: 1..5 people per keyframe (mean ``boxes_per_key``), 1..3 actions each from the label map.
+    Detections: every person found with a jittered box (most IoU >= 0.5), plus a false box on some keyframes,
+    each box written once per evaluated class with a 6-decimal score (higher for the person's actions).
+    """
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = np.array(sorted(read_labelmap(SHIPPED_LABELMAP)), dtype=np.int64)  # (K,)
+    K = len(classes)
+    vids = np.array([f"v{v:05d}_{'-' if v % 7 == 0 else 'x'}bench"[:11] for v in range(videos)])
+    n_keys = videos * keyframes
+    key_video = np.repeat(np.arange(videos), keyframes)  # (n_keys,)
+    key_ts = np.tile(np.arange(FIRST_SECOND, FIRST_SECOND + keyframes), videos)
+
+    # people per keyframe: 1 + Poisson(mean - 1), capped at 5 (mean stays about boxes_per_key)
+    people = np.minimum(1 + rng.poisson(boxes_per_key - 1.0, n_keys), 5)
+    P = int(people.sum())
+    person_key = np.repeat(np.arange(n_keys), people)  # (P,)
+    cx, cy = rng.uniform(0.2, 0.8, P), rng.uniform(0.3, 0.7, P)
+    w, h = rng.uniform(0.1, 0.35, P), rng.uniform(0.3, 0.6, P)
+    gt_box = np.clip(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1), 0, 1).round(3)  # (P, 4)
+    n_actions = rng.integers(1, 4, P)
+    A = int(n_actions.sum())
+    action_person = np.repeat(np.arange(P), n_actions)  # (A,)
+    popularity = rng.dirichlet(np.full(K, 0.7))
+    gt_action = classes[rng.choice(K, A, p=popularity)]
+    person_id = np.arange(P) - np.repeat(np.cumsum(people) - people, people)
+
+    _write(out / "groundtruth.csv", vids[key_video[person_key[action_person]]], key_ts[person_key[action_person]],
+           gt_box[action_person], gt_action, person_id[action_person].astype(np.int64), score=False)
+
+    # detected boxes: each person (jittered) plus a false box on 10% of keyframes
+    jitter = rng.normal(0, 0.02, (P, 4))
+    false_keys = np.flatnonzero(rng.random(n_keys) < 0.1)
+    fw, fh = rng.uniform(0.05, 0.3, len(false_keys)), rng.uniform(0.1, 0.5, len(false_keys))
+    fx, fy = rng.uniform(0, 1 - fw), rng.uniform(0, 1 - fh)
+    det_box = np.concatenate([np.clip(gt_box + jitter, 0, 1), np.stack([fx, fy, fx + fw, fy + fh], 1)]).round(3)
+    det_key = np.concatenate([person_key, false_keys])
+    det_person = np.concatenate([np.arange(P), np.full(len(false_keys), -1)])
+    order = np.argsort(det_key, kind="stable")  # rows of one keyframe together, as detector files are
+    det_box, det_key, det_person = det_box[order], det_key[order], det_person[order]
+    B = len(det_key)
+    # (B, K) scores: noise, raised for the actions the person does
+    scores = rng.beta(1.0, 6.0, (B, K))
+    has = np.zeros((P + 1, K), dtype=bool)
+    has[action_person, np.searchsorted(classes, gt_action)] = True
+    boost = has[det_person]  # det_person -1 reads the all-False last row
+    scores[boost] = np.clip(scores[boost] + rng.uniform(0.2, 0.8, int(boost.sum())), 0, 1)
+    scores = scores.round(6)
+    rows = np.repeat(np.arange(B), K)  # (B*K,)
+    _write(out / "detections.csv", vids[key_video[det_key[rows]]], key_ts[det_key[rows]], det_box[rows],
+           np.tile(classes, B), scores.reshape(-1), score=True)
+
+    excl = rng.choice(n_keys, max(1, n_keys // 500), replace=False)
+    excl.sort()
+    (out / "exclusions.csv").write_text("".join(f"{vids[key_video[k]]},{key_ts[k]:04d}\n" for k in excl))
+    (out / "labelmap.pbtxt").write_text(SHIPPED_LABELMAP.read_text())
+    return {name: out / f"{name}.csv" for name in ("groundtruth", "detections", "exclusions")} | {
+        "labelmap": out / "labelmap.pbtxt"
+    }
+
+
+def _write(path: Path, video, ts, box, action, last, score: bool) -> None:
+    """AVA CSV without header: timestamps %04d, boxes with 3 decimals, scores with 6."""
+    ts_text = pa.array([f"{t:04d}" for t in range(int(ts.max()) + 1)])
+    table = pa.table({
+        "video_id": pa.DictionaryArray.from_arrays(*_codes(video)),
+        "timestamp": pa.DictionaryArray.from_arrays(pa.array(ts.astype(np.int32)), ts_text),
+        **{c: pa.array(box[:, i]) for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+        "action_id": pa.array(action),
+        "last": pa.array(last),
+    })
+    pacsv.write_csv(table, path, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+
+
+def _codes(strings: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    names, codes = np.unique(strings, return_inverse=True)
+    return pa.array(codes.astype(np.int32)), pa.array(names.tolist())
+
+
+def measure(paths: dict[str, Path], repeats: int) -> dict:
+    """Best-of-``repeats`` wall time and the peak RSS of ``stctx eval --json`` in a fresh process each time."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "eval", "--labelmap", str(paths["labelmap"]),
+           "--groundtruth", str(paths["groundtruth"]), "--detections", str(paths["detections"]),
+           "--exclusions", str(paths["exclusions"]), "--json"]
+    runs = []
+    for _ in range(repeats):
+        # a wrapper process so ru_maxrss of RUSAGE_CHILDREN is this run's alone
+        wrapper = (
+            "import resource, subprocess, sys, time, json\n"
+            "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+            "wall = time.perf_counter() - t\n"
+            "print(json.dumps({'rc': p.returncode, 'wall_s': wall, 'stdout': p.stdout, 'stderr': p.stderr,\n"
+            "  'maxrss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
+        )
+        res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=ROOT)
+        run = json.loads(res.stdout)
+        if run["rc"] != 0:
+            raise RuntimeError(f"stctx eval failed: {run['stderr']}")
+        runs.append(run)
+    best = min(runs, key=lambda r: r["wall_s"])
+    result = json.loads(best["stdout"])
+    return {
+        "wall_s": best["wall_s"], "walls_s": [round(r["wall_s"], 2) for r in runs],
+        "maxrss_mb": max(r["maxrss_mb"] for r in runs), "mAP": result["mAP"],
+        "timings": result.get("timings_s"), "command": " ".join(cmd[1:]),
+    }
+
+
+def stage_timings(paths: dict[str, Path]) -> dict[str, float]:
+    """In-process split of the time: reading each file, then the evaluation proper."""
+    from pipeline import csvio, evaluation
+
+    t0 = time.perf_counter()
+    gt = csvio.read_groundtruth(paths["groundtruth"])
+    t1 = time.perf_counter()
+    det = csvio.read_detections(paths["detections"])
+    t2 = time.perf_counter()
+    evaluation.evaluate_frame_map(gt, det, paths["labelmap"], paths["exclusions"])
+    t3 = time.perf_counter()
+    return {"read_groundtruth": t1 - t0, "read_detections": t2 - t1, "evaluate": t3 - t2}
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) this benchmark's section of docs/benchmarks.md, re-reading the file first."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    begin, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
+    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = doc.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    tmp.replace(doc)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, nargs="+", default=[20, 64])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None, help="where to generate the cases (default: a temp dir)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = ap.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for videos in args.videos:
+            t = time.perf_counter()
+            paths = generate_case(Path(tmp) / f"v{videos}", videos)
+            gen_s = time.perf_counter() - t
+            n_det = sum(1 for _ in open(paths["detections"], "rb"))
+            n_gt = sum(1 for _ in open(paths["groundtruth"], "rb"))
+            size_mb = paths["detections"].stat().st_size / 2**20
+            m = measure(paths, args.repeats)
+            stages = stage_timings(paths)
+            rows.append((videos, n_gt, n_det, size_mb, gen_s, m, stages))
+            print(f"{videos} videos: {n_det} detection rows ({size_mb:.0f} MB), gt {n_gt}; generated in {gen_s:.1f} s; "
+                  f"stctx eval wall {m['wall_s']:.2f} s (runs {m['walls_s']}), peak RSS {m['maxrss_mb']:.0f} MB, "
+                  f"mAP {m['mAP']:.4f}; in-process stages {json.dumps({k: round(v, 2) for k, v in stages.items()})}",
+                  flush=True)
+
+    lines = [
+        "## Frame-mAP evaluator (`stctx eval`)",
+        "",
+        f"- Date: {datetime.date.today().isoformat()}; machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"`os.cpu_count()` = {os.cpu_count()} (shared with other jobs while measured); Python {platform.python_version()}, "
+        f"numpy {np.__version__}, pyarrow {pa.__version__}.",
+        f"- Command: `.venv/bin/python benchmarks/bench_eval.py --videos {' '.join(map(str, args.videos))} --repeats {args.repeats}`",
+        "- Case: 900 keyframes per video, about 2.5 boxes per keyframe, every box written with a score for each of "
+        "the 60 evaluated classes; 0.2% of keyframes excluded. CSV generation not timed.",
+        "- Wall: `stctx eval --json` in a fresh process (interpreter start, imports, reading the three CSV files and "
+        "the label map, evaluation, JSON out), best of the repeats; peak memory: `ru_maxrss` of that process, "
+        "largest over the repeats.",
+        "",
+        "| videos | detection rows | CSV MB | gt rows | wall s (best) | all runs s | peak RSS MB | read gt s | read det s | evaluate s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for videos, n_gt, n_det, size_mb, gen_s, m, st in rows:
+        lines.append(
+            f"| {videos} | {n_det:,} | {size_mb:.0f} | {n_gt:,} | {m['wall_s']:.2f} | {', '.join(map(str, m['walls_s']))} | "
+            f"{m['maxrss_mb']:.0f} | {st['read_groundtruth']:.2f} | {st['read_detections']:.2f} | {st['evaluate']:.2f} |"
+        )
+    lines += ["", "The last three columns are one in-process run split by stage (`evaluate` excludes reading the two "
+              "box files but includes the label map and exclusions)."]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
