@@ -222,17 +222,33 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+HELP = {
+    "info": "videos, keyframes, bytes, schema and provenance of a store",
+    "verify": "check every video group (markers, shapes, NaN/Inf, checksums); non-zero exit on any problem",
+}
+
+
+def _configure(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.set_defaults(cache_command=command)
+    parser.add_argument("store", help="store directory or fsspec URL")
+    if command == "info":
+        parser.add_argument("--json", action="store_true", help="print JSON")
+    else:
+        parser.add_argument("--metadata-only", action="store_true", help="check markers, shapes and dtypes, not the data")
+        parser.add_argument("--workers", type=int, default=None, help="Dask workers (default: all cores)")
+        parser.add_argument("--scheduler", choices=("threads", "processes", "synchronous"), default="threads")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """``stctx cache {info,verify} STORE``."""
+    """Configure ``stctx cache info`` or ``stctx cache verify`` (the leaf parser, named by its prog), or,
+    given any other parser, add both as subcommands."""
+    leaf = parser.prog.split()[-1]
+    if leaf in HELP:
+        _configure(parser, leaf)
+        return
     sub = parser.add_subparsers(dest="cache_command", required=True)
-    info = sub.add_parser("info", help="videos, keyframes, bytes, schema and provenance of a store")
-    info.add_argument("store", help="store directory or fsspec URL")
-    info.add_argument("--json", action="store_true", help="print JSON")
-    verify = sub.add_parser("verify", help="check every video group; non-zero exit on any problem")
-    verify.add_argument("store", help="store directory or fsspec URL")
-    verify.add_argument("--metadata-only", action="store_true", help="check markers, shapes and dtypes, not the data")
-    verify.add_argument("--workers", type=int, default=None, help="Dask workers (default: all cores)")
-    verify.add_argument("--scheduler", choices=("threads", "processes", "synchronous"), default="threads")
+    for command, text in HELP.items():
+        _configure(sub.add_parser(command, help=text, description=text), command)
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -392,3 +392,13 @@ def test_extract_video_writes_what_the_backbone_computes(tmp_path):
     assert batch["labels"][0].nonzero().flatten().tolist() == [2, 11] and batch["labels"][1, 79] == 1
     assert batch["image_hw"][0].tolist() == [h, w] and tuple(batch["map_hw"][0].tolist()) == tuple(slow.shape[-2:])
     assert verify_store(str(store.url)).ok
+
+
+def test_stctx_cli_wiring(verified_store, capsys):
+    from pipeline.cli import main as stctx
+
+    capsys.readouterr()
+    assert stctx(["cache", "info", str(verified_store)]) == 0
+    assert "keyframes   14" in capsys.readouterr().out
+    assert stctx(["cache", "verify", "--metadata-only", str(verified_store)]) == 0
+    assert stctx(["cache", "verify", str(verified_store / "nothing-here")]) == 2
