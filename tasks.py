@@ -80,3 +80,249 @@ class PrepareData(luigi.Task):
             raise RuntimeError(f"AVA folder check failed:\n{report.format()}")
         with self.output().temporary_path() as tmp:
             Path(tmp).write_text(json.dumps(report.to_dict(), indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- backbone
+
+_SPEC_CACHE: dict[tuple, object] = {}
+
+
+def cached_cache_spec(checkpoint: Path, extraction):
+    """``pipeline.steps.cache_spec``, remembered per (file, size, mtime, extraction): Luigi asks for outputs
+    many times, and hashing a 270 MB checkpoint each time would make a finished pipeline slow to confirm."""
+    from pipeline.steps import cache_spec
+
+    stat = checkpoint.stat()
+    key = (str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, extraction)
+    if key not in _SPEC_CACHE:
+        _SPEC_CACHE[key] = cache_spec(checkpoint, extraction)
+    return _SPEC_CACHE[key]
+
+
+class Backbone(luigi.Task):
+    """The SlowFast checkpoint that extraction uses.
+
+    mini: the ``mini`` SlowFast trained end to end with the baseline head on the mini-AVA training split (the
+    minimal step this project runs until the end-to-end fine-tuning task exists). ava: ``[Backbone] checkpoint``,
+    an AVA-fine-tuned SlowFast on disk (pytorchvideo's detection checkpoint or ours); nothing is downloaded.
+    """
+
+    dataset = DatasetParameter()
+    epochs = luigi.IntParameter(default=6, description="mini: fine-tuning epochs")
+    seed = luigi.IntParameter(default=0)
+    checkpoint = luigi.OptionalPathParameter(default=None, significant=False,
+                                             description="ava: the backbone checkpoint file")
+    device = luigi.OptionalParameter(default=None, significant=False)
+
+    def requires(self):
+        return PrepareData(dataset=self.dataset) if self.dataset == "mini" else []
+
+    def output(self):
+        if self.dataset == "ava":
+            if self.checkpoint is None:
+                raise ValueError("dataset = ava needs [Backbone] checkpoint = <SlowFast checkpoint> in luigi.cfg")
+            return luigi.LocalTarget(self.checkpoint)
+        data = self.requires()
+        slug = f"mini-{short_hash({'data': data.task_id, 'epochs': self.epochs, 'seed': self.seed})}"
+        return luigi.LocalTarget(root() / "backbone" / f"{slug}.pt")
+
+    def run(self):
+        if self.dataset == "ava":
+            raise FileNotFoundError(f"backbone checkpoint {self.checkpoint} not found")
+        from pipeline.steps import train_mini_backbone
+
+        out = Path(self.output().path)
+        metrics = train_mini_backbone(self.requires().data_root(), out, epochs=self.epochs, seed=self.seed,
+                                      device=self.device)
+        out.with_suffix(".json").write_text(json.dumps(metrics, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+class _CacheTask(luigi.Task):
+    """Parameters shared by the extraction tasks: the dataset, the backbone and the extraction config."""
+
+    dataset = DatasetParameter()
+    threshold = luigi.FloatParameter(default=0.8, description="detector score for training proposals")
+    dtype = luigi.ChoiceParameter(choices=["float16", "float32", "uint8"], default="float16")
+    compressor = luigi.ChoiceParameter(choices=["zstd", "blosc-zstd", "blosc-lz4", "none"], default="zstd")
+    device = luigi.OptionalParameter(default=None, significant=False)
+    decode_workers = luigi.IntParameter(default=0, significant=False, description="clip decoding processes")
+
+    def backbone(self) -> Backbone:
+        return Backbone(dataset=self.dataset)
+
+    def data(self) -> PrepareData:
+        return PrepareData(dataset=self.dataset)
+
+    def extraction(self):
+        from pipeline.steps import ExtractionConfig
+
+        return ExtractionConfig(threshold=self.threshold, dtype=self.dtype, compressor=self.compressor)
+
+    def spec(self):
+        """The store's identity, or None while the backbone checkpoint does not exist yet."""
+        ckpt = Path(self.backbone().output().path)
+        return cached_cache_spec(ckpt, self.extraction()) if ckpt.exists() else None
+
+    def store_url(self) -> Path | None:
+        from pipeline.steps import store_url
+
+        spec = self.spec()
+        return None if spec is None else store_url(root(), spec)
+
+
+class StoreTarget(luigi.Target):
+    """Complete when the store exists and the video group is complete (or, with ``split``, its manifest exists)."""
+
+    def __init__(self, task: _CacheTask, video: str | None = None, split: str | None = None):
+        self.task, self.video, self.split = task, video, split
+
+    def exists(self) -> bool:
+        from cache.store import CacheError, FeatureStore
+
+        url = self.task.store_url()
+        if url is None or not url.exists():
+            return False
+        try:
+            store = FeatureStore.open(url, expect=self.task.spec())
+        except CacheError:
+            return False
+        return store.is_complete(self.video) if self.video is not None else store.manifest(self.split) is not None
+
+
+class ExtractVideo(_CacheTask):
+    """One video's features in the split's cache store (one Zarr group, its completion marker written last)."""
+
+    split = luigi.ChoiceParameter(choices=["train", "val"])
+    video = luigi.Parameter()
+
+    def requires(self):
+        return [self.data(), self.backbone()]
+
+    def output(self):
+        return StoreTarget(self, video=self.video)
+
+    def run(self):
+        from pipeline.steps import extract_split_video
+
+        extract_split_video(self.data().data_root(), self.split, self.video, self.backbone().output().path,
+                            self.store_url(), self.spec(), self.extraction(), device=self.device,
+                            num_workers=self.decode_workers)
+
+
+class FeatureCache(_CacheTask):
+    """Every video of a split extracted, then the split's manifest committed (written last)."""
+
+    split = luigi.ChoiceParameter(choices=["train", "val"], default="val")
+
+    def requires(self):
+        return [self.data(), self.backbone()]
+
+    def output(self):
+        return StoreTarget(self, split=self.split)
+
+    def run(self):
+        from pipeline.steps import commit_split, split_videos
+
+        videos = split_videos(self.data().data_root(), self.split)
+        params = {k: getattr(self, k) for k in ("dataset", "threshold", "dtype", "compressor", "device", "decode_workers")}
+        yield [ExtractVideo(split=self.split, video=v, **params) for v in videos]
+        commit_split(self.store_url(), self.spec(), self.split, videos)
+
+
+# ----------------------------------------------------------------------------------------------- heads
+
+
+class TrainHead(_CacheTask):
+    """One Table 1 variant trained from the cache with one seed, evaluated on the validation split.
+
+    Output: ``<root>/heads/<variant>-<hash>/seed-<k>/metrics.json`` and ``head.pt``; the hash covers the head
+    config (the registry entry plus overrides), the training config and the upstream data, backbone and cache
+    parameters, so editing one variant's config reruns that variant only.
+    """
+
+    variant = luigi.Parameter(default="st-sa")
+    seed = luigi.IntParameter(default=0)
+    overrides = luigi.DictParameter(default={}, description="HeadConfig field overrides, e.g. {\"width\": 64}")
+    epochs = luigi.OptionalIntParameter(default=None, description="default: TrainConfig's")
+    lr = luigi.OptionalFloatParameter(default=None)
+    box_jitter = luigi.FloatParameter(default=0.0)
+
+    def requires(self):
+        params = {k: getattr(self, k) for k in ("dataset", "threshold", "dtype", "compressor", "device", "decode_workers")}
+        return {"train": FeatureCache(split="train", **params), "val": FeatureCache(split="val", **params)}
+
+    def head_config(self):
+        from heads import variant
+
+        return variant(self.variant, "mini" if self.dataset == "mini" else "r50", **dict(self.overrides))
+
+    def train_config(self):
+        from pipeline.train import TrainConfig
+
+        given = {"epochs": self.epochs, "lr": self.lr, "box_jitter": self.box_jitter}
+        return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+
+    def run_dir(self) -> Path:
+        cfg = self.head_config()
+        ident = {"head": cfg.to_dict(), "train": self.train_config().to_dict(),
+                 "cache": self.requires()["train"].task_id}
+        return root() / "heads" / f"{cfg.slug}-{short_hash(ident)}" / f"seed-{self.seed}"
+
+    def output(self):
+        return luigi.LocalTarget(self.run_dir() / "metrics.json")
+
+    def run(self):
+        from pipeline.steps import annotations
+        from pipeline.train import train_head
+
+        val = annotations(self.data().data_root(), "val")
+        train_head(self.head_config(), self.store_url(), self.run_dir(), groundtruth=val["groundtruth"],
+                   labelmap=val["labelmap"], exclusions=val["exclusions"], train=self.train_config(),
+                   seed=self.seed, device=self.device)
+
+
+class FullAblation(_CacheTask):
+    """Table 1: every variant over several seeds -> ``<root>/ablation/table1.{md,csv,png}``.
+
+    The table of a given set of runs is written to ``<root>/ablation/<hash>/`` (the task's output) and copied to
+    ``<root>/ablation/`` as the latest.
+    """
+
+    seeds = luigi.ListParameter(default=[0, 1, 2])
+    variants = luigi.ListParameter(default=["baseline", "spatial", "spatial-sa", "st", "st-sa"])
+    epochs = luigi.OptionalIntParameter(default=None)
+
+    def requires(self):
+        params = {k: getattr(self, k) for k in ("dataset", "threshold", "dtype", "compressor", "device", "decode_workers")}
+        return [TrainHead(variant=v, seed=s, epochs=self.epochs, **params) for v in self.variants for s in self.seeds]
+
+    def table_dir(self) -> Path:
+        return ablation_dir() / short_hash([t.output().path for t in self.requires()])
+
+    def output(self):
+        return luigi.LocalTarget(self.table_dir() / "table1.md")
+
+    def run(self):
+        import shutil
+
+        from heads import PAPER_MAP
+        from pipeline.report import write_ablation
+
+        results = [json.loads(Path(t.output().path).read_text()) for t in self.requires()]
+        title = f"Table 1 on {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} ({len(self.seeds)} seeds)"
+        notes = [f"Runs: {', '.join(sorted({str(Path(t.output().path).parent.parent.name) for t in self.requires()}))}"]
+        tmp = self.table_dir().with_name(self.table_dir().name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_ablation(results, tmp, PAPER_MAP, list(self.variants), title, notes)
+        shutil.rmtree(self.table_dir(), ignore_errors=True)
+        tmp.rename(self.table_dir())
+        for name in ("table1.md", "table1.csv", "table1.png"):
+            shutil.copyfile(self.table_dir() / name, ablation_dir() / f".{name}.tmp")
+            (ablation_dir() / f".{name}.tmp").replace(ablation_dir() / name)
+
+
+def ablation_dir() -> Path:
+    return root() / "ablation"

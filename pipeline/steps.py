@@ -1,0 +1,141 @@
+"""The pipeline's steps as plain functions over a dataset folder: what each Luigi task's ``run`` calls.
+
+A notebook runs the same steps without Luigi::
+
+    ckpt = train_mini_backbone(data, "runs/backbone/mini.pt")
+    spec = cache_spec(ckpt, ExtractionConfig())
+    for split in ("train", "val"):
+        for video in split_videos(data, split):
+            extract_split_video(data, split, video, ckpt, store_url(root, spec), spec)
+        commit_split(store_url(root, spec), spec, split, split_videos(data, split))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache.schema import StorageConfig
+from cache.store import CacheSpec, FeatureStore
+from pipeline import ava
+from pipeline.backbone import BackboneConfig, backbone_from_checkpoint, file_sha256
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """What, besides the backbone's weights, decides a cache's content (it goes into the store's name).
+
+    ``threshold``: detector score for training proposals (ground truth + detector boxes >= threshold); the
+    validation split stores every detector box. ``batch_size``: clips per backbone call (not significant for the
+    values, but the same for everybody to keep float rounding identical).
+    """
+
+    threshold: float = 0.8
+    dtype: str = "float16"
+    compressor: str = "zstd"
+    level: int = 3
+    batch_size: int = 8
+
+    def storage(self) -> StorageConfig:
+        return StorageConfig(dtype=self.dtype, compressor=self.compressor, level=self.level)
+
+
+def annotations(data_root: str | Path, split: str) -> dict[str, Path | None]:
+    """The evaluation inputs of a split: groundtruth, detections, exclusions (None if absent) and labelmap."""
+    paths = ava.AvaPaths(data_root)
+    excl = paths.exclusions(split)
+    return {"groundtruth": paths.groundtruth(split), "detections": paths.detections(split),
+            "exclusions": excl if excl.exists() else None, "labelmap": paths.labelmap}
+
+
+def split_proposals(data_root: str | Path, split: str, threshold: float = 0.8) -> ava.Proposals:
+    """Training proposals for ``train`` (ground truth + detector boxes >= threshold), detector boxes for the rest."""
+    paths = ava.AvaPaths(data_root)
+    det = ava.read_detections(paths.detections(split))
+    if split == "train":
+        return ava.training_proposals(ava.read_groundtruth(paths.groundtruth(split)), det, threshold)
+    return ava.eval_proposals(det)
+
+
+def split_keyframes(data_root: str | Path, split: str) -> list[tuple[str, int]]:
+    """Every annotated keyframe of a split (ground truth or detections), sorted."""
+    paths = ava.AvaPaths(data_root)
+    keys = set()
+    for frame in (ava.read_groundtruth(paths.groundtruth(split)), ava.read_detections(paths.detections(split))):
+        keys |= set(zip(frame["video_id"].astype(str), frame["timestamp"].astype(int)))
+    return sorted(keys)
+
+
+def split_videos(data_root: str | Path, split: str) -> list[str]:
+    return sorted({v for v, _ in split_keyframes(data_root, split)})
+
+
+def cache_spec(checkpoint: str | Path, extraction: ExtractionConfig) -> CacheSpec:
+    """The identity of the store that ``checkpoint`` and ``extraction`` produce."""
+    model_cfg = _backbone_config(checkpoint)
+    return CacheSpec(
+        backbone_sha256=file_sha256(checkpoint),
+        extraction={"backbone": model_cfg.name, "backbone_config": model_cfg.to_dict(),
+                    **{k: v for k, v in dataclasses.asdict(extraction).items() if k not in ("dtype", "compressor", "level")}},
+        aligned=model_cfg.aligned,
+        storage=extraction.storage(),
+    )
+
+
+def _backbone_config(checkpoint: str | Path) -> BackboneConfig:
+    """Our checkpoints carry their config; pytorchvideo's AVA/Kinetics files are the ``r50`` preset."""
+    from pipeline.backbone import PRESETS
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return BackboneConfig.from_dict(ckpt["config"]) if "config" in ckpt else PRESETS["r50"]
+
+
+def store_url(root: str | Path, spec: CacheSpec) -> Path:
+    return Path(root) / "cache" / f"{spec.name}.zarr"
+
+
+def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
+                        spec: CacheSpec, extraction: ExtractionConfig = ExtractionConfig(),
+                        device: str | None = None, num_workers: int = 0) -> dict:
+    """Extract one video of a split into the store at ``url`` (created with ``spec`` if absent)."""
+    from pipeline.clips import KeyframeClips, clip_loader
+    from pipeline.extract import extract_video
+
+    paths = ava.AvaPaths(data_root)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    store = FeatureStore.create(url, spec)
+    if store.is_complete(video_id):
+        return {"video_id": video_id, "skipped": True}
+    model, _ = backbone_from_checkpoint(checkpoint, _backbone_config(checkpoint))
+    model = model.to(device).eval()
+    secs = [s for v, s in split_keyframes(data_root, split) if v == video_id]
+    if not secs:
+        raise ValueError(f"{paths.root}: video {video_id!r} has no keyframe in the {split} annotations")
+    frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
+    clips = KeyframeClips.from_config(paths.frames, [(video_id, s) for s in secs], model.cfg, frame_lists)
+    loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
+    proposals = split_proposals(data_root, split, extraction.threshold)
+    return extract_video(model, model.cfg, loader, proposals, store, video_id, secs=secs, device=device)
+
+
+def commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[str]) -> dict:
+    """Write the split's manifest once every video is complete."""
+    store = FeatureStore.open(url, expect=spec, mode="r+")
+    missing = [v for v in video_ids if not store.is_complete(v)]
+    if missing:
+        raise RuntimeError(f"{url}: cannot commit split {split!r}: videos not complete: {missing[:5]}")
+    return store.commit_split(split, video_ids)
+
+
+def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int = 6, seed: int = 0,
+                        device: str | None = None) -> dict:
+    """The minimal backbone step of the mini pipeline: the ``mini`` SlowFast from random weights, trained end to end
+    with the baseline head on the mini-AVA training split (``pipeline.finetune``)."""
+    from pipeline.backbone import PRESETS
+    from pipeline.finetune import FinetuneConfig, finetune_on_ava
+
+    return finetune_on_ava(data_root, out_path, PRESETS["mini"], FinetuneConfig(epochs=epochs, seed=seed),
+                           device=device, log=None)

@@ -1,0 +1,352 @@
+"""Training a head from the feature cache, and evaluating it with the project's frame-mAP.
+
+Shape legend: B keyframes (clips) of a batch, N boxes of a batch, C_s/C_f slow/fast channels, R RoI side (7),
+H W map (padded), T_f fast frames, K classes (80). Box convention: see ``cache/schema.py``.
+
+``train_head`` is a plain loop (no trainer framework):
+
+- actor features and context come from the cache (``cache.reader``); the training split holds the training
+  proposals (ground truth + detector boxes with score >= 0.8), the validation split the detector boxes;
+- optional box jitter: boxes move by up to ``box_jitter`` of their size, and the actor features are recomputed by
+  RoIAlign from the cached maps on the head's device;
+- BCE over the 80 classes; AdamW with linear warm-up and cosine decay to zero; bf16 autocast on CUDA;
+- deterministic on CPU for a seed (seeded init, seeded shuffling, no nondeterministic kernels);
+- a split that fits in ``memory_budget`` bytes is read once and kept on the device (the mini-AVA, or AVA's actor
+  features on a big GPU); otherwise batches stream from the store through the shard-aligned loader.
+
+Evaluation runs the head over the validation proposals, turns the sigmoid scores of the 60 evaluated classes into
+AVA detection rows in memory and scores them with ``pipeline.evaluation.evaluate_frame_map`` (official protocol).
+The run writes ``metrics.json`` and a self-describing checkpoint ``head.pt`` beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cache.reader import CacheDataset, collate_runs, make_loader, recompute_actor_features, to_device
+from cache.schema import SCHEMA_VERSION
+from cache.store import FeatureStore
+from heads import HeadConfig, HeadInputs, build_head
+
+CHECKPOINT_FORMAT = "stctx-head"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of a head (the paper gives none for the head alone; these are documented defaults).
+
+    - ``epochs``/``batch_size`` (keyframes): the mini-AVA default trains 288 keyframes for 40 epochs.
+    - ``lr`` 1e-3 with AdamW, ``weight_decay`` 0.05 (decoupled; not on biases, norms or position tables),
+      linear warm-up over ``warmup`` of the steps, then cosine decay to zero.
+    - ``box_jitter``: 0 uses the stored actor features; > 0 recomputes them from the maps at jittered boxes.
+    - ``grad_clip``: max global gradient norm.
+    """
+
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    box_jitter: float = 0.0
+    grad_clip: float = 1.0
+    eval_batch_size: int = 64
+    memory_budget: int = 2 << 30
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("TrainConfig: epochs and batch sizes must be positive")
+        if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.warmup < 1 and 0 <= self.box_jitter < 0.5):
+            raise ValueError(f"TrainConfig: out-of-range optimisation settings {self}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class ResidentSplit:
+    """A whole split collated once and kept on ``device``; mini-batches are subsets of its keyframes."""
+
+    def __init__(self, dataset: CacheDataset, device: torch.device, fields: frozenset[str]):
+        batch = collate_runs(dataset.__getitems__(list(range(len(dataset)))))
+        self.data = to_device(batch, device, aligned=dataset.aligned, fields=None)
+        self.fields = fields
+        self.aligned = dataset.aligned
+        self.num_clips = len(self.data["sec"])
+        counts = torch.bincount(self.data["box_clip"], minlength=self.num_clips)
+        self.box_start = torch.cumsum(counts, 0) - counts  # (B_all,)
+        self.box_count = counts
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def batch(self, clips: torch.Tensor) -> dict:
+        """The keyframes ``clips`` (B,) long, as a batch dict like the streaming loader's."""
+        counts = self.box_count[clips]
+        starts = self.box_start[clips]
+        box_clip = torch.repeat_interleave(torch.arange(len(clips), device=clips.device), counts)  # (N,)
+        rows = starts[box_clip] + (torch.arange(len(box_clip), device=clips.device) - (torch.cumsum(counts, 0) - counts)[box_clip])
+        out = {"box_clip": box_clip, "video_id": [self.data["video_id"][i] for i in clips.tolist()]}
+        for k, v in self.data.items():
+            if not isinstance(v, torch.Tensor) or k == "box_clip":
+                continue
+            out[k] = v[rows] if len(v) == len(self.data["box_clip"]) and k not in ("sec", "image_hw", "map_hw") else v[clips]
+        if "valid" in out:  # trim the padding to this batch's largest map
+            h, w = (int(x) for x in out["map_hw"].max(dim=0).values)
+            for k in ("slow", "fast"):
+                if k in out:
+                    out[k] = out[k][..., :h, :w]
+            out["valid"] = out["valid"][..., :h, :w]
+        return out
+
+    def batches(self, batch_size: int, generator: torch.Generator | None) -> Iterator[dict]:
+        order = torch.randperm(self.num_clips, generator=generator) if generator is not None else torch.arange(self.num_clips)
+        for i in range(0, self.num_clips, batch_size):
+            yield self.batch(order[i : i + batch_size].to(self.box_count.device))
+
+
+def _split_bytes(dataset: CacheDataset) -> int:
+    """Approximate bytes of what the dataset reads, in float32 on the device."""
+    store = FeatureStore.open(dataset.url)
+    total = 0
+    for vid in dataset.video_ids:
+        group = store.video(vid)
+        for name in dataset.read_fields:
+            a = group[name]
+            total += int(np.prod(a.shape)) * 4
+    return total
+
+
+def open_split(store: str | Path, split: str, fields: frozenset[str], device: torch.device, budget: int, *,
+               jitter: bool = False):
+    """The split as a ``ResidentSplit`` when it fits in ``budget`` bytes, else a ``CacheDataset`` to stream."""
+    read = set(fields) | {"actor"}
+    if jitter:
+        read |= {"slow", "fast"}
+    dataset = CacheDataset(store, split=split, fields=frozenset(read))
+    if _split_bytes(dataset) <= budget:
+        return ResidentSplit(dataset, device, frozenset(read))
+    return dataset
+
+
+def _iterate(split, batch_size: int, device: torch.device, generator: torch.Generator | None, seed: int, epoch: int,
+             num_workers: int) -> Iterator[dict]:
+    if isinstance(split, ResidentSplit):
+        yield from split.batches(batch_size, generator)
+        return
+    loader = make_loader(split, batch_size=batch_size, device=device, shuffle=generator is not None, seed=seed,
+                         num_workers=num_workers)
+    loader.set_epoch(epoch)
+    yield from loader
+
+
+def head_inputs(batch: Mapping, needs: frozenset[str]) -> HeadInputs:
+    """The fields of a batch that a head reads (``HeadConfig.needs``)."""
+    maps = {k: batch[k] for k in ("slow", "fast", "fast_seq") if k in needs}
+    valid = batch.get("valid") if ({"slow", "fast"} & needs) else None
+    return HeadInputs(actor=batch["actor"], box_clip=batch["box_clip"], valid=valid, **maps)
+
+
+def jitter_boxes(boxes: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """Move each edge of (N, 4) normalised boxes by up to ``amount`` of the box's width/height; stays in [0, 1]."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (N, 4)
+    noise = (torch.rand(boxes.shape, generator=generator) * 2 - 1).to(boxes.device)
+    out = (boxes + noise * amount * wh).clamp(0.0, 1.0)
+    x1, x2 = torch.minimum(out[:, 0], out[:, 2]), torch.maximum(out[:, 0], out[:, 2])
+    y1, y2 = torch.minimum(out[:, 1], out[:, 3]), torch.maximum(out[:, 1], out[:, 3])
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "pos" in name or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def feature_spec(store: FeatureStore) -> dict:
+    """What a head trained on this store expects of its inputs (goes into the checkpoint)."""
+    video = store.video(store.video_ids()[0])
+    return {
+        "store": Path(str(store.url)).name, "schema_version": SCHEMA_VERSION, "aligned": store.aligned,
+        "C_s": int(video["slow"].shape[1]), "C_f": int(video["fast"].shape[1]), "T_f": int(video["fast_seq"].shape[2]),
+    }
+
+
+def train_head(
+    config: HeadConfig,
+    store: str | Path,
+    out_dir: str | Path,
+    *,
+    groundtruth,
+    labelmap,
+    exclusions=None,
+    train: TrainConfig = TrainConfig(),
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    train_split: str = "train",
+    val_split: str = "val",
+    progress: bool = True,
+) -> dict:
+    """Train ``config`` on the cache ``store`` and evaluate it; writes ``metrics.json`` and ``head.pt`` in ``out_dir``.
+
+    ``groundtruth``/``labelmap``/``exclusions``: the validation annotations (paths or what
+    ``evaluate_frame_map`` takes). Returns the metrics dict (also in ``metrics.json``): variant, seed, mAP
+    (a fraction), per-class AP, category means, train time, train keyframes/s.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opened = FeatureStore.open(store)
+    spec = feature_spec(opened)
+    if (config.C_s, config.C_f) != (spec["C_s"], spec["C_f"]):
+        raise ValueError(f"head {config.name}: C_s={config.C_s}, C_f={config.C_f}, but the cache {spec['store']} "
+                         f"holds C_s={spec['C_s']}, C_f={spec['C_f']}")
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model = build_head(config).to(device)
+    jitter = train.box_jitter > 0
+    train_data = open_split(store, train_split, config.needs, device, train.memory_budget, jitter=jitter)
+    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr)
+    steps_per_epoch = math.ceil(len(train_data) / train.batch_size)
+    total = steps_per_epoch * train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _schedule(s, total, max(1, int(train.warmup * total))))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    shuffle = torch.Generator().manual_seed(seed)
+    jitter_rng = torch.Generator().manual_seed(seed + 1)
+
+    losses: list[float] = []
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=f"train {config.name} seed {seed}", unit="step", disable=not progress, leave=False)
+    model.train()
+    for epoch in range(train.epochs):
+        for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers):
+            if jitter:
+                boxes = jitter_boxes(batch["boxes"], train.box_jitter, jitter_rng)
+                batch["actor"] = recompute_actor_features(batch["slow"], batch["fast"], boxes, batch["box_clip"],
+                                                          batch["image_hw"], train_data.aligned, batch["map_hw"])
+            with autocast:
+                logits = model(head_inputs(batch, config.needs))  # (N, K)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            seen += len(batch["sec"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", kf_s=f"{seen / (time.perf_counter() - start):.0f}")
+    bar.close()
+    train_time = time.perf_counter() - start
+    del train_data
+
+    result, eval_time = evaluate_head(model, store, val_split, groundtruth=groundtruth, labelmap=labelmap,
+                                      exclusions=exclusions, device=device, batch_size=train.eval_batch_size,
+                                      budget=train.memory_budget)
+    metrics = {
+        "variant": config.name, "seed": seed, "mAP": result.mAP,
+        "per_class": {str(k): v for k, v in result.per_class.items()},
+        "category_mAP": getattr(result, "category_mAP", None),
+        "num_gt": {str(k): v for k, v in getattr(result, "num_gt", {}).items()},
+        "train_time_s": train_time, "eval_time_s": eval_time,
+        "train_keyframes_per_s": seen / train_time, "train_keyframes": seen // train.epochs,
+        "epochs": train.epochs, "steps": total, "final_loss": float(np.mean(losses[-steps_per_epoch:])),
+        "loss_curve": [float(np.mean(losses[i:i + steps_per_epoch])) for i in range(0, len(losses), steps_per_epoch)],
+        "device": str(device), "head_config": config.to_dict(), "train_config": train.to_dict(), "features": spec,
+    }
+    save_head(out_dir / "head.pt", model, config, train, spec, metrics)
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(out_dir / "metrics.json")
+    return metrics
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torch.device, batch_size: int,
+            ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Sigmoid scores of every box of a split: (video ids (M,), seconds (M,), boxes (M, 4), scores (M, K))."""
+    model.eval()
+    videos, secs, boxes, scores = [], [], [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for batch in _iterate(split_data, batch_size, device, None, 0, 0, 0):
+        with autocast:
+            logits = model(head_inputs(batch, config.needs))  # (N, K)
+        clip = batch["box_clip"].cpu().numpy()
+        videos += [batch["video_id"][c] for c in clip]
+        secs.append(batch["sec"].cpu().numpy()[clip])
+        boxes.append(batch["boxes"].float().cpu().numpy())
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+    if not scores:
+        return [], np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, config.K))
+    return videos, np.concatenate(secs), np.concatenate(boxes), np.concatenate(scores)
+
+
+def evaluate_head(model, store, split: str, *, groundtruth, labelmap, exclusions, device, batch_size: int = 64,
+                  budget: int = 2 << 30):
+    """Frame-mAP@0.5 of the head on a split's stored proposals; returns (FrameMapResult, seconds)."""
+    from pipeline.evaluation import _labelmap, detections_from_scores, evaluate_frame_map
+
+    start = time.perf_counter()
+    config = model.config
+    data = open_split(store, split, config.needs, torch.device(device), budget)
+    videos, secs, boxes, scores = predict(model, data, config, torch.device(device), batch_size)
+    labels = _labelmap(labelmap)
+    class_ids = np.array(sorted(labels), dtype=np.int64)
+    detections = detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
+    result = evaluate_frame_map(groundtruth, detections, labels, exclusions)
+    return result, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_head(path: Path, model, config: HeadConfig, train: TrainConfig, spec: dict, metrics: dict) -> None:
+    """A checkpoint that rebuilds the head from the file alone: configs, feature spec, schema version, weights."""
+    payload = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "variant": config.name,
+        "head_config": config.to_dict(), "train_config": train.to_dict(), "features": spec,
+        "schema_version": SCHEMA_VERSION, "mAP": metrics["mAP"], "seed": metrics["seed"],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_head(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a head from ``save_head``'s file; returns (model in eval mode, the checkpoint's metadata)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an stctx head checkpoint (format {ckpt.get('format')!r})")
+    if ckpt["version"] > CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt['version']} is newer than this stctx ({CHECKPOINT_VERSION})")
+    model = build_head(HeadConfig.from_dict(ckpt["head_config"])).to(device)
+    model.load_state_dict(ckpt.pop("state_dict"))
+    return model.eval(), ckpt
