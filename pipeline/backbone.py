@@ -368,3 +368,31 @@ def backbone_from_checkpoint(path: str | Path, cfg: BackboneConfig | None = None
             raise InputError(path, None, f"stored backbone config is invalid: {err}") from None
     model = build_backbone(cfg or PRESETS["r50"])
     return model, _load_into(model, path, ckpt)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def configure_parser(parser) -> None:
+    """``stctx backbone info CHECKPOINT``."""
+    parser.add_argument("checkpoint", type=Path, help="AVA detection, Kinetics or stctx checkpoint")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="r50",
+                        help="backbone to check a pytorchvideo checkpoint against (ours carries its own config)")
+
+
+def run_cli(args) -> int:
+    """Print the checkpoint's format, sha256 and backbone config after loading it into the backbone."""
+    import json
+
+    model, info = backbone_from_checkpoint(args.checkpoint, PRESETS[args.preset])
+    head = info["head_state"] or {}
+    print(json.dumps({
+        "path": info["path"],
+        "format": info["format"],
+        "sha256": info["sha256"],
+        "tensors": info["num_tensors"],
+        "head": {k: list(v.shape) for k, v in head.items()},
+        "config": model.cfg.to_dict(),
+        "meta": info["meta"],
+    }, indent=1))
+    return 0

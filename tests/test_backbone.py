@@ -240,3 +240,18 @@ def test_unreadable_and_foreign_files_raise_input_errors(tmp_path):
     torch.save({"model_state": {"layer.weight": torch.zeros(1)}}, tmp_path / "foreign.pt")
     with pytest.raises(InputError, match="unrecognised"):
         load_checkpoint(model, tmp_path / "foreign.pt")
+
+
+def test_info_command_prints_format_and_config(tmp_path, capsys):
+    import argparse
+    import json
+
+    from pipeline import backbone
+
+    cfg = PRESETS["mini"]
+    path = save_checkpoint(build_backbone(cfg), cfg, tmp_path / "mini.pt", meta={"note": "x"})
+    parser = argparse.ArgumentParser()
+    backbone.configure_parser(parser)
+    assert backbone.run_cli(parser.parse_args([str(path)])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "stctx" and out["config"]["name"] == "mini" and out["sha256"] == file_sha256(path)

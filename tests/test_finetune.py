@@ -96,3 +96,23 @@ def test_flip_mirrors_clip_and_boxes():
     np.testing.assert_allclose(out[0], [[0.6, 0.2, 0.9, 0.9]], atol=1e-6)
     np.testing.assert_allclose(out[1], boxes[1])
     assert batch["slow"][0].flatten().tolist() == [3, 2, 1, 0] and batch["slow"][1].flatten().tolist() == [4, 5, 6, 7]
+
+
+def test_cli_finetunes_on_a_tiny_mini_ava(tmp_path, capsys):
+    import argparse
+    import json
+
+    from pipeline import finetune
+    from pipeline.mini_ava import generate_mini_ava
+
+    root = generate_mini_ava(tmp_path / "mini", tiny=True)
+    parser = argparse.ArgumentParser()
+    finetune.configure_parser(parser)
+    args = parser.parse_args([str(root), str(tmp_path / "mini.pt"), "--epochs", "1", "--batch-size", "4", "--no-flip"])
+    assert args.flip is False and args.optimizer == "adamw"
+    assert finetune.run_cli(args) == 0
+    printed = capsys.readouterr().out
+    out = json.loads(printed[printed.index("{"):])  # after the per-epoch log lines
+    assert out["clips"] >= 1 and out["steps"] >= 1
+    model, info = backbone_from_checkpoint(tmp_path / "mini.pt")
+    assert model.cfg == PRESETS["mini"] and info["meta"]["finetune"]["flip"] is False
