@@ -50,13 +50,13 @@ def generate_case(
     out.mkdir(parents=True, exist_ok=True)
     classes = np.array(sorted(read_labelmap(SHIPPED_LABELMAP)), dtype=np.int64)  # (K,)
     K = len(classes)
-    vids = np.array([f"v{v:05d}_{'-' if v % 7 == 0 else 'x'}bench"[:11] for v in range(videos)])
+    vids = np.array([f"{'-' if v % 7 == 0 else 'v'}{v:04d}_bench"[:11] for v in range(videos)])  # 11 chars
     n_keys = videos * keyframes
     key_video = np.repeat(np.arange(videos), keyframes)  # (n_keys,)
     key_ts = np.tile(np.arange(FIRST_SECOND, FIRST_SECOND + keyframes), videos)
 
-    # people per keyframe: 1 + Poisson(mean - 1), capped at 5 (mean stays about boxes_per_key)
-    people = np.minimum(1 + rng.poisson(boxes_per_key - 1.0, n_keys), 5)
+    # people per keyframe: 1 + Poisson, capped at 5; with the false boxes below about boxes_per_key boxes
+    people = np.minimum(1 + rng.poisson(boxes_per_key - 1.09, n_keys), 5)
     P = int(people.sum())
     person_key = np.repeat(np.arange(n_keys), people)  # (P,)
     cx, cy = rng.uniform(0.2, 0.8, P), rng.uniform(0.3, 0.7, P)
@@ -128,25 +128,29 @@ def measure(paths: dict[str, Path], repeats: int) -> dict:
            "--exclusions", str(paths["exclusions"]), "--json"]
     runs = []
     for _ in range(repeats):
+        load = os.getloadavg()[0]
         # a wrapper process so ru_maxrss of RUSAGE_CHILDREN is this run's alone
         wrapper = (
             "import resource, subprocess, sys, time, json\n"
             "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
             "wall = time.perf_counter() - t\n"
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
             "print(json.dumps({'rc': p.returncode, 'wall_s': wall, 'stdout': p.stdout, 'stderr': p.stderr,\n"
-            "  'maxrss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
+            "  'cpu_s': u.ru_utime + u.ru_stime, 'maxrss_mb': u.ru_maxrss / 1024}))\n"
         )
         res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=ROOT)
         run = json.loads(res.stdout)
         if run["rc"] != 0:
             raise RuntimeError(f"stctx eval failed: {run['stderr']}")
+        run["load"] = load
         runs.append(run)
     best = min(runs, key=lambda r: r["wall_s"])
     result = json.loads(best["stdout"])
     return {
         "wall_s": best["wall_s"], "walls_s": [round(r["wall_s"], 2) for r in runs],
+        "cpu_s": best["cpu_s"], "loads": [round(r["load"], 1) for r in runs],
         "maxrss_mb": max(r["maxrss_mb"] for r in runs), "mAP": result["mAP"],
-        "timings": result.get("timings_s"), "command": " ".join(cmd[1:]),
+        "command": " ".join(cmd[1:]),
     }
 
 
@@ -200,33 +204,41 @@ def main() -> int:
             stages = stage_timings(paths)
             rows.append((videos, n_gt, n_det, size_mb, gen_s, m, stages))
             print(f"{videos} videos: {n_det} detection rows ({size_mb:.0f} MB), gt {n_gt}; generated in {gen_s:.1f} s; "
-                  f"stctx eval wall {m['wall_s']:.2f} s (runs {m['walls_s']}), peak RSS {m['maxrss_mb']:.0f} MB, "
+                  f"stctx eval wall {m['wall_s']:.2f} s (runs {m['walls_s']}, load {m['loads']}), CPU {m['cpu_s']:.2f} s, "
+                  f"peak RSS {m['maxrss_mb']:.0f} MB, "
                   f"mAP {m['mAP']:.4f}; in-process stages {json.dumps({k: round(v, 2) for k, v in stages.items()})}",
                   flush=True)
 
     lines = [
         "## Frame-mAP evaluator (`stctx eval`)",
         "",
-        f"- Date: {datetime.date.today().isoformat()}; machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"`os.cpu_count()` = {os.cpu_count()} (shared with other jobs while measured); Python {platform.python_version()}, "
-        f"numpy {np.__version__}, pyarrow {pa.__version__}.",
-        f"- Command: `.venv/bin/python benchmarks/bench_eval.py --videos {' '.join(map(str, args.videos))} --repeats {args.repeats}`",
+        f"- Date: {datetime.date.today().isoformat()}; machine: {platform.platform()}, "
+        f"{platform.processor() or platform.machine()}, `os.cpu_count()` = {os.cpu_count()}, shared with other "
+        f"jobs while measured (1-minute load average before each run in the table); Python "
+        f"{platform.python_version()}, numpy {np.__version__}, pyarrow {pa.__version__}.",
+        f"- Command: `.venv/bin/python benchmarks/bench_eval.py --videos {' '.join(map(str, args.videos))} "
+        f"--repeats {args.repeats}`",
         "- Case: 900 keyframes per video, about 2.5 boxes per keyframe, every box written with a score for each of "
-        "the 60 evaluated classes; 0.2% of keyframes excluded. CSV generation not timed.",
-        "- Wall: `stctx eval --json` in a fresh process (interpreter start, imports, reading the three CSV files and "
-        "the label map, evaluation, JSON out), best of the repeats; peak memory: `ru_maxrss` of that process, "
-        "largest over the repeats.",
+        "the 60 evaluated classes (so about 150 rows per keyframe, 50 kept by the cut); 0.2% of keyframes "
+        "excluded. CSV generation is not timed.",
+        "- Wall: `stctx eval --json` in a fresh process (interpreter start, imports, reading the three CSV files "
+        "and the label map, evaluation, JSON out), best of the repeats. CPU: user + system seconds of that run "
+        "(CSV parsing uses both cores, the rest one). Peak memory: `ru_maxrss` of the process, largest over the "
+        "repeats (it counts the memory-mapped CSV file while it is parsed).",
         "",
-        "| videos | detection rows | CSV MB | gt rows | wall s (best) | all runs s | peak RSS MB | read gt s | read det s | evaluate s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| videos | detection rows | CSV MB | gt rows | wall s (best) | all runs s | load | CPU s | peak RSS MB "
+        "| read gt s | read det s | evaluate s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for videos, n_gt, n_det, size_mb, gen_s, m, st in rows:
         lines.append(
-            f"| {videos} | {n_det:,} | {size_mb:.0f} | {n_gt:,} | {m['wall_s']:.2f} | {', '.join(map(str, m['walls_s']))} | "
-            f"{m['maxrss_mb']:.0f} | {st['read_groundtruth']:.2f} | {st['read_detections']:.2f} | {st['evaluate']:.2f} |"
+            f"| {videos} | {n_det:,} | {size_mb:.0f} | {n_gt:,} | {m['wall_s']:.2f} | "
+            f"{', '.join(map(str, m['walls_s']))} | {', '.join(map(str, m['loads']))} | {m['cpu_s']:.2f} | "
+            f"{m['maxrss_mb']:.0f} | {st['read_groundtruth']:.2f} | {st['read_detections']:.2f} | "
+            f"{st['evaluate']:.2f} |"
         )
-    lines += ["", "The last three columns are one in-process run split by stage (`evaluate` excludes reading the two "
-              "box files but includes the label map and exclusions)."]
+    lines += ["", "The last three columns are one extra in-process run split by stage (`evaluate` excludes reading "
+              "the two box files but includes the label map and exclusions)."]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -166,7 +166,7 @@ def _read_fast(path: Path, kind: Kind) -> BoxRows | None:
     pool = pa.default_memory_pool()
     try:
         table = pacsv.read_csv(
-            path,
+            pa.memory_map(str(path)),
             read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 22),
             parse_options=pacsv.ParseOptions(newlines_in_values=False),
             convert_options=pacsv.ConvertOptions(column_types={n: types[n] for n in names}),
