@@ -288,3 +288,33 @@ def test_pixels_show_the_scene(tiny):
                     error = np.abs(decoded.astype(int) - raw).mean()  # JPEG and sensor noise
                     assert error < 10 and error < 0.5 * np.abs(decoded.astype(int) - other).mean()
     assert checked > 5
+
+
+def test_detector_boxes_jitter_miss_and_false_positives(plans):
+    """Detector boxes: jittered ground truth (IoU mostly >= 0.7), a few misses, high scores on people, low-score
+    false positives; train boxes that overlap a person with IoU >= 0.9 carry its actions, val boxes carry none."""
+    for split in ("train", "val"):
+        matched_iou, matched_score, fp_score, n_gt = [], [], [], 0
+        for video in [v for v in plans if v.split == split]:
+            gt_lines, det_lines = m.annotation_rows(video)
+            gt, det = {}, {}
+            for line in gt_lines:
+                f = line.split(",")
+                gt.setdefault((f[1], tuple(map(float, f[2:6]))), set()).add(int(f[6]))
+            for line in det_lines:
+                f = line.split(",")
+                det.setdefault((f[1], tuple(map(float, f[2:6])), float(f[7])), set()).update([f[6]] if f[6] else [])
+            n_gt += len(gt)
+            for (sec, box, score), actions in det.items():
+                best = max(((m._iou(box, g), a) for (s, g), a in gt.items() if s == sec), key=lambda t: t[0])
+                if best[0] >= 0.5:
+                    matched_iou.append(best[0])
+                    matched_score.append(score)
+                else:
+                    fp_score.append(score)
+                expected = best[1] if split == "train" and best[0] >= 0.9 else set()
+                assert {int(a) for a in actions} == expected
+        recall = len(matched_iou) / n_gt
+        assert 0.9 < recall < 0.99
+        assert np.mean(np.array(matched_iou) >= 0.7) > 0.95 and np.mean(np.array(matched_score) >= 0.8) > 0.8
+        assert len(fp_score) > 20 and np.mean(np.array(fp_score) < 0.8) > 0.8
