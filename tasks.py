@@ -21,11 +21,18 @@ class stctx(luigi.Config):  # noqa: N801 - the section name of luigi.cfg
     ava_root = luigi.Parameter(default="data/ava", description="AVA v2.2 folder when dataset = ava")
 
 
-def DatasetParameter():  # noqa: N802 - reads like a parameter class
-    """``mini`` or ``ava``; defaults to ``[stctx] dataset`` of luigi.cfg."""
-    return luigi.ChoiceParameter(choices=["mini", "ava"], default="mini",
-                                 config_path={"section": "stctx", "name": "dataset"},
-                                 description="mini-AVA or real AVA (default: [stctx] dataset)")
+class DatasetParameter(luigi.ChoiceParameter):
+    """``mini`` or ``ava``: the task's own setting, else ``[stctx] dataset`` of luigi.cfg, else ``mini``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(choices=["mini", "ava"], default="mini",
+                         description="mini-AVA or real AVA (default: [stctx] dataset)", **kwargs)
+
+    def _value_iterator(self, task_name, param_name):
+        *given, default = super()._value_iterator(task_name, param_name)
+        yield from given
+        yield (self._get_value_from_config("stctx", "dataset"), None)
+        yield default
 
 
 def root() -> Path:

@@ -1,0 +1,58 @@
+"""The Luigi graph on a tiny mini-AVA with the local scheduler: a full run, a rerun that does nothing, and an edited
+variant that reruns alone."""
+
+import dataclasses
+
+import luigi
+import pandas as pd
+import pytest
+
+import heads.config
+import tasks
+
+
+@pytest.fixture
+def luigi_config(tmp_path):
+    config = luigi.configuration.get_config()
+    settings = {("stctx", "root"): str(tmp_path / "runs"), ("PrepareData", "tiny"): "true",
+                ("Backbone", "epochs"): "1"}
+    saved = {k: config.get(*k, None) for k in settings}
+    for (section, option), value in settings.items():
+        config.set(section, option, value)
+    yield tmp_path / "runs"
+    for (section, option), value in saved.items():
+        if value is None:
+            config.remove_option(section, option)
+        else:
+            config.set(section, option, value)
+
+
+def run(task) -> list[str]:
+    """Build ``task`` with the local scheduler; returns the families of the tasks that ran."""
+    ran = []
+    handler = lambda t: ran.append(t.task_family)  # noqa: E731
+    luigi.Task.event_handler(luigi.Event.SUCCESS)(handler)
+    try:
+        result = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+    finally:
+        luigi.Task._event_callbacks[luigi.Task][luigi.Event.SUCCESS].discard(handler)
+    assert result.scheduling_succeeded, result.summary_text
+    return ran
+
+
+def test_full_ablation_then_rerun_does_nothing(luigi_config, monkeypatch):
+    ablation = tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)
+    ran = run(ablation)
+    assert sorted(set(ran)) == ["Backbone", "ExtractVideo", "FeatureCache", "FullAblation", "PrepareData", "TrainHead"]
+    assert ran.count("TrainHead") == 4 and ran.count("ExtractVideo") == 3
+    table = pd.read_csv(luigi_config / "ablation" / "table1.csv")
+    assert list(table["variant"]) == ["baseline", "st"] and (table["n_seeds"] == 2).all()
+    assert {"map_mean", "map_std", "paper_map"} <= set(table.columns)
+    assert (luigi_config / "ablation" / "table1.png").exists() and (luigi_config / "ablation" / "table1.md").exists()
+
+    assert run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)) == []
+
+    edited = dict(heads.config.VARIANTS, st=dataclasses.replace(heads.config.VARIANTS["st"], dropout=0.2))
+    monkeypatch.setattr(heads.config, "VARIANTS", edited)
+    ran = run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
+    assert sorted(ran) == ["FullAblation", "TrainHead", "TrainHead"]

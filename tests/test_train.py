@@ -1,0 +1,92 @@
+"""Training from the cache: the two-stage invariant, determinism, metrics and a checkpoint that rebuilds the head."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cache.reader import CacheDataset
+from heads import ABLATION, HeadInputs, build_head, variant
+from pipeline import ava, steps
+from pipeline.backbone import actor_features, backbone_from_checkpoint, boxes_to_rois, pool_maps
+from pipeline.clips import KeyframeClips, collate_clips
+from pipeline.train import ResidentSplit, TrainConfig, head_inputs, load_head, train_head
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", ABLATION)
+def test_cache_then_head_equals_head_on_live_backbone(name, tiny_ava, tiny_backbone, tiny_cache):
+    """The two-stage invariant: features read from the cache give the logits of live backbone features."""
+    torch.manual_seed(1)
+    head = build_head(variant(name, "mini")).eval()
+    split = ResidentSplit(CacheDataset(tiny_cache, split="val", fields=frozenset({"actor", "slow", "fast", "fast_seq"})),
+                          torch.device("cpu"), frozenset())
+    cached = split.batch(torch.arange(len(split)))
+    with torch.no_grad():
+        from_cache = head(head_inputs(cached, head.config.needs))
+
+    backbone, _ = backbone_from_checkpoint(tiny_backbone)
+    backbone.eval()
+    video = cached["video_id"][0]
+    frame_lists = ava.frames_by_video(ava.read_frame_list(ava.AvaPaths(tiny_ava).frame_list("val")))
+    clips = KeyframeClips.from_config(ava.AvaPaths(tiny_ava).frames, [(v, int(s)) for v, s in zip(cached["video_id"], cached["sec"])],
+                                      backbone.cfg, frame_lists)
+    batch = collate_clips([clips[i] for i in range(len(clips))])
+    with torch.no_grad():
+        slow, fast, fast_seq = pool_maps(*backbone([batch["slow"], batch["fast"]]))
+        per_clip = [cached["boxes"][cached["box_clip"] == b] for b in range(len(clips))]
+        actor = actor_features(slow, fast, boxes_to_rois(per_clip, int(batch["height"]), int(batch["width"])),
+                               backbone.cfg.aligned)
+        live = head(HeadInputs(actor=actor, box_clip=cached["box_clip"], slow=slow, fast=fast, fast_seq=fast_seq))
+    assert video and from_cache.shape == live.shape == (len(cached["box_clip"]), 80)
+    torch.testing.assert_close(from_cache, live, rtol=1e-4, atol=1e-4)
+
+
+def _train(tiny_ava, cache, out, seed=0, name="st-sa"):
+    val = steps.annotations(tiny_ava, "val")
+    return train_head(variant(name, "mini"), cache, out, groundtruth=val["groundtruth"], labelmap=val["labelmap"],
+                      exclusions=val["exclusions"], train=TrainConfig(epochs=3, batch_size=2), seed=seed,
+                      device="cpu", progress=False)
+
+
+def test_training_is_deterministic_on_cpu_and_writes_metrics(tiny_ava, tiny_cache, tmp_path):
+    a = _train(tiny_ava, tiny_cache, tmp_path / "a")
+    b = _train(tiny_ava, tiny_cache, tmp_path / "b")
+    c = _train(tiny_ava, tiny_cache, tmp_path / "c", seed=1)
+    assert a["loss_curve"] == b["loss_curve"] and a["mAP"] == b["mAP"]
+    assert a["loss_curve"] != c["loss_curve"]
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for key in ("variant", "seed", "mAP", "per_class", "train_time_s", "train_keyframes_per_s"):
+        assert key in metrics
+    assert metrics["variant"] == "st-sa" and 0.0 <= metrics["mAP"] <= 1.0
+    assert set(metrics["per_class"]) == {str(i) for i in ava.read_labelmap(ava.SHIPPED_LABELMAP)}
+
+
+def test_checkpoint_rebuilds_the_head(tiny_ava, tiny_cache, tmp_path):
+    _train(tiny_ava, tiny_cache, tmp_path, name="spatial")
+    model, info = load_head(tmp_path / "head.pt")
+    assert info["variant"] == "spatial" and info["features"]["C_s"] == model.config.C_s
+    split = ResidentSplit(CacheDataset(tiny_cache, split="val", fields=frozenset({"actor", "slow", "fast"})),
+                          torch.device("cpu"), frozenset())
+    batch = split.batch(torch.arange(len(split)))
+    with torch.no_grad():
+        assert torch.isfinite(model(head_inputs(batch, model.config.needs))).all()
+
+
+def test_training_with_box_jitter_recomputes_actor_features(tiny_ava, tiny_cache, tmp_path):
+    val = steps.annotations(tiny_ava, "val")
+    metrics = train_head(variant("baseline", "mini"), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
+                         labelmap=val["labelmap"], exclusions=val["exclusions"],
+                         train=TrainConfig(epochs=2, batch_size=2, box_jitter=0.1), device="cpu", progress=False)
+    assert np.isfinite(metrics["final_loss"])
+
+
+def test_head_size_must_match_the_cache(tiny_ava, tiny_cache, tmp_path):
+    val = steps.annotations(tiny_ava, "val")
+    with pytest.raises(ValueError, match="C_s"):
+        train_head(variant("st", "r50"), tiny_cache, tmp_path, groundtruth=val["groundtruth"], labelmap=val["labelmap"])
