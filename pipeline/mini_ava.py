@@ -32,7 +32,7 @@ Classes (real AVA v2.2 ids; every actor has exactly one posture, the rest are op
   arm bent forward at waist height. Cue: is the thing at the hand? Others hold the same empty-handed pose (30 %),
   the same props lie on the floor next to half of the non-carriers and elsewhere in the scene.
 - 80 ``watch (a person)``: another actor stands in front of the actor's face at the keyframe: its body is on the
-  facing side at a horizontal distance in (0.25 h, 2 h], h the watcher's height. Cue: where the other people
+  facing side at a horizontal distance in (0.25 h, 1.5 h], h the watcher's height (``WATCH_RANGE``). Cue: where the other people
   are, outside the actor's box. Tall non-person things are often put in front of actors who watch nobody.
 - 65 ``give/serve (an object) to (a person)`` and 78 ``take (an object) from (a person)``: two standing actors face
   each other at arm's length; both front arms go out from the holding pose to full reach at the keyframe and back
@@ -53,7 +53,10 @@ negative); the val file leaves every action empty. Exclusions: about 3 % of each
 one); as in the evaluation reference case, their ground truth rows stay in the file and the evaluator ignores them.
 
 Default size: 16 videos (12 train, 4 val) of 75 seconds, i.e. 24 keyframes per video, 288 train and 96 val
-keyframes with about 2.9 actors each, 36,000 frames. ``--tiny``: 3 videos (2 + 1) of 10 seconds, 3 keyframes each.
+keyframes with about 2.7 actors each (seed 0: 781 train and 272 val person boxes), 36,000 frames, 190 MB, about
+12 CPU-seconds to generate. Share of actors per class (seed 0): stand 59 %, sit 23 %, walk 18 %, carry/hold 20 %,
+watch 69 % (57 % of those not in a give/take pair), give 14 %, take 14 %, hand wave 18 %.
+``--tiny``: 3 videos (2 + 1) of 10 seconds, 3 keyframes each, half-size frames, under a second.
 Same arguments, same bytes: everything is drawn from numpy Generators seeded by (seed, split, video, purpose), and
 JPEGs are written by Pillow with fixed settings and no metadata; worker processes render whole videos, so their
 number does not change any byte.
@@ -538,7 +541,7 @@ def _plan_episode(rng: np.random.Generator, e: int, start: int, stop: int, key: 
     actors = tuple(Actor(**p) for p in placed)
 
     # Tall non-person things, often right where a person would make an actor a watcher.
-    probe = Episode(e, 0, start, stop, key, actors, (), (), floor_y, 0)
+    probe = Episode(e, 0, start, stop, key, actors, (), (), floor_y, 0)  # watch depends on the actors alone
     for a in actors:
         if WATCH not in actor_actions(probe, a) and rng.random() < 0.5:
             tx = actor_x(a, 0) + a.facing * rng.uniform(0.6, 1.8) * a.height
@@ -607,14 +610,14 @@ def _background(episode: Episode, W: int, H: int) -> Image.Image:
             cx = rng.uniform(x0, x1)
             _draw_prop(draw, _prop_kind(rng), (cx, y - s / 2 - 1), s, _PROP_COLORS[rng.integers(len(_PROP_COLORS))])
     for thing in episode.things:
-        _draw_thing(draw, thing, H)
+        _draw_thing(draw, thing)
     for prop in episode.props:
         if prop.at is not None:
             _draw_prop(draw, prop.kind, prop.at, prop.size, prop.color)
     return canvas
 
 
-def _draw_thing(draw: ImageDraw.ImageDraw, t: Thing, H: int) -> None:
+def _draw_thing(draw: ImageDraw.ImageDraw, t: Thing) -> None:
     x, g, h, c = t.x, t.ground_y, t.height, t.color
     lw = max(1, round(0.05 * h))
     if t.kind == "stool":

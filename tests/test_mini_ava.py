@@ -100,6 +100,18 @@ def test_default_size(plans):
         assert 0.3 < box[3] - box[1] < 0.6  # an actor is a third to a half of the frame height
 
 
+def test_pytorchvideo_reads_the_folder(tiny):
+    pv_ava = pytest.importorskip("pytorchvideo.data.ava")
+    paths = ava.AvaPaths(tiny)
+    for split in ("train", "val"):
+        clips = pv_ava.AvaLabeledVideoFramePaths.from_csv(
+            str(paths.frame_list(split)), str(paths.groundtruth(split)), str(paths.frames), str(paths.labelmap))
+        gt = ava.read_groundtruth(paths.groundtruth(split))
+        assert len(clips) == len(gt.groupby(["video_id", "timestamp"]))
+        for frame_dir, labels in clips:
+            assert len(labels["boxes"]) == len(labels["labels"]) > 0
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
