@@ -18,12 +18,14 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("ava", "check"), "pipeline.check", "validate an AVA v2.2 folder before any GPU time is spent"),
     (("ava", "frames"), "pipeline.frames", "decode AVA movies into the frames layout (30 fps, seconds 900-1800)"),
     (("mini-ava",), "pipeline.mini_ava", "generate the mini-AVA test bed in the AVA folder layout"),
+    (("backbone", "finetune"), "pipeline.finetune", "train a SlowFast end to end with the baseline head on an AVA folder"),
     (("eval",), "pipeline.evaluation", "frame-mAP@0.5 of detections against ground truth (official AVA protocol)"),
     (("cache", "info"), "cache.verify", "summarise a feature cache store"),
     (("cache", "verify"), "cache.verify", "check a feature cache store: completeness, shapes, NaN/Inf, checksums"),
 )
 
-GROUPS = {"ava": "AVA dataset utilities", "cache": "feature cache utilities"}
+GROUPS = {"ava": "AVA dataset utilities", "backbone": "SlowFast backbone utilities",
+          "cache": "feature cache utilities"}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
