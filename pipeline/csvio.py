@@ -96,14 +96,50 @@ class BoxRows:
         rows = cls(source=source, video_ids=np.asarray(uniques, dtype=str), video=codes.astype(np.int32),
                    **cols, **extra)
         if kind == "groundtruth":
-            _check_groundtruth_boxes(rows, lines=None)
+            _check_groundtruth_boxes(rows)
         return rows
 
 
 def _row_error(source: str, values: np.ndarray, is_bad, column: str, expected: str) -> None:
-    bad = np.flatnonzero(is_bad(values.astype(np.float64)))
+    try:
+        numbers = values.astype(np.float64)
+    except (TypeError, ValueError):
+        raise InputError(source, None, f"column {column}: expected {expected} in every row") from None
+    bad = np.flatnonzero(is_bad(numbers))
     if len(bad):
         raise InputError(source, None, f"row {bad[0]}: column {column}: expected {expected}, got {values[bad[0]]!r}")
+
+
+# ----------------------------------------------------------------------------------------------- writer
+
+
+def write_detections(rows: BoxRows, path: str | Path) -> Path:
+    """Write detection rows as an AVA detections CSV (8 columns, no header, timestamps ``%04d``).
+
+    Floats are written in their shortest round-trip form, so reading the file back gives the same float64
+    values (and the same frame-mAP). Atomic: a temporary file renamed into place.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    if rows.score is None:
+        raise ValueError("write_detections needs detection rows (with scores)")
+    path = Path(path)
+    ts = pa.array(np.asarray(rows.timestamp, dtype=np.int64))
+    ts_text = pc.utf8_lpad(pc.cast(ts, pa.string()), width=4, padding="0")
+    table = pa.table({
+        "video_id": pa.DictionaryArray.from_arrays(pa.array(rows.video.astype(np.int32)),
+                                                   pa.array(rows.video_ids.tolist(), pa.string())),
+        "timestamp": ts_text,
+        **{c: pa.array(getattr(rows, c), pa.float64()) for c in ("x1", "y1", "x2", "y2")},
+        "action_id": pa.array(np.asarray(rows.action_id, dtype=np.int64)),
+        "score": pa.array(rows.score, pa.float64()),
+    })
+    tmp = path.with_name(f".{path.name}.tmp")
+    pacsv.write_csv(table, tmp, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    tmp.replace(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -254,14 +290,13 @@ def _inverted(rows: BoxRows) -> np.ndarray:
     return (rows.x2 < rows.x1) | (rows.y2 < rows.y1)
 
 
-def _check_groundtruth_boxes(rows: BoxRows, lines: np.ndarray | None) -> None:
+def _check_groundtruth_boxes(rows: BoxRows) -> None:
+    """In-memory rows have no lines: the error names the 0-based row."""
     bad = np.flatnonzero(_inverted(rows))
     if len(bad):
         i = bad[0]
-        where = f"row {i}: " if lines is None else ""
-        raise InputError(rows.source, None if lines is None else int(lines[i]),
-                         f"{where}inverted box: x1={rows.x1[i]} y1={rows.y1[i]} x2={rows.x2[i]} y2={rows.y2[i]} "
-                         "(expected x1 <= x2 and y1 <= y2)")
+        raise InputError(rows.source, None, f"row {i}: inverted box: x1={rows.x1[i]} y1={rows.y1[i]} "
+                                            f"x2={rows.x2[i]} y2={rows.y2[i]} (expected x1 <= x2 and y1 <= y2)")
 
 
 def _open(path: Path):

@@ -107,9 +107,6 @@ class FrameMapResult:
 
 # ----------------------------------------------------------------------------------------------- inputs
 
-BoxInput = "str | Path | pd.DataFrame | BoxRows"
-
-
 def _rows(value, kind: Kind) -> BoxRows:
     if isinstance(value, BoxRows):
         if value.kind != kind:
@@ -384,10 +381,10 @@ def _average_precision(tp: np.ndarray, num_gt: int) -> float:
 
 
 def evaluate_frame_map(
-    groundtruth,
-    detections,
-    labelmap,
-    exclusions=None,
+    groundtruth: str | Path | pd.DataFrame | BoxRows,
+    detections: str | Path | pd.DataFrame | BoxRows,
+    labelmap: str | Path | dict[int, str],
+    exclusions: str | Path | Iterable[str] | pd.DataFrame | None = None,
     protocol: str = "official",
     ties: Ties = "input",
 ) -> FrameMapResult:

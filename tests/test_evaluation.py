@@ -236,6 +236,35 @@ def test_class_order_float32_ties_decided_exactly():
     assert order.tolist() == [4, 1, 0, 2, 3]
 
 
+@pytest.mark.slow
+def test_benchmark_case_matches_literal_reference(tmp_path):
+    """Two videos of the benchmark's all-classes-per-box case (about 270k detection rows) against the
+    literal reference, within the tie bounds (6-decimal scores do tie within a class)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_eval import generate_case
+
+    paths = generate_case(tmp_path, videos=2, keyframes=300, seed=5)
+    gt, det = csvio.read_groundtruth(paths["groundtruth"]), csvio.read_detections(paths["detections"])
+    rows = lambda r, last: list(zip(r.video_ids[r.video].tolist(), r.timestamp.tolist(), r.x1.tolist(),  # noqa: E731
+                                    r.y1.tolist(), r.x2.tolist(), r.y2.tolist(), r.action_id.tolist(), last.tolist()))
+    from pipeline.ava import read_exclusions, read_labelmap
+
+    labelmap = read_labelmap(paths["labelmap"])
+    excluded = {(k.split(",")[0], int(k.split(",")[1])) for k in read_exclusions(paths["exclusions"])}
+    low, _ = _reference(rows(gt, gt.person_id), rows(det, det.score), set(labelmap), excluded, ties="fp_first")
+    high, _ = _reference(rows(gt, gt.person_id), rows(det, det.score), set(labelmap), excluded, ties="tp_first")
+    got = evaluate_frame_map(gt, det, labelmap, paths["exclusions"])
+    assert {c for c, ap in got.per_class.items() if ap is None} == {c for c, ap in low.items() if ap is None}
+    for c, ap in got.per_class.items():
+        if ap is not None:
+            assert low[c] - 1e-12 <= ap <= high[c] + 1e-12, c
+    for ties, ref in (("fp_first", low), ("tp_first", high)):
+        assert evaluate_frame_map(gt, det, labelmap, paths["exclusions"], ties=ties).per_class == pytest.approx(
+            ref, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------- in-memory API
 
 
@@ -250,11 +279,8 @@ def test_in_memory_scores_equal_csv(tmp_path):
     det = detections_from_scores(keys[:, 0], keys[:, 1].astype(int), boxes, scores)
     labelmap = {c: str(c) for c in class_ids}
     in_memory = evaluate_frame_map(gt, det, labelmap)
-    path = tmp_path / "det.csv"
-    frame = pd.DataFrame({"video_id": np.asarray(det.video_ids)[det.video], "timestamp": det.timestamp,
-                          "x1": det.x1, "y1": det.y1, "x2": det.x2, "y2": det.y2, "action_id": det.action_id,
-                          "score": det.score})
-    frame.to_csv(path, header=False, index=False, float_format="%.17g")
+    path = csvio.write_detections(det, tmp_path / "det.csv")
+    assert path.read_text().splitlines()[0].split(",")[1] == "0902"
     gt_path = tmp_path / "gt.csv"
     gt.to_csv(gt_path, header=False, index=False)
     from_files = evaluate_frame_map(gt_path, path, labelmap)
@@ -269,6 +295,13 @@ def test_result_json_and_categories():
     assert out["mAP"] == 0.5 and out["per_class"] == {"1": 1.0, "3": None, "80": 0.0}
     assert out["num_gt"] == {"1": 1, "3": 0, "80": 1}
     assert out["category_mAP"] == {"person_movement": 1.0, "object_manipulation": None, "person_interaction": 0.0}
+
+
+def test_no_detections_gives_zero_for_classes_with_ground_truth(tmp_path):
+    case = DATA / "classes_without_gt"
+    (tmp_path / "empty.csv").write_text("\n")
+    result = evaluate_frame_map(case / "groundtruth.csv", tmp_path / "empty.csv", LABELMAP)
+    assert result.per_class == {1: 0.0, 3: None, 80: 0.0} and result.mAP == 0.0
 
 
 def test_no_ground_truth_at_all_gives_none():
