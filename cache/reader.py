@@ -270,18 +270,20 @@ def collate_runs(batches: list[list[dict]] | list[dict]) -> dict:
     runs: list[dict] = [r for item in batches for r in (item if isinstance(item, list) else [item])]
     cat = lambda k: np.concatenate([r[k] for r in runs])  # noqa: E731
     counts = cat("box_count")
+    map_hw = cat("map_hw").astype(np.int64)  # (B, 2)
+    # numpy for the small index arrays: tiny torch ops cost more in thread-pool wake-ups than they compute
     batch: dict = {
         "video_id": [v for r in runs for v in r["video_id"]],
         "sec": torch.from_numpy(cat("sec").astype(np.int64)),
         "image_hw": torch.from_numpy(cat("image_hw").astype(np.int64)),
-        "map_hw": torch.from_numpy(cat("map_hw").astype(np.int64)),
-        "box_clip": torch.repeat_interleave(torch.arange(len(counts)), torch.from_numpy(counts)),
+        "map_hw": torch.from_numpy(map_hw),
+        "box_clip": torch.from_numpy(np.repeat(np.arange(len(counts), dtype=np.int64), counts)),
     }
     for f in BOX_FIELDS:
         batch[f] = torch.from_numpy(cat(f))
     if "actor" in runs[0]:
         batch["actor"] = torch.from_numpy(cat("actor"))
-    hw = tuple(int(v) for v in batch["map_hw"].max(dim=0).values) if len(counts) else (0, 0)
+    hw = tuple(int(v) for v in map_hw.max(axis=0)) if len(map_hw) else (0, 0)
     for name in ("slow", "fast"):
         if name in runs[0]:
             batch[name] = _pad_maps([r[name] for r in runs], hw)
@@ -291,9 +293,9 @@ def collate_runs(batches: list[list[dict]] | list[dict]) -> dict:
     if "fast_seq" in runs[0]:
         batch["fast_seq"] = torch.from_numpy(cat("fast_seq"))
     if "slow" in batch or "fast" in batch:
-        rows = torch.arange(hw[0])[None, :, None] < batch["map_hw"][:, 0, None, None]  # (B, H, 1)
-        cols = torch.arange(hw[1])[None, None, :] < batch["map_hw"][:, 1, None, None]  # (B, 1, W)
-        batch["valid"] = rows & cols  # (B, H, W)
+        rows = np.arange(hw[0])[None, :, None] < map_hw[:, 0, None, None]  # (B, H, 1)
+        cols = np.arange(hw[1])[None, None, :] < map_hw[:, 1, None, None]  # (B, 1, W)
+        batch["valid"] = torch.from_numpy(rows & cols)  # (B, H, W)
     return batch
 
 
@@ -377,6 +379,10 @@ class DeviceLoader:
             yield to_device(batch, self.device, dtype=self.dtype, aligned=self.dataset.aligned, fields=self.dataset.fields)
 
 
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode (zarr's own threads); torch intra-op threads would oversubscribe
+
+
 def make_loader(
     dataset: CacheDataset,
     *,
@@ -399,6 +405,7 @@ def make_loader(
         batch_sampler=BatchSampler(sampler, batch_size, drop_last),
         collate_fn=collate_runs,
         num_workers=num_workers,
+        worker_init_fn=_single_thread_worker if num_workers > 0 else None,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
