@@ -57,12 +57,17 @@ from pipeline.clips import KeyframeClips, clip_loader
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Optimisation of the end-to-end fine-tuning (the paper does not give one for this step)."""
+    """Optimisation of the end-to-end fine-tuning (the paper does not give one for this step).
 
-    epochs: int = 6
+    Defaults are for the mini backbone from random weights on the default mini-AVA (279 training clips): with
+    them the validation AP over the 8 classes present, on ground-truth boxes, reached 0.65 (class-frequency
+    chance 0.29; lr 2e-3 for 6 epochs: 0.46). From a pretrained r50, use SGD with a smaller lr and ``freeze_bn``.
+    """
+
+    epochs: int = 8
     batch_size: int = 8
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 2e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
     warmup_steps: int = 10
