@@ -12,7 +12,8 @@ keyframe); here each step is a numpy pass over all rows:
 3. detections with zero or negative width or height are dropped (after the cut);
 4. detections on keys without ground truth stay, as false positives (``protocol="mmaction"`` drops them);
 5. each detection is compared with the ground-truth box of its key and class of highest IoU (the first one
-   on IoU ties, in the official order of a key's ground truth: descending person id, then file order); a
+   on IoU ties, in the official order of a key's ground truth: the official reader takes the 8th column,
+   the person id, for a score and sorts by it, so descending person id, then file order); a
    detection is a true positive iff that IoU >= 0.5 and it comes first, in the key's score order, among the
    detections that chose that box with IoU >= 0.5 (the official sequential "not yet taken" rule: a box is
    taken only by a detection that matches it, so the first such detection takes it);
@@ -29,8 +30,9 @@ the order among equal scores (a group of equal-score detections of one key and c
 free boxes it matches, whatever its order).
 
 Remaining difference from the official code, documented rather than emulated: two *distinct* ground-truth
-boxes of one key, class and person id with exactly the same IoU with a detection are taken in file order;
-the official code takes them in its heap's internal order.
+boxes of one key, class and person id (or of a 7-column ground-truth file, which has no person id) with
+exactly the same IoU with a detection are taken in file order; the official code takes them in its heap's
+internal order. Real annotations do not have two boxes of one person, class and keyframe.
 
 Protocols (``PROTOCOLS``): "official" (the above), "mmaction" (mmaction2's ``ava_eval``: no top-50 cut,
 detections on keys without ground truth ignored), "pyslowfast" (PySlowFast's copy: no top-50 cut, a key's
@@ -216,7 +218,10 @@ class _KeySpace:
         to_union = np.searchsorted(self.vocab, vocab.astype(str)).astype(dtype)  # (V_source,)
         key = to_union[codes]
         key *= self.span
-        key += seconds.astype(dtype, copy=False) - dtype(self.first)
+        if dtype is np.int32 and len(seconds) and max(abs(int(seconds.min())), int(seconds.max())) >= 1 << 31:
+            key += (seconds.astype(np.int64) - self.first).astype(dtype)  # seconds themselves overflow int32
+        else:
+            key += seconds.astype(dtype, copy=False) - dtype(self.first)
         return key
 
 
@@ -245,6 +250,8 @@ def _order_bits32(score: np.ndarray) -> np.ndarray:
     s = score.astype(np.float32)
     s += np.float32(0.0)  # -0.0 -> +0.0: equal scores get equal bits
     u = s.view(np.uint32)
+    if not len(s) or s.min() >= 0:
+        return u  # non-negative floats order like their bit patterns
     return u ^ ((np.uint32(0) - (u >> np.uint32(31))) | np.uint32(0x80000000))
 
 
@@ -414,37 +421,20 @@ def evaluate_frame_map(
         (np.unique(ex_vid), np.searchsorted(np.unique(ex_vid), ex_vid), ex_ts),
     ])
     gt_key, det_key, ex_key = space.ids
-    dropped = space.size  # key id given to detection rows that step 1 drops
     excluded = np.zeros(space.size + 1, dtype=bool)
     excluded[ex_key] = True
 
-    # step 1: label map and exclusions
+    # step 1 for the ground truth: label map and exclusions
     gt_cls = _class_index(gt.action_id, class_ids)
     g = np.flatnonzero((gt_cls >= 0) & ~excluded[gt_key])  # (G,) ground-truth rows evaluated
     gk, gc = gt_key[g], gt_cls[g]
-    det_cls = _class_index(det.action_id, class_ids)
-    det_key[(det_cls < 0) | excluded[det_key]] = dropped
-    del excluded
-    if len(det) and not np.isfinite(det.score).all():
-        raise InputError(det.source, None, "detection scores must be finite")
-
-    # step 2: the top-N per key, all classes pooled
-    if rules.per_frame_cap is not None:
-        heap_tuple = lambda r: (det.action_id[r], det.y1[r], det.x1[r], det.y2[r], det.x2[r])  # noqa: E731
-        keep = _top_per_key(det_key, det.score, space.size + 1, rules.per_frame_cap, heap_tuple, dropped)
-    else:
-        keep = det_key != dropped
-    rows = np.flatnonzero(keep)  # (M,) detection rows evaluated, file order
-    del keep
-    # step 3: empty or inverted detection boxes
-    rows = rows[(det.x1[rows] < det.x2[rows]) & (det.y1[rows] < det.y2[rows])]
-    # step 4: keys without ground truth
+    has_gt = None
     if rules.keys_without_gt == "ignore":
         has_gt = np.zeros(space.size + 1, dtype=bool)
         has_gt[gk] = True
-        rows = rows[has_gt[det_key[rows]]]
-    dk, dc, ds = det_key[rows], det_cls[rows], det.score[rows]  # (M,)
-    del det_key, det_cls
+    rows, dk, dc = _select_detections(det, det_key, class_ids, excluded, space.size, rules, has_gt)
+    del det_key, excluded
+    ds = det.score[rows]  # (M,)
     dbox = (det.x1[rows], det.y1[rows], det.x2[rows], det.y2[rows])
     M = len(rows)
 
@@ -453,36 +443,14 @@ def evaluate_frame_map(
     position = np.empty(M, dtype=np.int64)
     position[order] = np.arange(M)
 
-    # step 5: best-IoU ground-truth box of the same key and class
-    gt_person = gt.person_id[g]
-    sort_keys = (np.arange(len(g)), -gt_person) if rules.gt_order == "person_id_desc" else (np.arange(len(g)),)
-    gorder = np.lexsort(sort_keys + (gc, gk))  # (G,) by key, class, then the official box order
-    gcode = gk[gorder].astype(np.int64) * K + gc[gorder]
+    # steps 5-6
+    gorder = np.lexsort((np.arange(len(g)), -gt.person_id[g], gc, gk) if rules.gt_order == "person_id_desc"
+                        else (np.arange(len(g)), gc, gk))  # (G,) by key, class, then the official box order
+    gcode = gk[gorder].astype(np.int64) * K + gc[gorder]  # (G,) sorted
     gbox = tuple(a[g][gorder] for a in (gt.x1, gt.y1, gt.x2, gt.y2))
-    group_start = _run_starts(gcode)
-    # a sentinel group that no detection code equals keeps every lookup in range
-    group_code = np.append(gcode[group_start], np.iinfo(np.int64).max)
-    group_size = np.append(np.diff(np.append(group_start, len(gcode))), 0)
-    group_start = np.append(group_start, 0)
-    at = np.searchsorted(group_code, dk.astype(np.int64) * K + dc)  # (M,) group of each detection
-    size = np.where(group_code[at] == dk.astype(np.int64) * K + dc, group_size[at], 0)
-    start = group_start[at]
-
-    best = np.full(M, -1, dtype=np.int64)  # index into the sorted ground truth
-    best_iou = np.full(M, -1.0)
-    active = np.flatnonzero(size > 0)
-    j = 0
-    while len(active):
-        cand = start[active] + j
-        iou = _iou(tuple(b[active] for b in dbox), tuple(b[cand] for b in gbox))
-        better = iou > best_iou[active]  # strict: the first box wins IoU ties
-        best_iou[active[better]] = iou[better]
-        best[active[better]] = cand[better]
-        j += 1
-        active = active[size[active] > j]
-
-    # first matching detection (in the key's matching order) takes the box
+    best, best_iou = _best_boxes(dk.astype(np.int64) * K + dc, dbox, gcode, gbox)
     match = np.flatnonzero(best_iou >= IOU_THRESHOLD)
+    # the first matching detection in the key's matching order takes the box
     rank = position if rules.match_in_score_order else rows
     first = np.full(len(g), np.iinfo(np.int64).max)
     np.minimum.at(first, best[match], rank[match])
@@ -490,8 +458,7 @@ def evaluate_frame_map(
     tp[match] = first[best[match]] == rank[match]
 
     if ties != "input":
-        tie_key = tp if ties == "fp_first" else ~tp
-        order = np.lexsort((np.arange(M), tie_key, -ds, dc))
+        order = np.lexsort((np.arange(M), tp if ties == "fp_first" else ~tp, -ds, dc))
 
     # steps 7-8: AP per class and the mean
     num_gt = np.bincount(gc, minlength=K)
@@ -515,6 +482,69 @@ def evaluate_frame_map(
         num_detections={int(c): int(n) for c, n in zip(class_ids, num_det)},
         category_mAP=categories, labelmap=labelmap, protocol=protocol, ties=ties,
     )
+
+
+def _select_detections(
+    det: BoxRows, det_key: np.ndarray, class_ids: np.ndarray, excluded: np.ndarray, dropped: int,
+    rules: Protocol, has_gt: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1-4 for the detections: (rows (M,) int64 in file order, their key ids (M,), class indices (M,)).
+
+    ``det_key`` (N,) is overwritten (rows that step 1 drops get the key id ``dropped``); ``excluded``
+    and ``has_gt`` are (n_keys + 1,) bool.
+    """
+    if len(det) and not np.isfinite(det.score).all():
+        raise InputError(det.source, None, "detection scores must be finite")
+    det_cls = _class_index(det.action_id, class_ids)
+    drop = det_cls < 0
+    if excluded.any():
+        drop |= excluded[det_key]
+    det_key[drop] = dropped
+    del drop
+    if rules.per_frame_cap is not None:  # step 2
+        heap_tuple = lambda r: (det.action_id[r], det.y1[r], det.x1[r], det.y2[r], det.x2[r])  # noqa: E731
+        keep = _top_per_key(det_key, det.score, dropped + 1, rules.per_frame_cap, heap_tuple, dropped)
+    else:
+        keep = det_key != dropped
+    rows = np.flatnonzero(keep)
+    del keep
+    rows = rows[(det.x1[rows] < det.x2[rows]) & (det.y1[rows] < det.y2[rows])]  # step 3
+    if has_gt is not None:  # step 4, mmaction2: keys without ground truth ignored
+        rows = rows[has_gt[det_key[rows]]]
+    return rows, det_key[rows], det_cls[rows]
+
+
+def _best_boxes(
+    dcode: np.ndarray, dbox: tuple[np.ndarray, ...], gcode: np.ndarray, gbox: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 5: for each detection, the ground-truth box of its (key, class) group with the highest IoU.
+
+    ``dcode`` (M,) and ``gcode`` (G,, sorted) are ``key * K + class``; boxes are (x1, y1, x2, y2) tuples of
+    (M,) / (G,) float64. Returns (best (M,) int64 index into the ground truth, -1 where the group is
+    empty; best_iou (M,) float64, -1 there). The first box of a group wins IoU ties.
+    """
+    group_start = _run_starts(gcode)
+    # a sentinel group that no detection code equals keeps every lookup in range
+    group_code = np.append(gcode[group_start], np.iinfo(np.int64).max)
+    group_size = np.append(np.diff(np.append(group_start, len(gcode))), 0)
+    group_start = np.append(group_start, 0)
+    at = np.searchsorted(group_code, dcode)  # (M,) group of each detection
+    size = np.where(group_code[at] == dcode, group_size[at], 0)
+    start = group_start[at]
+    M = len(dcode)
+    best = np.full(M, -1, dtype=np.int64)
+    best_iou = np.full(M, -1.0)
+    active = np.flatnonzero(size > 0)
+    j = 0
+    while len(active):  # j-th box of every group that has one; groups are small
+        cand = start[active] + j
+        iou = _iou(tuple(b[active] for b in dbox), tuple(b[cand] for b in gbox))
+        better = iou > best_iou[active]  # strict: the first box wins IoU ties
+        best_iou[active[better]] = iou[better]
+        best[active[better]] = cand[better]
+        j += 1
+        active = active[size[active] > j]
+    return best, best_iou
 
 
 # ----------------------------------------------------------------------------------------------- report
