@@ -141,6 +141,7 @@ def main() -> int:
 
     cfg = PRESETS["mini"]
     threads_all = torch.get_num_threads()
+    load_before = os.getloadavg()[0]
     rows = []
     for h, w in ((90, 160), (90, 120)):
         for threads in sorted({1, threads_all}):
@@ -165,10 +166,13 @@ def main() -> int:
                 dec_rows.append(f"| {w}x{h} -> {out_w}x{out_h} | {workers} | {rate:.0f} |")
                 print(dec_rows[-1], flush=True)
 
+    load_after = os.getloadavg()[0]
     text = f"""## Backbone and clip decoding (CPU)
 
 Machine: {platform.machine()}, {platform.processor() or platform.platform()}, {os.cpu_count()} logical CPUs
 (torch threads available: {threads_all}); torch {torch.__version__}; {datetime.date.today().isoformat()}.
+1-minute load average {load_before:.1f} before and {load_after:.1f} after the run: with other work on the machine,
+rows with more threads than free cores mostly measure the contention.
 Command: `.venv/bin/python benchmarks/bench_backbone.py{' --r50' if args.r50 else ''}`. Medians of {args.repeats} runs;
 batch {args.batch} clips of 8 slow + 32 fast frames, random inputs; the train step is forward + backward + AdamW of
 backbone and baseline head with 3 boxes per clip. The mini preset: {dataclasses.asdict(cfg)}.
