@@ -39,10 +39,15 @@ def _randomise_norms(model: nn.Module, seed: int = 0) -> None:
 
 
 def _detection_model(cfg: BackboneConfig) -> nn.Module:
+    """The r50 preset: pytorchvideo's hub ``slowfast_r50_detection`` itself; other presets: its builder."""
+    from pytorchvideo.models.hub.slowfast import slowfast_r50_detection
     from pytorchvideo.models.slowfast import create_slowfast_with_roi_head
 
     torch.manual_seed(0)
-    model = create_slowfast_with_roi_head(**_pytorchvideo_kwargs(cfg))
+    if cfg == PRESETS["r50"]:
+        model = slowfast_r50_detection(pretrained=False)
+    else:
+        model = create_slowfast_with_roi_head(**_pytorchvideo_kwargs(cfg))
     _randomise_norms(model)
     return model.eval()
 
