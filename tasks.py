@@ -115,7 +115,7 @@ class Backbone(luigi.Task):
     """
 
     dataset = DatasetParameter()
-    epochs = luigi.IntParameter(default=6, description="mini: fine-tuning epochs")
+    epochs = luigi.OptionalIntParameter(default=None, description="mini: fine-tuning epochs (default FinetuneConfig's)")
     seed = luigi.IntParameter(default=0)
     checkpoint = luigi.OptionalPathParameter(default=None, significant=False,
                                              description="ava: the backbone checkpoint file")

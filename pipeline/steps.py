@@ -109,7 +109,7 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     store = FeatureStore.create(url, spec)
     if store.is_complete(video_id):
         return {"video_id": video_id, "skipped": True}
-    model, _ = backbone_from_checkpoint(checkpoint, _backbone_config(checkpoint))
+    model, _ = backbone_from_checkpoint(checkpoint)
     model = model.to(device).eval()
     secs = [s for v, s in split_keyframes(data_root, split) if v == video_id]
     if not secs:
@@ -130,12 +130,12 @@ def commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[s
     return store.commit_split(split, video_ids)
 
 
-def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int = 6, seed: int = 0,
+def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int | None = None, seed: int = 0,
                         device: str | None = None) -> dict:
     """The minimal backbone step of the mini pipeline: the ``mini`` SlowFast from random weights, trained end to end
     with the baseline head on the mini-AVA training split (``pipeline.finetune``)."""
     from pipeline.backbone import PRESETS
     from pipeline.finetune import FinetuneConfig, finetune_on_ava
 
-    return finetune_on_ava(data_root, out_path, PRESETS["mini"], FinetuneConfig(epochs=epochs, seed=seed),
-                           device=device, log=None)
+    config = FinetuneConfig(seed=seed) if epochs is None else FinetuneConfig(epochs=epochs, seed=seed)
+    return finetune_on_ava(data_root, out_path, PRESETS["mini"], config, device=device, log=None)
