@@ -154,18 +154,22 @@ def measure(paths: dict[str, Path], repeats: int) -> dict:
     }
 
 
-def stage_timings(paths: dict[str, Path]) -> dict[str, float]:
-    """In-process split of the time: reading each file, then the evaluation proper."""
+def stage_timings(paths: dict[str, Path]) -> dict[str, tuple[float, float]]:
+    """In-process split by stage: (wall s, CPU s of all threads) for reading each box file and evaluating."""
     from pipeline import csvio, evaluation
 
-    t0 = time.perf_counter()
-    gt = csvio.read_groundtruth(paths["groundtruth"])
-    t1 = time.perf_counter()
-    det = csvio.read_detections(paths["detections"])
-    t2 = time.perf_counter()
-    evaluation.evaluate_frame_map(gt, det, paths["labelmap"], paths["exclusions"])
-    t3 = time.perf_counter()
-    return {"read_groundtruth": t1 - t0, "read_detections": t2 - t1, "evaluate": t3 - t2}
+    out = {}
+
+    def timed(name, fn):
+        w, c = time.perf_counter(), time.process_time()
+        value = fn()
+        out[name] = (time.perf_counter() - w, time.process_time() - c)
+        return value
+
+    gt = timed("read_groundtruth", lambda: csvio.read_groundtruth(paths["groundtruth"]))
+    det = timed("read_detections", lambda: csvio.read_detections(paths["detections"]))
+    timed("evaluate", lambda: evaluation.evaluate_frame_map(gt, det, paths["labelmap"], paths["exclusions"]))
+    return out
 
 
 def write_section(text: str) -> None:
@@ -206,7 +210,8 @@ def main() -> int:
             print(f"{videos} videos: {n_det} detection rows ({size_mb:.0f} MB), gt {n_gt}; generated in {gen_s:.1f} s; "
                   f"stctx eval wall {m['wall_s']:.2f} s (runs {m['walls_s']}, load {m['loads']}), CPU {m['cpu_s']:.2f} s, "
                   f"peak RSS {m['maxrss_mb']:.0f} MB, "
-                  f"mAP {m['mAP']:.4f}; in-process stages {json.dumps({k: round(v, 2) for k, v in stages.items()})}",
+                  f"mAP {m['mAP']:.4f}; in-process stages (wall, CPU) "
+                  f"{json.dumps({k: [round(x, 2) for x in v] for k, v in stages.items()})}",
                   flush=True)
 
     lines = [
@@ -227,18 +232,36 @@ def main() -> int:
         "repeats (it counts the memory-mapped CSV file while it is parsed).",
         "",
         "| videos | detection rows | CSV MB | gt rows | wall s (best) | all runs s | load | CPU s | peak RSS MB "
-        "| read gt s | read det s | evaluate s |",
+        "| read gt s (CPU) | read det s (CPU) | evaluate s (CPU) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for videos, n_gt, n_det, size_mb, gen_s, m, st in rows:
         lines.append(
             f"| {videos} | {n_det:,} | {size_mb:.0f} | {n_gt:,} | {m['wall_s']:.2f} | "
             f"{', '.join(map(str, m['walls_s']))} | {', '.join(map(str, m['loads']))} | {m['cpu_s']:.2f} | "
-            f"{m['maxrss_mb']:.0f} | {st['read_groundtruth']:.2f} | {st['read_detections']:.2f} | "
-            f"{st['evaluate']:.2f} |"
+            f"{m['maxrss_mb']:.0f} | " + " | ".join(f"{st[k][0]:.2f} ({st[k][1]:.2f})" for k in
+                                                    ("read_groundtruth", "read_detections", "evaluate")) + " |"
         )
-    lines += ["", "The last three columns are one extra in-process run split by stage (`evaluate` excludes reading "
-              "the two box files but includes the label map and exclusions)."]
+    lines += ["", "The last three columns are one extra in-process run split by stage, wall seconds and CPU seconds "
+              "of all threads (`evaluate` excludes reading the two box files but includes the label map and "
+              "exclusions)."]
+    videos, n_gt, n_det, size_mb, gen_s, m, st = max(rows, key=lambda r: r[2])
+    stage_cpu = sum(v[1] for v in st.values())
+    over = sum(w > 5.0 for w in m["walls_s"])
+    verdict = "reached" if m["wall_s"] <= 5.0 and m["maxrss_mb"] <= 2048 else "not reached"
+    if verdict == "reached" and over:
+        verdict = f"reached in the best run, not in {over} of the {len(m['walls_s'])} runs"
+    lines += [
+        "",
+        f"Goal (AVA-v2.2-val size, at most 5 s wall on 2 cores including CSV reading, at most 2 GB): {verdict} "
+        f"as measured: {videos} videos, {n_det:,} rows, best wall {m['wall_s']:.2f} s (runs "
+        f"{', '.join(map(str, m['walls_s']))} s) with a 1-minute load average of {min(m['loads'])}-{max(m['loads'])} "
+        f"on the 2 cores, peak RSS {m['maxrss_mb']:.0f} MB. The whole command used {m['cpu_s']:.2f} CPU seconds: "
+        f"reading the detections {st['read_detections'][1]:.2f} (pyarrow parsing on both cores, then one copy of "
+        f"each column), evaluation {st['evaluate'][1]:.2f}, and about {max(m['cpu_s'] - stage_cpu, 0):.2f} for "
+        "interpreter start and imports (numpy, pandas, pyarrow) and the ground truth. The wall times above are "
+        "inflated by the other jobs sharing the 2 cores; the official evaluator takes about 2.3 minutes at this size.",
+    ]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
