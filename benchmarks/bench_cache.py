@@ -90,7 +90,7 @@ def _cpu() -> float:
 
 
 def read_rate(path: Path, fields: frozenset, workers: int, *, block: int | None = None, cold: bool = False,
-              passes: int = 3, batch: int = 16) -> tuple[float, float | None]:
+              passes: int = 3, batch: int = 16, actor_from_maps: bool = False) -> tuple[float, float | None]:
     """(keyframes/s of wall time, CPU ms per keyframe) of the loader's CPU batches in the storage dtype
     (float16 or uint8 + scales: converted on the GPU by ``to_device``).
 
@@ -98,7 +98,7 @@ def read_rate(path: Path, fields: frozenset, workers: int, *, block: int | None 
     filled). CPU time is this process's, all threads: given with 0 workers only (None otherwise). On a
     shared machine it is the stable number; wall time depends on what else runs.
     """
-    ds = CacheDataset(path, fields=fields, keep_empty=True)
+    ds = CacheDataset(path, fields=fields, keep_empty=True, actor_from_maps=actor_from_maps)
     loader = make_loader(ds, batch_size=batch, device="cpu", dtype=torch.float16, num_workers=workers,
                          prefetch_factor=4, block=block, seed=0)
     batches = loader.loader  # CPU batches in the storage dtype: what gets pinned and copied to the GPU
@@ -188,6 +188,7 @@ def main() -> int:
             )
             if i == 0:
                 row["random"] = read_rate(path, maps_fields, 0, block=1)
+                row["from_maps"] = read_rate(path, maps_fields, 0, actor_from_maps=True)
             rows.append(row)
             print(row, flush=True)
             shutil.rmtree(path)
@@ -213,8 +214,9 @@ def main() -> int:
         "Reader: `CacheDataset` + `make_loader`, batches of 16 keyframes (slow, fast, fast_seq, actor features, boxes) "
         "as CPU tensors in the storage dtype, i.e. what is pinned and copied to the GPU, where `to_device` casts or "
         "dequantises (no GPU here: that step is not timed). Because the "
-        "cores are shared, the table gives CPU time per keyframe (stable: the cost on a dedicated core) next to wall-"
-        "clock rates (what this busy machine delivered).",
+        "cores are shared, the table gives CPU time per keyframe (the cost on a dedicated core) next to wall-"
+        "clock rates (what this busy machine delivered); even CPU times varied by up to about 50% between runs "
+        "under the other jobs' load, wall rates by 2-3x.",
         "",
         "- maps / total: bytes on disk per keyframe for slow + fast + fast_seq (+ scales), and for the whole store "
         "(maps, actor features, boxes); actor: bytes per box.",
@@ -242,7 +244,10 @@ def main() -> int:
     lines += [
         "",
         f"Read-ahead of whole shards: reading the default store in random keyframe order (blocks of 1, partial shard "
-        f"reads) costs {base['random'][1]:.2f} CPU ms per keyframe against {base['w0'][1]:.2f} with shard-aligned blocks.",
+        f"reads) costs {base['random'][1]:.2f} CPU ms per keyframe against {base['w0'][1]:.2f} with shard-aligned blocks. "
+        f"A context head that reads the maps can skip the stored actor features and recompute them on the GPU "
+        f"(`actor_from_maps=True`, RoIAlign not timed here): {base['from_maps'][1]:.2f} CPU ms per keyframe and "
+        f"{base['maps_kb']:.0f} instead of {base['total_kb']:.0f} kB read per keyframe.",
         "",
         f"Goal 5,000 kf/s (maps + actor features): not reached on 2 shared cores (best wall rate here "
         f"{max(max(r['w0'][0], r['wn'][0]) for r in rows):.0f} kf/s). CPU cost sets the cores needed: the float16 zstd "

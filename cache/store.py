@@ -139,11 +139,13 @@ def check_video_id(video_id: str) -> str:
 
 
 def _url(url: str | os.PathLike) -> str:
-    return os.fspath(url)
+    """A local path for local stores (zarr's LocalStore: atomic writes, directories made as needed), else the URL."""
+    url = os.fspath(url)
+    return url.removeprefix("file://") if url.startswith("file://") else url
 
 
 def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    return "://" not in url
 
 
 class FeatureStore:
@@ -197,7 +199,7 @@ class FeatureStore:
             if isinstance(e, StoreMismatchError):
                 raise
         if _is_local(url):
-            Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+            Path(url).mkdir(parents=True, exist_ok=True)
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "schema": schema_description(),

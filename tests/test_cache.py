@@ -281,6 +281,10 @@ def test_stored_and_recomputed_actor_features_agree(tmp_path, aligned):
     b = to_device(collate_runs(recomputed.__getitems__(idx)), "cpu", aligned=aligned, fields=fields)
     assert a["slow"].shape[-2:] == (8, 8) and not a["valid"].all()  # two aspect ratios: padded, masked
     torch.testing.assert_close(b["actor"], a["actor"], rtol=2e-3, atol=2e-3)
+    from_maps = CacheDataset(store, fields=fields, actor_from_maps=True)
+    assert from_maps.read_fields == {"slow", "fast"}
+    c = to_device(collate_runs(from_maps.__getitems__(idx)), "cpu", aligned=aligned, fields=fields)
+    torch.testing.assert_close(c["actor"], b["actor"])
     # the same RoIAlign as the backbone module's, on the unpadded maps
     from pipeline.backbone import actor_features
 
@@ -402,3 +406,15 @@ def test_stctx_cli_wiring(verified_store, capsys):
     assert "keyframes   14" in capsys.readouterr().out
     assert stctx(["cache", "verify", "--metadata-only", str(verified_store)]) == 0
     assert stctx(["cache", "verify", str(verified_store / "nothing-here")]) == 2
+
+
+@pytest.mark.parametrize("scheme", ["memory://", "file://"])
+def test_fsspec_and_file_urls(tmp_path, scheme):
+    url = f"{scheme}{tmp_path}/s" if scheme == "file://" else f"memory://stctx-test-{os.getpid()}"
+    store = FeatureStore.create(url, CacheSpec(SHA, {"backbone": "mini"}, storage=SMALL))
+    written = write_synthetic_video(store, "-v", seed=0)
+    ds = CacheDataset(url, fields=frozenset({"actor"}), keep_empty=True)
+    batch = collate_runs(ds.__getitems__(list(range(len(ds)))))
+    np.testing.assert_allclose(batch["actor"].float().numpy(), written["actor"], rtol=1e-3, atol=1e-3)
+    report = verify_store(url)
+    assert report.ok and report.keyframes == 7, report.problems
