@@ -255,10 +255,12 @@ class FeatureStore:
         """Every video group present, complete or not."""
         out = {}
         for vid in self._listed_video_ids():
+            if vid.endswith(".partial"):
+                continue  # LocalStore's temporary file of an interrupted metadata write
             try:
                 check_video_id(vid)
             except ValueError:
-                continue  # not ours (a temporary file of an interrupted write, say)
+                continue
             attrs = self._group_attrs(vid)
             out[vid] = bool(attrs and COMPLETE_ATTR in attrs)
         return out
