@@ -13,7 +13,7 @@ keyframe); here each step is a numpy pass over all rows:
 4. detections on keys without ground truth stay, as false positives (``protocol="mmaction"`` drops them);
 5. each detection is compared with the ground-truth box of its key and class of highest IoU (the first one
    on IoU ties, in the official order of a key's ground truth: the official reader takes the 8th column,
-   the person id, for a score and sorts by it, so descending person id, then file order); a
+   the person id, for a score and sorts by it: descending person id, then the order of its heap); a
    detection is a true positive iff that IoU >= 0.5 and it comes first, in the key's score order, among the
    detections that chose that box with IoU >= 0.5 (the official sequential "not yet taken" rule: a box is
    taken only by a detection that matches it, so the first such detection takes it);
@@ -29,19 +29,22 @@ Everything else is independent of ties: the number of true positives at a given 
 the order among equal scores (a group of equal-score detections of one key and class takes exactly the
 free boxes it matches, whatever its order).
 
-Remaining difference from the official code, documented rather than emulated: two *distinct* ground-truth
-boxes of one key, class and person id (or of a 7-column ground-truth file, which has no person id) with
-exactly the same IoU with a detection are taken in file order; the official code takes them in its heap's
-internal order. Real annotations do not have two boxes of one person, class and keyframe.
+Ground truth among equal person ids comes in the official heap's internal order; it decides something
+only where one key and class has two *different* boxes of one person id (or in a 7-column ground-truth
+file, without person ids): those keys alone are replayed with ``heapq`` (``_heap_order_where_it_matters``).
 
 Protocols (``PROTOCOLS``): "official" (the above), "mmaction" (mmaction2's ``ava_eval``: no top-50 cut,
-detections on keys without ground truth ignored), "pyslowfast" (PySlowFast's copy: no top-50 cut, a key's
-detections matched in file order instead of score order, ground truth in file order).
+detections on keys without ground truth ignored, ground truth by descending person id then file order),
+"pyslowfast" (PySlowFast's copy: no top-50 cut, a key's detections matched in file order instead of score
+order, ground truth in file order). ``tests/test_evaluation.py`` checks all three against a literal,
+row-by-row implementation of these rules, and the official protocol against the official evaluator's
+values on ``shared/ava-eval-case`` (they agree to the last bit).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import sys
 from dataclasses import dataclass
@@ -71,11 +74,13 @@ class Protocol:
     per_frame_cap: int | None  # keep the top-N detections of a key, all classes pooled (None: all)
     keys_without_gt: Literal["false_positive", "ignore"]
     match_in_score_order: bool  # a key's detections of a class take boxes in score order (else file order)
-    gt_order: Literal["person_id_desc", "file"]  # order of a key's boxes for first-on-IoU-ties
+    # order of a key's boxes, for first-on-IoU-ties: "heap" the official reader's (descending person id, then
+    # its heap's order), "person_id_desc" (then file order), "file"
+    gt_order: Literal["heap", "person_id_desc", "file"]
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "official": Protocol("official", 50, "false_positive", True, "person_id_desc"),
+    "official": Protocol("official", 50, "false_positive", True, "heap"),
     "mmaction": Protocol("mmaction", None, "ignore", True, "person_id_desc"),
     "pyslowfast": Protocol("pyslowfast", None, "false_positive", False, "file"),
 }
@@ -444,8 +449,14 @@ def evaluate_frame_map(
     position[order] = np.arange(M)
 
     # steps 5-6
-    gorder = np.lexsort((np.arange(len(g)), -gt.person_id[g], gc, gk) if rules.gt_order == "person_id_desc"
-                        else (np.arange(len(g)), gc, gk))  # (G,) by key, class, then the official box order
+    gperson = gt.person_id[g]
+    if rules.gt_order == "file":
+        gorder = np.lexsort((np.arange(len(g)), gc, gk))  # (G,) by key, class, file order
+    else:
+        within = np.arange(len(g))  # file order breaks person-id ties, except where the heap's order matters
+        if rules.gt_order == "heap":
+            within = _heap_order_where_it_matters(g, gk, gc, gperson, gt)
+        gorder = np.lexsort((within, -gperson, gc, gk))  # (G,) by key, class, then the official box order
     gcode = gk[gorder].astype(np.int64) * K + gc[gorder]  # (G,) sorted
     gbox = tuple(a[g][gorder] for a in (gt.x1, gt.y1, gt.x2, gt.y2))
     best, best_iou = _best_boxes(dk.astype(np.int64) * K + dc, dbox, gcode, gbox)
@@ -482,6 +493,42 @@ def evaluate_frame_map(
         num_detections={int(c): int(n) for c, n in zip(class_ids, num_det)},
         category_mAP=categories, labelmap=labelmap, protocol=protocol, ties=ties,
     )
+
+
+def _heap_order_where_it_matters(
+    g: np.ndarray, gk: np.ndarray, gc: np.ndarray, person: np.ndarray, gt: BoxRows
+) -> np.ndarray:
+    """(G,) tie-break of a key's ground-truth boxes among equal person ids: the official reader's order.
+
+    The official reader pushes a key's rows as (person_id, action_id, y1, x1, y2, x2) onto a heap, then
+    stable-sorts the heap's list by descending person id, so boxes of one person id come in heap order.
+    That matters only where one key and class has two different boxes with one person id (or a 7-column
+    file, without person ids); those keys are replayed with ``heapq``, all others keep file order.
+    ``g`` (G,) ground-truth rows evaluated, with their keys ``gk``, classes ``gc`` and person ids ``person``.
+    """
+    within = np.arange(len(g), dtype=np.int64)
+    order = np.lexsort((within, person, gc, gk))
+    box = [a[g][order] for a in (gt.x1, gt.y1, gt.x2, gt.y2)]
+    k, c, p = gk[order], gc[order], person[order]
+    clash = (k[1:] == k[:-1]) & (c[1:] == c[:-1]) & (p[1:] == p[:-1]) & np.logical_or.reduce(
+        [b[1:] != b[:-1] for b in box])
+    if not clash.any():
+        return within
+    keys = np.unique(k[1:][clash])
+    rows = np.flatnonzero(np.isin(gk, keys))  # positions in g, file order
+    rows = rows[np.argsort(gk[rows], kind="stable")]
+    src = g[rows]
+    tuples = list(zip(gt.person_id[src].astype(float).tolist(), gt.action_id[src].tolist(), gt.y1[src].tolist(),
+                      gt.x1[src].tolist(), gt.y2[src].tolist(), gt.x2[src].tolist()))
+    starts = np.append(_run_starts(gk[rows]), len(rows))
+    for a, b in zip(starts[:-1], starts[1:]):
+        heap: list = []
+        for i in range(a, b):
+            # (tuple, i): i only decides between equal tuples, which the heap never swaps anyway
+            heapq.heappush(heap, (tuples[i], i))
+        ranked = sorted(heap, key=lambda item: -item[0][0])
+        within[rows[[i for _, i in ranked]]] = np.arange(a, b)
+    return within
 
 
 def _select_detections(

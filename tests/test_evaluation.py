@@ -168,6 +168,9 @@ def _random_case(seed: int):
                     gt_rows.append((vid, ts, *box, int(a), pid))
                 if rng.random() < 0.1:  # a duplicate ground-truth row
                     gt_rows.append(gt_rows[-1])
+                if rng.random() < 0.2:  # another box of the same person and action: the heap order decides
+                    shifted = (box[0], box[1] - 0.0625, box[2], box[3] - 0.0625)
+                    gt_rows.append((vid, ts, *shifted, gt_rows[-1][6], pid))
             n_det = int(rng.choice([5, 20, 60, 80]))
             for _ in range(n_det):
                 if people and rng.random() < 0.7:
