@@ -260,7 +260,7 @@ def main() -> int:
         f"reading the detections {st['read_detections'][1]:.2f} (pyarrow parsing on both cores, then one copy of "
         f"each column), evaluation {st['evaluate'][1]:.2f}, and about {max(m['cpu_s'] - stage_cpu, 0):.2f} for "
         "interpreter start and imports (numpy, pandas, pyarrow) and the ground truth. The wall times above are "
-        "inflated by the other jobs sharing the 2 cores; the official evaluator takes about 2.3 minutes at this size.",
+        "inflated by the other jobs sharing the 2 cores; the official evaluator takes about 2.3 minutes at this size (AVA.md; not measured here).",
     ]
     text = "\n".join(lines)
     print(text)
