@@ -218,7 +218,7 @@ def _read_fast(path: Path, kind: Kind) -> BoxRows | None:
     n = table.num_rows
     video = table.column("video_id").unify_dictionaries(memory_pool=pool) if n else table.column("video_id")
     vocab = np.asarray(video.chunk(0).dictionary.to_pylist() if video.num_chunks else [], dtype=str)
-    if any(v == "" or v != v.strip() for v in vocab):
+    if any(v == "" or v != v.strip() or "," in v for v in vocab):  # what pipeline.ava's parser refuses
         return None
     chunks = {name: list(table.column(name).chunks) for name in names[1:]}
     chunks["video_id"] = [c.indices for c in video.chunks]
