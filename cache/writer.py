@@ -139,6 +139,12 @@ def compressors(storage: StorageConfig, dtype: str) -> list:
     return [*comp, zc.Crc32cCodec()]
 
 
+def _all_finite(x: np.ndarray) -> bool:
+    if x.dtype == np.float16:  # numpy's float16 arithmetic is emulated: test the exponent bits instead
+        return not np.any((x.view(np.uint16) & 0x7C00) == 0x7C00)
+    return bool(np.all(np.isfinite(x)))
+
+
 def _as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
@@ -308,7 +314,7 @@ class VideoWriter:
         for name, shape in want.items():
             if got[name].shape != shape:
                 raise ValueError(f"{self.video_id}: {name} of keyframes {t0}..{t1 - 1}: expected {shape}, got {got[name].shape}")
-            if not np.all(np.isfinite(got[name])):
+            if not _all_finite(got[name]):
                 raise ValueError(f"{self.video_id}: {name} of keyframes {t0}..{t1 - 1} has NaN or Inf")
         if self.storage.quantised:
             for name in QUANTISED_MAPS:
@@ -318,7 +324,8 @@ class VideoWriter:
                 self.columns[f"{name}_offset"].append(offset)
         else:
             for name in got:
-                if self.storage.dtype_of(ARRAYS[name]) == "float16" and np.abs(got[name]).max(initial=0) > 65504:
+                value = got[name]
+                if value.dtype != np.float16 and self.storage.dtype_of(ARRAYS[name]) == "float16" and np.abs(value).max(initial=0) > 65504:
                     raise ValueError(f"{self.video_id}: {name} exceeds the float16 range; store float32")
         for name, value in got.items():
             self.columns[name].append(value)

@@ -418,3 +418,20 @@ def test_fsspec_and_file_urls(tmp_path, scheme):
     np.testing.assert_allclose(batch["actor"].float().numpy(), written["actor"], rtol=1e-3, atol=1e-3)
     report = verify_store(url)
     assert report.ok and report.keyframes == 7, report.problems
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_loader_delivers_to_cuda(tmp_path, dtype):
+    store = make_store(tmp_path / "s", StorageConfig(dtype=dtype, keyframes_per_shard=4, boxes_per_shard=4))
+    write_synthetic_video(store, "wide", seed=0, shape=SyntheticShape(map_hw=(6, 8), image_hw=(96, 128)))
+    write_synthetic_video(store, "tall", seed=1, shape=SyntheticShape(map_hw=(8, 6), image_hw=(128, 96)))
+    fields = frozenset({"actor", "slow", "fast", "fast_seq"})
+    ds = CacheDataset(store, fields=fields, actor_from_maps=True)
+    cpu = to_device(collate_runs(ds.__getitems__(list(range(len(ds))))), "cpu", aligned=False, fields=fields)
+    loader = make_loader(ds, batch_size=len(ds), device="cuda", shuffle=False, num_workers=2)
+    assert loader.loader.pin_memory
+    (gpu,) = list(loader)
+    assert gpu["actor"].is_cuda and gpu["slow"].is_cuda and gpu["valid"].is_cuda
+    torch.testing.assert_close(gpu["actor"].cpu(), cpu["actor"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu["slow"].cpu(), cpu["slow"])
