@@ -120,6 +120,8 @@ class CacheDataset(Dataset):
         if proposals != "stored" and not callable(proposals):
             raise ValueError("CacheDataset.proposals: 'stored' or a callable(video_id, sec, stored_boxes)")
         self.url = store.url
+        self.identity = store.identity  # record it with anything trained from these features
+        self.store_name = store.name
         self.aligned = store.aligned
         self.storage = store.storage
         self.fields = frozenset(fields)

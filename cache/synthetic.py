@@ -45,6 +45,16 @@ def relu_like(rng: np.random.Generator, shape: tuple[int, ...], dtype=np.float32
     return x.astype(dtype, copy=False)
 
 
+def time_pooled_relu_like(rng: np.random.Generator, shape: tuple[int, ...], frames: int = 8, dtype=np.float32) -> np.ndarray:
+    """Mean over ``frames`` of ReLU(a + 0.5 e_t), a ~ N(0, 1) shared over time, e_t ~ N(0, 1): the time pooling
+    of temporally correlated post-ReLU maps, with far fewer exact zeros than one frame (about 25%)."""
+    a = rng.standard_normal(shape, dtype=np.float32)
+    acc = np.zeros(shape, np.float32)
+    for _ in range(frames):
+        acc += np.maximum(a + 0.5 * rng.standard_normal(shape, dtype=np.float32), 0)
+    return (acc / frames).astype(dtype, copy=False)
+
+
 def random_boxes(rng: np.random.Generator, num_keyframes: int, max_boxes: int = 3) -> BoxTable:
     keyframes = []
     for _ in range(num_keyframes):
