@@ -274,7 +274,7 @@ class TrainHead(_CacheTask):
 
     def run_dir(self) -> Path:
         cfg = self.head_config()
-        ident = {"head": cfg.to_dict(), "train": self.train_config().to_dict(),
+        ident = {"head": cfg.to_dict(), "train": self.train_config().identity(),
                  "cache": self.requires()["train"].task_id}
         return root() / "heads" / f"{cfg.slug}-{short_hash(ident)}" / f"seed-{self.seed}"
 

@@ -1,0 +1,105 @@
+"""Wall time of the mini-AVA pipeline on this machine, phase by phase, from an empty output folder.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--root /tmp/stctx-bench] [--seeds 0 1 2]
+
+Runs the same Luigi commands a user runs (each a fresh process, so each phase includes ~5 s of imports):
+PrepareData, Backbone, FeatureCache (train, val), FullAblation (the heads), then one more head experiment
+(TrainHead with a new seed) and a rerun of FullAblation that must find everything done. Writes its section of
+docs/benchmarks.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LUIGI = [sys.executable, "-m", "luigi", "--module", "tasks"]
+SECTION = "pipeline"
+
+
+def timed(args: list[str], root: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run([*LUIGI, *args, "--stctx-root", str(root)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def write_section(text: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    path.parent.mkdir(exist_ok=True)
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in current:
+        head, rest = current.split(begin, 1)
+        current = head + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    path.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/stctx-bench"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    shutil.rmtree(args.root, ignore_errors=True)
+    seeds = json.dumps(args.seeds)
+    load_before = os.getloadavg()[0]
+    phases = [
+        ("PrepareData (generate the mini-AVA)", ["PrepareData"]),
+        ("Backbone (train the mini SlowFast)", ["Backbone"]),
+        ("FeatureCache train (extract + commit)", ["FeatureCache", "--split", "train"]),
+        ("FeatureCache val (extract + commit)", ["FeatureCache", "--split", "val"]),
+        (f"FullAblation heads (5 variants x {len(args.seeds)} seeds) + table", ["FullAblation", "--seeds", seeds]),
+    ]
+    rows = [(name, timed(cmd, args.root)) for name, cmd in phases]
+    total = sum(t for _, t in rows)
+    one = timed(["TrainHead", "--variant", "st-sa", "--seed", "1000"], args.root)
+    rerun = timed(["FullAblation", "--seeds", seeds], args.root)
+    runs = sorted((args.root / "heads").glob("*/seed-*/metrics.json"))
+    per_variant: dict[str, list[float]] = {}
+    for path in runs:
+        m = json.loads(path.read_text())
+        per_variant.setdefault(m["variant"], []).append(m["train_time_s"] + m["eval_time_s"])
+    load_after = os.getloadavg()[0]
+
+    lines = [
+        "## Mini-AVA pipeline, end to end on CPU",
+        "",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; load average "
+        f"{load_before:.1f} before, {load_after:.1f} after",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- command: `.venv/bin/python benchmarks/bench_pipeline.py --seeds {' '.join(map(str, args.seeds))}`",
+        "",
+        "| phase | wall s |",
+        "|---|---|",
+        *[f"| {name} | {t:.1f} |" for name, t in rows],
+        f"| **whole FullAblation from an empty folder** | **{total:.1f}** |",
+        f"| one head experiment (`TrainHead --variant st-sa`, new seed; process start included) | {one:.1f} |",
+        f"| rerun of FullAblation with everything done | {rerun:.1f} |",
+        "",
+        "Train + evaluate seconds per head run (from metrics.json, without process start):",
+        "",
+        "| variant | runs | mean s | max s |",
+        "|---|---|---|---|",
+        *[f"| {v} | {len(ts)} | {sum(ts) / len(ts):.1f} | {max(ts):.1f} |" for v, ts in sorted(per_variant.items())],
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
