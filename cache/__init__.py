@@ -2,50 +2,46 @@
 
 Schema: ``cache.schema``; opening and identity: ``cache.store``; writing a video: ``cache.writer``;
 reading for heads: ``cache.reader``; ``stctx cache info|verify``: ``cache.verify``.
+
+Names are imported on first use, so the writer and ``stctx cache`` start without importing torch.
 """
 
-from cache.reader import (
-    CacheDataset,
-    DeviceLoader,
-    KeyframeBlockSampler,
-    collate_runs,
-    make_loader,
-    recompute_actor_features,
-    to_device,
-)
-from cache.schema import SCHEMA_VERSION, StorageConfig
-from cache.store import (
-    CacheError,
-    CacheSpec,
-    FeatureStore,
-    IncompleteVideoError,
-    SchemaVersionError,
-    StoreMismatchError,
-    store_name,
-)
-from cache.verify import store_info, verify_store
-from cache.writer import BoxTable, VideoExistsError, VideoWriter
+from __future__ import annotations
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "BoxTable",
-    "CacheDataset",
-    "CacheError",
-    "CacheSpec",
-    "DeviceLoader",
-    "FeatureStore",
-    "IncompleteVideoError",
-    "KeyframeBlockSampler",
-    "SchemaVersionError",
-    "StorageConfig",
-    "StoreMismatchError",
-    "VideoExistsError",
-    "VideoWriter",
-    "collate_runs",
-    "make_loader",
-    "recompute_actor_features",
-    "store_info",
-    "store_name",
-    "to_device",
-    "verify_store",
-]
+import importlib
+
+_EXPORTS = {
+    "CacheDataset": "cache.reader",
+    "DeviceLoader": "cache.reader",
+    "KeyframeBlockSampler": "cache.reader",
+    "collate_runs": "cache.reader",
+    "make_loader": "cache.reader",
+    "recompute_actor_features": "cache.reader",
+    "to_device": "cache.reader",
+    "SCHEMA_VERSION": "cache.schema",
+    "StorageConfig": "cache.schema",
+    "CacheError": "cache.store",
+    "CacheSpec": "cache.store",
+    "FeatureStore": "cache.store",
+    "IncompleteVideoError": "cache.store",
+    "SchemaVersionError": "cache.store",
+    "StoreMismatchError": "cache.store",
+    "store_name": "cache.store",
+    "store_info": "cache.verify",
+    "verify_store": "cache.verify",
+    "BoxTable": "cache.writer",
+    "VideoExistsError": "cache.writer",
+    "VideoWriter": "cache.writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cache' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -92,10 +92,10 @@ ARRAYS: dict[str, ArraySpec] = {
         ArraySpec("fast_seq", (PER_KEYFRAME, "channel_fast", "time_fast"), "feature", sharded=True),
         ArraySpec("actor", (PER_BOX, "channel", "roi_y", "roi_x"), "feature", sharded=True),
         # uint8 storage: value = q * scale + offset, per keyframe and channel
-        ArraySpec("slow_scale", (PER_KEYFRAME, "channel_slow"), "float32", quantised_only=True),
-        ArraySpec("slow_offset", (PER_KEYFRAME, "channel_slow"), "float32", quantised_only=True),
-        ArraySpec("fast_scale", (PER_KEYFRAME, "channel_fast"), "float32", quantised_only=True),
-        ArraySpec("fast_offset", (PER_KEYFRAME, "channel_fast"), "float32", quantised_only=True),
+        ArraySpec("slow_scale", (PER_KEYFRAME, "channel_slow"), "float32", sharded=True, quantised_only=True),
+        ArraySpec("slow_offset", (PER_KEYFRAME, "channel_slow"), "float32", sharded=True, quantised_only=True),
+        ArraySpec("fast_scale", (PER_KEYFRAME, "channel_fast"), "float32", sharded=True, quantised_only=True),
+        ArraySpec("fast_offset", (PER_KEYFRAME, "channel_fast"), "float32", sharded=True, quantised_only=True),
     )
 }
 

@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torchvision.ops import roi_align
 
 from cache.schema import NUM_CLASSES, ROI_SIZE, SAMPLING_RATIO, SOURCE_DET, SOURCE_GT, SPATIAL_SCALE
 from cache.store import FeatureStore
@@ -71,6 +69,9 @@ def random_boxes(rng: np.random.Generator, num_keyframes: int, max_boxes: int = 
 
 def actor_from_maps(slow: np.ndarray, fast: np.ndarray, table: BoxTable, t0: int, t1: int, image_hw, aligned: bool) -> np.ndarray:
     """RoIAlign (float32) of keyframes t0..t1-1's boxes on their concatenated maps -> (N, C, R, R)."""
+    import torch  # here, so that writing synthetic videos without exact actor features needs no torch
+    from torchvision.ops import roi_align
+
     x = torch.from_numpy(np.concatenate([slow, fast], axis=1)).float()  # (B, C_s + C_f, H, W)
     a, b = table.offsets[t0], table.offsets[t1]
     clip = np.repeat(np.arange(t1 - t0), np.diff(table.offsets[t0 : t1 + 1]))
@@ -91,9 +92,11 @@ def write_synthetic_video(
     max_boxes: int = 3,
     sleep: float = 0.0,
     progress=None,
+    exact_actor: bool = True,
 ) -> dict:
     """Write one synthetic video group with the extraction's batch-by-batch protocol; returns the
-    float32 data written (``slow``, ``fast``, ``fast_seq``, ``actor``, ``boxes``)."""
+    float32 data written (``slow``, ``fast``, ``fast_seq``, ``actor``, ``boxes``). ``exact_actor=False``
+    writes random actor features (no RoIAlign, no torch import: for crash and concurrency tests)."""
     rng = np.random.default_rng(seed)
     table = random_boxes(rng, num_keyframes, max_boxes)
     secs = 902 + np.arange(num_keyframes)
@@ -107,7 +110,12 @@ def write_synthetic_video(
         slow = relu_like(rng, (t1 - t0, c_s, *shape.map_hw))
         fast = relu_like(rng, (t1 - t0, c_f, *shape.map_hw))
         fast_seq = relu_like(rng, (t1 - t0, c_f, t_f))
-        actor = actor_from_maps(slow, fast, table, t0, t1, shape.image_hw, store.aligned)
+        n = int(table.offsets[t1] - table.offsets[t0])
+        actor = (
+            actor_from_maps(slow, fast, table, t0, t1, shape.image_hw, store.aligned)
+            if exact_actor
+            else relu_like(rng, (n, c_s + c_f, ROI_SIZE, ROI_SIZE))
+        )
         writer.append(slow, fast, fast_seq, actor)
         for k, v in zip(parts, (slow, fast, fast_seq, actor)):
             parts[k].append(v)

@@ -26,6 +26,7 @@ from cache.schema import (
     ROI_SIZE,
     SOURCE_DET,
     SOURCE_GT,
+    VIDEOS_GROUP,
     ArraySpec,
     StorageConfig,
 )
@@ -232,7 +233,7 @@ class VideoWriter:
         store.delete_video(video_id)  # whatever a dead writer left
         c_s, c_f, t_f = self.channels
         h, w = self.map_hw
-        self.group = store.root.require_group("videos").create_group(
+        self.group = store.root.require_group(VIDEOS_GROUP).create_group(
             video_id,
             attributes={
                 "video_id": video_id,
@@ -275,7 +276,7 @@ class VideoWriter:
 
     def _create(self, spec: ArraySpec, shape: tuple[int, ...]) -> zarr.Array:
         dtype = self.storage.dtype_of(spec)
-        if spec.sharded or spec.quantised_only:
+        if spec.sharded:
             per_shard = self.storage.keyframes_per_shard if spec.per == "keyframe" else self.storage.boxes_per_shard
             chunks = (1, *shape[1:])
             shards = (per_shard, *shape[1:])
