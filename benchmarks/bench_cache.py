@@ -223,8 +223,8 @@ def main() -> int:
         f"{platform.python_version()}, torch {torch.__version__}, zarr {zarr.__version__}. Date: "
         f"{datetime.date.today().isoformat()}. Command: `{cmd}` ({elapsed:.0f} s).",
         "",
-        f"Data: synthetic post-ReLU-like maps (about half zeros, i.i.d. positive values; real maps are spatially "
-        f"smoother and may compress better) at C_s={c_s}, C_f={c_f}, {h}x{w}, T_f={t_f}; {args.videos} videos x "
+        f"Data: synthetic post-ReLU-like maps (about half zeros, i.i.d. positive values; real maps differ, see the "
+        f"time-pooled variant at the end) at C_s={c_s}, C_f={c_f}, {h}x{w}, T_f={t_f}; {args.videos} videos x "
         f"{args.keyframes} keyframes, about 3 boxes per keyframe, 16 keyframes per shard. Raw float16 maps: "
         f"{raw_f16 / 1e3:.0f} kB per keyframe; raw float16 actor features {(c_s + c_f) * 49 * 2 / 1e3:.0f} kB per box.",
         "",
