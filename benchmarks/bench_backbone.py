@@ -35,6 +35,8 @@ from pipeline.backbone import PRESETS, boxes_to_rois, build_backbone  # noqa: E4
 from pipeline.clips import KeyframeClips, clip_loader  # noqa: E402
 from pipeline.finetune import ActionDetector, ActorClassifier  # noqa: E402
 
+from benchdoc import write_section
+
 SECTION = "backbone"
 
 
@@ -114,22 +116,6 @@ def bench_decode(frames: Path, video_id: str, short_side: int, workers: int, ite
     return n / (time.perf_counter() - t)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, re-reading the file first."""
-    doc = ROOT / "docs" / "benchmarks.md"
-    begin, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(exist_ok=True)
-    tmp = doc.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -192,7 +178,7 @@ The worker rows include starting the workers. The machine is shared, so numbers 
 """
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

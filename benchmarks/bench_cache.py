@@ -33,6 +33,8 @@ from cache import CacheDataset, CacheSpec, FeatureStore, StorageConfig, make_loa
 from cache.synthetic import SyntheticShape, actor_from_maps, random_boxes, relu_like, time_pooled_relu_like  # noqa: E402
 from cache.verify import store_bytes  # noqa: E402
 
+from benchdoc import write_section
+
 SECTION = "cache"
 OPTIONS = [
     StorageConfig("float16", "zstd", 3),
@@ -138,22 +140,6 @@ def raw_decode_rate(path: Path, passes: int = 2) -> float:
 
 def prefix_bytes(path: Path, names: tuple[str, ...]) -> int:
     return sum(p.stat().st_size for v in (path / "videos").iterdir() if v.is_dir() for n in names for p in (v / n).rglob("*") if p.is_file())
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, re-reading the file first."""
-    doc = ROOT / "docs" / "benchmarks.md"
-    begin, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(exist_ok=True)
-    tmp = doc.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(doc)
 
 
 def main() -> int:
@@ -287,7 +273,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.ava import SHIPPED_LABELMAP, read_labelmap  # noqa: E402
 
+from benchdoc import write_section
+
 SECTION = "eval"
 FIRST_SECOND = 902
 
@@ -172,21 +174,6 @@ def stage_timings(paths: dict[str, Path]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, re-reading the file first."""
-    doc = ROOT / "docs" / "benchmarks.md"
-    begin, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = doc.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, nargs="+", default=[20, 64])
@@ -265,7 +252,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchdoc import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 LUIGI = [sys.executable, "-m", "luigi", "--module", "tasks"]
 SECTION = "pipeline"
@@ -31,20 +33,6 @@ def timed(args: list[str], root: Path) -> float:
     subprocess.run([*LUIGI, *args, "--stctx-root", str(root)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    path.parent.mkdir(exist_ok=True)
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in current:
-        head, rest = current.split(begin, 1)
-        current = head + block + rest.split(end, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
 
 
 def main() -> None:
@@ -98,7 +86,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
