@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache.reader import CacheDataset, collate_runs, make_loader, recompute_actor_features, to_device
-from cache.schema import SCHEMA_VERSION
+from cache.schema import BOX_FIELDS, SCHEMA_VERSION
 from cache.store import FeatureStore
 from heads import HeadConfig, HeadInputs, build_head
 
@@ -87,6 +87,9 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------- data
 
 
+PER_BOX = frozenset({"actor", *BOX_FIELDS})  # batch keys with one row per box; the rest have one per keyframe
+
+
 class ResidentSplit:
     """A whole split collated once and kept on ``device``; mini-batches are subsets of its keyframes."""
 
@@ -111,9 +114,8 @@ class ResidentSplit:
         rows = starts[box_clip] + (torch.arange(len(box_clip), device=clips.device) - (torch.cumsum(counts, 0) - counts)[box_clip])
         out = {"box_clip": box_clip, "video_id": [self.data["video_id"][i] for i in clips.tolist()]}
         for k, v in self.data.items():
-            if not isinstance(v, torch.Tensor) or k == "box_clip":
-                continue
-            out[k] = v[rows] if len(v) == len(self.data["box_clip"]) and k not in ("sec", "image_hw", "map_hw") else v[clips]
+            if isinstance(v, torch.Tensor) and k != "box_clip":
+                out[k] = v[rows] if k in PER_BOX else v[clips]
         if "valid" in out:  # trim the padding to this batch's largest map
             h, w = (int(x) for x in out["map_hw"].max(dim=0).values)
             for k in ("slow", "fast"):
