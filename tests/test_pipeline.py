@@ -33,7 +33,8 @@ def run(task) -> list[str]:
     handler = lambda t: ran.append(t.task_family)  # noqa: E731
     luigi.Task.event_handler(luigi.Event.SUCCESS)(handler)
     try:
-        result = luigi.build([task], local_scheduler=True, detailed_summary=True, log_level="WARNING")
+        # one worker: success events of tasks run in worker processes would not reach this process
+        result = luigi.build([task], local_scheduler=True, workers=1, detailed_summary=True, log_level="WARNING")
     finally:
         luigi.Task._event_callbacks[luigi.Task][luigi.Event.SUCCESS].discard(handler)
     assert result.scheduling_succeeded, result.summary_text
