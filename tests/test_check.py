@@ -79,3 +79,24 @@ def test_cli_exit_codes_and_json(ava_dir, capsys):
     ava_dir.labelmap.write_text("garbage {")
     assert cli.main(["ava", "check", str(ava_dir.root)]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_prepare_data_ava_validates_the_configured_folder(ava_dir, tmp_path):
+    import luigi
+
+    import tasks
+
+    config = luigi.configuration.get_config()
+    config.set("stctx", "ava_root", str(ava_dir.root))
+    config.set("stctx", "root", str(tmp_path / "runs"))
+    try:
+        assert luigi.build([tasks.PrepareData(dataset="ava")], local_scheduler=True, workers=1, log_level="WARNING")
+        report = json.loads(open(tasks.PrepareData(dataset="ava").output().path).read())
+        assert report["ok"] and report["splits"]["val"]["keyframes"] == 2
+        path = ava_dir.groundtruth("val")
+        path.write_text(path.read_text() + f"{VIDEO[:-1]}1,0902,0.1,0.1,0.5,0.9,95,0\n")
+        with pytest.raises(RuntimeError, match="unknown action ids"):
+            tasks.PrepareData(dataset="ava").run()
+    finally:
+        config.remove_option("stctx", "ava_root")
+        config.set("stctx", "root", "runs")
