@@ -115,7 +115,7 @@ class Backbone(luigi.Task):
     """
 
     dataset = DatasetParameter()
-    epochs = luigi.OptionalIntParameter(default=None, description="mini: fine-tuning epochs (default FinetuneConfig's)")
+    epochs = luigi.IntParameter(default=16, description="mini: fine-tuning epochs")
     seed = luigi.IntParameter(default=0)
     checkpoint = luigi.OptionalPathParameter(default=None, significant=False,
                                              description="ava: the backbone checkpoint file")
@@ -247,7 +247,8 @@ class TrainHead(_CacheTask):
 
     Output: ``<root>/heads/<variant>-<hash>/seed-<k>/metrics.json`` and ``head.pt``; the hash covers the head
     config (the registry entry plus overrides), the training config and the upstream data, backbone and cache
-    parameters, so editing one variant's config reruns that variant only.
+    parameters, and the feature store's name (so a new backbone checkpoint retrains every head); editing one
+    variant's config reruns that variant only.
     """
 
     variant = luigi.Parameter(default="st-sa")
@@ -274,8 +275,11 @@ class TrainHead(_CacheTask):
 
     def run_dir(self) -> Path:
         cfg = self.head_config()
+        # the store's name carries the backbone checkpoint's sha256; until the backbone exists the run is pending
+        # (and cannot be complete), so the path then names the upstream tasks instead
+        store = self.store_url()
         ident = {"head": cfg.to_dict(), "train": self.train_config().identity(),
-                 "cache": self.requires()["train"].task_id}
+                 "cache": store.name if store is not None else ["pending", self.requires()["train"].task_id]}
         return root() / "heads" / f"{cfg.slug}-{short_hash(ident)}" / f"seed-{self.seed}"
 
     def output(self):

@@ -57,3 +57,8 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, monkeypatch):
     monkeypatch.setattr(heads.config, "VARIANTS", edited)
     ran = run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
     assert sorted(ran) == ["FullAblation", "TrainHead", "TrainHead"]
+
+    # another backbone checkpoint: new store, every head retrained, the data kept
+    luigi.configuration.get_config().set("Backbone", "epochs", "2")
+    ran = run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
+    assert "PrepareData" not in ran and ran.count("Backbone") == 1 and ran.count("TrainHead") == 4
