@@ -317,22 +317,12 @@ class FullAblation(_CacheTask):
         return luigi.LocalTarget(self.table_dir() / "table1.md")
 
     def run(self):
-        import shutil
-
         from heads import PAPER_MAP
-        from pipeline.report import write_ablation
+        from pipeline.report import publish_ablation
 
-        results = [json.loads(Path(t.output().path).read_text()) for t in self.requires()]
+        runs = [Path(t.output().path) for t in self.requires()]
         title = f"Table 1 on {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} ({len(self.seeds)} seeds)"
-        notes = [f"Runs: {', '.join(sorted({str(Path(t.output().path).parent.parent.name) for t in self.requires()}))}"]
-        tmp = self.table_dir().with_name(self.table_dir().name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_ablation(results, tmp, PAPER_MAP, list(self.variants), title, notes)
-        shutil.rmtree(self.table_dir(), ignore_errors=True)
-        tmp.rename(self.table_dir())
-        for name in ("table1.md", "table1.csv", "table1.png"):
-            shutil.copyfile(self.table_dir() / name, ablation_dir() / f".{name}.tmp")
-            (ablation_dir() / f".{name}.tmp").replace(ablation_dir() / name)
+        publish_ablation(runs, self.table_dir(), ablation_dir(), PAPER_MAP, list(self.variants), title)
 
 
 def ablation_dir() -> Path:

@@ -4,7 +4,9 @@ context matters. Writes ``table1.md``, ``table1.csv`` and ``table1.png``.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -122,3 +124,23 @@ def write_ablation(results: Sequence[Mapping], out_dir: str | Path, paper: Mappi
     tmp.write_text(format_markdown(table, title, notes))
     tmp.replace(paths["md"])
     return paths
+
+
+def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dir: Path, paper: Mapping[str, float],
+                     order: Sequence[str], title: str) -> dict[str, Path]:
+    """Table 1 of the runs whose ``metrics.json`` are given: written whole into ``out_dir`` (a temporary folder
+    renamed into place), then copied over ``latest_dir/table1.*`` one atomic rename at a time."""
+    results = [json.loads(Path(p).read_text()) for p in metrics_files]
+    notes = [f"Runs: {', '.join(sorted({Path(p).parent.parent.name for p in metrics_files}))}"]
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_ablation(results, tmp, paper, order, title, notes)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    latest = {}
+    for kind, name in (("md", "table1.md"), ("csv", "table1.csv"), ("png", "table1.png")):
+        staged = latest_dir / f".{name}.tmp"
+        shutil.copyfile(out_dir / name, staged)
+        staged.replace(latest_dir / name)
+        latest[kind] = latest_dir / name
+    return latest
