@@ -138,8 +138,9 @@ def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int
     """The minimal backbone step of the mini pipeline: the ``mini`` SlowFast from random weights, trained end to end
     with the baseline head on the mini-AVA training split (``pipeline.finetune``).
 
-    16 epochs (about 170 s on 2 cores): with 8, the context heads fell below the baseline on the mini-AVA
-    (53.0-54.2 vs 53.9 mAP); with 16 every context variant is at or above it (56.4-57.1 vs 56.2), see README."""
+    16 epochs (about 170 s on 2 cores): with 8, three of the four context heads scored below the baseline on the
+    mini-AVA (53.0-53.7 vs 53.9 mAP); with 16 every context variant is at or above it (56.4-57.3 vs 56.3), see
+    README."""
     from pipeline.backbone import PRESETS
     from pipeline.finetune import FinetuneConfig, finetune_on_ava
 
