@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -146,7 +147,9 @@ class SlowFastBackbone(nn.Module):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        from pytorchvideo.models.slowfast import create_slowfast
+        with warnings.catch_warnings():  # pytorchvideo scripts a helper at import, which torch now warns about
+            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+            from pytorchvideo.models.slowfast import create_slowfast
 
         self.cfg = cfg
         net = create_slowfast(**_pytorchvideo_kwargs(cfg), head=None, head_pool=None)

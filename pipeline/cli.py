@@ -18,6 +18,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("ava", "check"), "pipeline.check", "validate an AVA v2.2 folder before any GPU time is spent"),
     (("ava", "frames"), "pipeline.frames", "decode AVA movies into the frames layout (30 fps, seconds 900-1800)"),
     (("mini-ava",), "pipeline.mini_ava", "generate the mini-AVA test bed in the AVA folder layout"),
+    (("backbone", "info"), "pipeline.backbone", "show a SlowFast checkpoint's format, sha256 and config"),
     (("backbone", "finetune"), "pipeline.finetune", "train a SlowFast end to end with the baseline head on an AVA folder"),
     (("eval",), "pipeline.evaluation", "frame-mAP@0.5 of detections against ground truth (official AVA protocol)"),
     (("cache", "info"), "cache.verify", "summarise a feature cache store"),
