@@ -263,9 +263,12 @@ class TrainHead(_CacheTask):
         return {"train": FeatureCache(split="train", **params), "val": FeatureCache(split="val", **params)}
 
     def head_config(self):
+        """The variant at the sizes of the backbone that fills the cache (``heads.SIZES`` is keyed by preset)."""
         from heads import variant
 
-        return variant(self.variant, "mini" if self.dataset == "mini" else "r50", **dict(self.overrides))
+        spec = self.spec()
+        size = spec.extraction["backbone"] if spec is not None else ("mini" if self.dataset == "mini" else "r50")
+        return variant(self.variant, size, **dict(self.overrides))
 
     def train_config(self):
         from pipeline.train import TrainConfig

@@ -62,3 +62,20 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, monkeypatch):
     luigi.configuration.get_config().set("Backbone", "epochs", "2")
     ran = run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
     assert "PrepareData" not in ran and ran.count("Backbone") == 1 and ran.count("TrainHead") == 4
+
+
+def test_ava_mode_runs_on_an_ava_folder_with_a_given_checkpoint(luigi_config, tiny_ava, tiny_backbone):
+    """dataset = ava: the folder is checked, the given checkpoint is used as is (no backbone training), the heads
+    take their sizes from it; the tiny mini-AVA stands in for an AVA folder."""
+    config = luigi.configuration.get_config()
+    config.set("stctx", "ava_root", str(tiny_ava))
+    config.set("Backbone", "checkpoint", str(tiny_backbone))
+    try:
+        ran = run(tasks.FullAblation(dataset="ava", seeds=[0], variants=["st"], epochs=1))
+    finally:
+        config.remove_option("stctx", "ava_root")
+        config.remove_option("Backbone", "checkpoint")
+    assert "Backbone" not in ran and ran.count("PrepareData") == 1 and ran.count("TrainHead") == 1
+    assert any((luigi_config / "data").glob("ava-check-*.json"))
+    table = pd.read_csv(luigi_config / "ablation" / "table1.csv")
+    assert list(table["variant"]) == ["st"] and "AVA v2.2" in (luigi_config / "ablation" / "table1.md").read_text()
