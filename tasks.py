@@ -199,6 +199,29 @@ class StoreTarget(luigi.Target):
         return store.is_complete(self.video) if self.video is not None else store.manifest(self.split) is not None
 
 
+class SplitIndex(luigi.Task):
+    """A split's proposals, annotated keyframes and frame counts, read once for all its extraction tasks."""
+
+    dataset = DatasetParameter()
+    split = luigi.ChoiceParameter(choices=["train", "val"])
+    threshold = luigi.FloatParameter(default=0.8)
+
+    def requires(self):
+        return PrepareData(dataset=self.dataset)
+
+    def folder(self) -> Path:
+        ident = {"data": self.requires().task_id, "data_root": str(self.requires().data_root().resolve())}
+        return root() / "index" / f"{self.dataset}-{self.split}-t{self.threshold:g}-{short_hash(ident)}"
+
+    def output(self):
+        return luigi.LocalTarget(self.folder() / "proposals.npz")
+
+    def run(self):
+        from pipeline.steps import write_split_index
+
+        write_split_index(self.requires().data_root(), self.split, self.threshold, self.folder())
+
+
 class ExtractVideo(_CacheTask):
     """One video's features in the split's cache store (one Zarr group, its completion marker written last)."""
 
@@ -206,7 +229,8 @@ class ExtractVideo(_CacheTask):
     video = luigi.Parameter()
 
     def requires(self):
-        return [self.data(), self.backbone()]
+        index = SplitIndex(dataset=self.dataset, split=self.split, threshold=self.threshold)
+        return [self.data(), self.backbone(), index]
 
     def output(self):
         return StoreTarget(self, video=self.video)
@@ -216,7 +240,7 @@ class ExtractVideo(_CacheTask):
 
         extract_split_video(self.data().data_root(), self.split, self.video, self.backbone().output().path,
                             self.store_url(), self.spec(), self.extraction(), device=self.device,
-                            num_workers=self.decode_workers)
+                            num_workers=self.decode_workers, index=self.requires()[2].folder())
 
 
 class FeatureCache(_CacheTask):
@@ -225,15 +249,16 @@ class FeatureCache(_CacheTask):
     split = luigi.ChoiceParameter(choices=["train", "val"], default="val")
 
     def requires(self):
-        return [self.data(), self.backbone()]
+        return [self.data(), self.backbone(), SplitIndex(dataset=self.dataset, split=self.split, threshold=self.threshold)]
 
     def output(self):
         return StoreTarget(self, split=self.split)
 
     def run(self):
-        from pipeline.steps import commit_split, split_videos
+        from pipeline.steps import commit_split, read_split_index
 
-        videos = split_videos(self.data().data_root(), self.split)
+        _, keyframes, _ = read_split_index(self.requires()[2].folder())
+        videos = sorted({v for v, _ in keyframes})
         params = {k: getattr(self, k) for k in ("dataset", "threshold", "dtype", "compressor", "device", "decode_workers")}
         yield [ExtractVideo(split=self.split, video=v, **params) for v in videos]
         commit_split(self.store_url(), self.spec(), self.split, videos)

@@ -13,9 +13,13 @@ A notebook runs the same steps without Luigi::
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cache.schema import StorageConfig
@@ -99,8 +103,12 @@ def store_url(root: str | Path, spec: CacheSpec) -> Path:
 
 def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
                         spec: CacheSpec, extraction: ExtractionConfig = ExtractionConfig(),
-                        device: str | None = None, num_workers: int = 0) -> dict:
-    """Extract one video of a split into the store at ``url`` (created with ``spec`` if absent)."""
+                        device: str | None = None, num_workers: int = 0, index: str | Path | None = None) -> dict:
+    """Extract one video of a split into the store at ``url`` (created with ``spec`` if absent).
+
+    ``index``: the split's index folder (``write_split_index``); without it the annotation files and the frame list
+    are read here, which on AVA costs seconds per video.
+    """
     from pipeline.clips import KeyframeClips, clip_loader
     from pipeline.extract import extract_video
 
@@ -109,16 +117,86 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     store = FeatureStore.create(url, spec)
     if store.is_complete(video_id):
         return {"video_id": video_id, "skipped": True}
-    model, _ = backbone_from_checkpoint(checkpoint)
-    model = model.to(device).eval()
-    secs = [s for v, s in split_keyframes(data_root, split) if v == video_id]
+    if index is None:
+        keyframes = split_keyframes(data_root, split)
+        proposals = split_proposals(data_root, split, extraction.threshold)
+        frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
+    else:
+        proposals, keyframes, frame_lists = read_split_index(index)
+    secs = [s for v, s in keyframes if v == video_id]
     if not secs:
         raise ValueError(f"{paths.root}: video {video_id!r} has no keyframe in the {split} annotations")
-    frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
+    model, _ = backbone_from_checkpoint(checkpoint)
+    model = model.to(device).eval()
     clips = KeyframeClips.from_config(paths.frames, [(video_id, s) for s in secs], model.cfg, frame_lists)
     loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
-    proposals = split_proposals(data_root, split, extraction.threshold)
-    return extract_video(model, model.cfg, loader, proposals, store, video_id, secs=secs, device=device)
+    return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
+                         device=device)
+
+
+# ----------------------------------------------------------------------------------------------- split index
+
+_PROPOSAL_FIELDS = ("video_ids", "timestamps", "offsets", "boxes", "source", "score", "person_id", "labels")
+
+
+class CanonicalFrames(Mapping):
+    """video id -> frame paths for frame lists that follow ``<id>/<id>_%06d.jpg``, 1..count, from counts alone."""
+
+    def __init__(self, counts: Mapping[str, int], irregular: Mapping[str, list[str]]):
+        self.counts, self.irregular = dict(counts), dict(irregular)
+
+    def __getitem__(self, video_id: str) -> list[str]:
+        if video_id in self.irregular:
+            return self.irregular[video_id]
+        return [f"{video_id}/{video_id}_{i:06d}.jpg" for i in range(1, self.counts[video_id] + 1)]
+
+    def __iter__(self):
+        return iter([*self.counts, *self.irregular])
+
+    def __len__(self) -> int:
+        return len(self.counts) + len(self.irregular)
+
+
+def write_split_index(data_root: str | Path, split: str, threshold: float, out: str | Path) -> Path:
+    """Read a split's annotations and frame list once, for every extraction task of that split.
+
+    ``out/`` gets ``proposals.npz`` (the proposals and every annotated keyframe) and ``frames.json`` (frame counts
+    of videos whose frame list follows ``<id>/<id>_%06d.jpg``, explicit paths for the others); written into a
+    temporary folder renamed into place.
+    """
+    out = Path(out)
+    paths = ava.AvaPaths(data_root)
+    proposals = split_proposals(data_root, split, threshold)
+    keyframes = split_keyframes(data_root, split)
+    counts, irregular = {}, {}
+    for video_id, frames in ava.frames_by_video(ava.read_frame_list(paths.frame_list(split))).items():
+        canonical = [f"{video_id}/{video_id}_{i:06d}.jpg" for i in range(1, len(frames) + 1)]
+        if frames == canonical:
+            counts[video_id] = len(frames)
+        else:
+            irregular[video_id] = frames
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arrays = {f: getattr(proposals, f) for f in _PROPOSAL_FIELDS}
+    arrays["video_ids"] = arrays["video_ids"].astype(str)
+    np.savez(tmp / "proposals.npz", **arrays, kf_video=np.array([v for v, _ in keyframes], dtype=str),
+             kf_sec=np.array([s for _, s in keyframes], dtype=np.int64))
+    (tmp / "frames.json").write_text(json.dumps({"counts": counts, "irregular": irregular}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def read_split_index(index: str | Path) -> tuple[ava.Proposals, list[tuple[str, int]], Mapping[str, list[str]]]:
+    """(proposals, annotated keyframes, video id -> frame paths) of a ``write_split_index`` folder."""
+    index = Path(index)
+    with np.load(index / "proposals.npz") as z:
+        fields = {f: z[f] for f in _PROPOSAL_FIELDS}
+        fields["video_ids"] = fields["video_ids"].astype(object)
+        keyframes = list(zip(z["kf_video"].tolist(), z["kf_sec"].tolist()))
+    frames = json.loads((index / "frames.json").read_text())
+    return ava.Proposals(**fields), keyframes, CanonicalFrames(frames["counts"], frames["irregular"])
 
 
 def commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[str]) -> dict:

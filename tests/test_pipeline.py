@@ -44,7 +44,8 @@ def run(task) -> list[str]:
 def test_full_ablation_then_rerun_does_nothing(luigi_config, monkeypatch):
     ablation = tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)
     ran = run(ablation)
-    assert sorted(set(ran)) == ["Backbone", "ExtractVideo", "FeatureCache", "FullAblation", "PrepareData", "TrainHead"]
+    assert sorted(set(ran)) == ["Backbone", "ExtractVideo", "FeatureCache", "FullAblation", "PrepareData", "SplitIndex",
+                                "TrainHead"]
     assert ran.count("TrainHead") == 4 and ran.count("ExtractVideo") == 3
     table = pd.read_csv(luigi_config / "ablation" / "table1.csv")
     assert list(table["variant"]) == ["baseline", "st"] and (table["n_seeds"] == 2).all()
