@@ -411,6 +411,7 @@ def _read_frame_list_rows(path: Path) -> pd.DataFrame:
                 fields.append("")
             if len(fields) != 5:
                 raise InputError(path, lineno, f"expected 5 space-separated columns ({' '.join(FRAME_LIST_HEADER)}), got {len(fields)}")
+            fields[4] = fields[4].strip('"')  # labels are written quoted, "" when empty
             try:
                 fields[1], fields[2] = int(fields[1]), int(fields[2])
             except ValueError:

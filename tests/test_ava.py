@@ -118,6 +118,14 @@ def test_frame_list(tmp_path):
     assert err.value.line == 1
 
 
+def test_frame_list_fast_and_row_paths_agree(tmp_path):
+    path = write(tmp_path, "val.csv", "original_vido_id video_id frame_id path labels\n" + "".join(
+        f'-v{v} {v} {i} -v{v}/-v{v}_{i + 1:06d}.jpg ""\n' for v in range(2) for i in range(3)))
+    fast, rows = ava.read_frame_list(path), ava._read_frame_list_rows(path)
+    assert fast.astype(str).values.tolist() == rows.astype(str).values.tolist()
+    assert fast["labels"].tolist() == [""] * 6 and fast["frame_id"].tolist() == [0, 1, 2] * 2
+
+
 def test_keyframe_index_known_answers():
     assert ava.keyframe_frame_index(900) == 0
     assert ava.keyframe_frame_index(902) == 60  # the file <id>_000061.jpg
