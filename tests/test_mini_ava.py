@@ -48,7 +48,9 @@ def test_layout_is_read_by_the_ava_readers(tiny):
     sizes = set()
     for split, n_videos in config.split_videos.items():
         frame_list = ava.read_frame_list(paths.frame_list(split))
-        assert paths.frame_list(split).read_text().splitlines()[0] == "original_vido_id video_id frame_id path labels"
+        lines = paths.frame_list(split).read_text().splitlines()
+        assert lines[0] == "original_vido_id video_id frame_id path labels"
+        assert all(line.endswith(' ""') for line in lines[1:])
         videos = list(dict.fromkeys(frame_list["original_vido_id"]))
         assert len(videos) == n_videos
         for index, vid in enumerate(videos):
@@ -57,7 +59,7 @@ def test_layout_is_read_by_the_ava_readers(tiny):
             n = config.seconds * ava.FPS
             assert (rows["video_id"] == index).all() and list(rows["frame_id"]) == list(range(n))
             assert list(rows["path"]) == [f"{vid}/{vid}_{k:06d}.jpg" for k in range(1, n + 1)]
-            assert (rows["labels"] == '""').all()
+            assert (rows["labels"] == "").all()  # written as "" (PySlowFast's empty labels), read unquoted
             files = sorted(p.name for p in (paths.frames / vid).iterdir())
             assert files == [f"{vid}_{k:06d}.jpg" for k in range(1, n + 1)]
             sizes.add(Image.open(paths.frame_path(vid, 1)).size)
