@@ -256,7 +256,9 @@ def train_head(
     losses: list[float] = []
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=f"train {config.name} seed {seed}", unit="step", disable=not progress, leave=False)
+    # a bar on a terminal only (disable=None): in a log file every refresh would be another line
+    bar = tqdm(total=total, desc=f"train {config.name} seed {seed}", unit="step", leave=False, mininterval=0.5,
+               disable=None if progress else True)
     model.train()
     for epoch in range(train.epochs):
         for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers):
