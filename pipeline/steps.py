@@ -221,8 +221,8 @@ def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int
     """The minimal backbone step of the mini pipeline: the ``mini`` SlowFast from random weights, trained end to end
     with the baseline head on the mini-AVA training split (``pipeline.finetune``).
 
-    16 epochs (about 170 s on 2 cores): with 8, three of the four context heads scored below the baseline on the
-    mini-AVA (53.0-53.7 vs 53.9 mAP); with 16 every context variant is at or above it (56.4-57.3 vs 56.3), see
+    16 epochs take about 170 s on 2 cores, half of the mini demo's 10-minute budget. Table 1 on the mini-AVA is
+    sensitive to this number (8 / 16 / 32 epochs put the context heads below / above / below the baseline), see
     README."""
     from pipeline.backbone import PRESETS
     from pipeline.finetune import FinetuneConfig, finetune_on_ava
