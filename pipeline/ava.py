@@ -214,13 +214,15 @@ class RowProblem:
 
 
 def scan_csv(
-    path: str | Path, columns: Sequence[Column], max_problems: int | None = None
+    path: str | Path, columns: Sequence[Column], max_problems: int | None = None, with_lines: bool = False
 ) -> tuple[pd.DataFrame, list[RowProblem]]:
     """Parse a comma-separated AVA file row by row, collecting every problem with its line number.
 
-    Blank lines are skipped. Rows with a problem are left out of the returned frame.
+    Blank lines are skipped. Rows with a problem are left out of the returned frame; ``with_lines`` adds a
+    ``line`` column, the 1-based line of each row kept, so later checks can name it.
     """
     path = Path(path)
+    lines: list[int] = []
     rows: list[list[object]] = []
     problems: list[RowProblem] = []
     names = ",".join(c.name for c in columns)
@@ -244,10 +246,13 @@ def scan_csv(
                         break
                 else:
                     rows.append(parsed)
+                    lines.append(lineno)
             if max_problems is not None and len(problems) >= max_problems:
                 break
-    frame = pd.DataFrame(rows, columns=[c.name for c in columns])
-    return _typed(frame, columns), problems
+    frame = _typed(pd.DataFrame(rows, columns=[c.name for c in columns]), columns)
+    if with_lines:
+        frame["line"] = np.array(lines, dtype=np.int64)
+    return frame, problems
 
 
 def _open(path: Path):
@@ -339,39 +344,32 @@ def read_exclusions(path: str | Path | None) -> set[str]:
     return {make_key(v, t) for v, t in zip(frame["video_id"], frame["timestamp"])}
 
 
+def bad_boxes(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(degenerate (R,), outside (R,)) masks of the rows' x1 y1 x2 y2: zero or negative size, or beyond [0, 1]."""
+    x1, y1, x2, y2 = (frame[c].to_numpy() for c in ("x1", "y1", "x2", "y2"))
+    degenerate = (x2 <= x1) | (y2 <= y1)
+    outside = (np.minimum.reduce([x1, y1, x2, y2]) < 0) | (np.maximum.reduce([x1, y1, x2, y2]) > 1)
+    return degenerate, outside
+
+
 def _check_boxes(path: str | Path, frame: pd.DataFrame) -> None:
     """Ground-truth boxes must be non-degenerate and inside [0, 1]; names the first bad row's line."""
-    x1, y1, x2, y2 = (frame[c].to_numpy() for c in ("x1", "y1", "x2", "y2"))
-    bad = (x2 <= x1) | (y2 <= y1) | (np.minimum.reduce([x1, y1, x2, y2]) < 0) | (np.maximum.reduce([x1, y1, x2, y2]) > 1)
-    if bad.any():
-        problems = box_problems(path)  # the row pass recovers line numbers (blank lines shift rows)
-        raise problems[0].error()
-
-
-def _box_problems(path: str | Path) -> tuple[pd.DataFrame, list[RowProblem]]:
-    path = Path(path)
-    frame, problems = scan_csv(path, GROUNDTRUTH)
-    problems = list(problems)
-    lineno = 0
-    with _open(path) as f:
-        for lineno, fields in enumerate(csv.reader(f), start=1):
-            if len(fields) != len(GROUNDTRUTH):
-                continue
-            try:
-                x1, y1, x2, y2 = (float(v) for v in fields[2:6])
-            except ValueError:
-                continue
-            if x2 <= x1 or y2 <= y1:
-                problems.append(RowProblem(path, lineno, f"degenerate or inverted box x1={x1} y1={y1} x2={x2} y2={y2}"))
-            elif min(x1, y1, x2, y2) < 0 or max(x1, y1, x2, y2) > 1:
-                problems.append(RowProblem(path, lineno, f"box outside [0, 1]: {x1} {y1} {x2} {y2}"))
-    problems.sort(key=lambda p: p.line)
-    return frame, problems
+    degenerate, outside = bad_boxes(frame)
+    if (degenerate | outside).any():
+        raise box_problems(path)[0].error()  # the row pass recovers line numbers (blank lines shift rows)
 
 
 def box_problems(path: str | Path) -> list[RowProblem]:
-    """All row problems of a ground truth or detections file, including boxes outside [0,1] or degenerate."""
-    return _box_problems(path)[1]
+    """All row problems of a ground truth file, including boxes outside [0,1] or degenerate, in line order."""
+    path = Path(path)
+    frame, problems = scan_csv(path, GROUNDTRUTH, with_lines=True)
+    degenerate, outside = bad_boxes(frame)
+    for i in np.flatnonzero(degenerate | outside):
+        x1, y1, x2, y2 = (frame[c].iat[i] for c in ("x1", "y1", "x2", "y2"))
+        message = (f"degenerate or inverted box x1={x1} y1={y1} x2={x2} y2={y2}" if degenerate[i]
+                   else f"box outside [0, 1]: {x1} {y1} {x2} {y2}")
+        problems.append(RowProblem(path, int(frame["line"].iat[i]), message))
+    return sorted(problems, key=lambda p: p.line)
 
 
 # ----------------------------------------------------------------------------------------------- frame lists

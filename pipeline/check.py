@@ -93,9 +93,9 @@ def check_ava(root: str | Path, splits: tuple[str, ...] = ava.SPLITS, check_fram
     if not paths.root.is_dir():
         report.add("missing files", str(paths.root), "not a directory")
         return report
-    labelmap = _check_labelmap(paths, report)
+    _check_labelmap(paths, report)
     for split in splits:
-        report.splits[split] = _check_split(paths, split, labelmap, report, check_frames)
+        report.splits[split] = _check_split(paths, split, report, check_frames)
     return report
 
 
@@ -115,13 +115,14 @@ def _check_labelmap(paths: ava.AvaPaths, report: CheckReport) -> dict[int, str]:
 
 
 def _check_rows(path: Path, columns, report: CheckReport):
-    frame, problems = ava.scan_csv(path, columns)
+    """The parsable rows, with their ``line``; every unparsable row goes into the report."""
+    frame, problems = ava.scan_csv(path, columns, with_lines=True)
     for p in problems:
         report.add("unparsable rows", f"{p.path}:{p.line}", p.message)
     return frame
 
 
-def _check_split(paths: ava.AvaPaths, split: str, labelmap, report: CheckReport, check_frames: bool) -> SplitCounts:
+def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_frames: bool) -> SplitCounts:
     counts = SplitCounts()
     required = {"ground truth": paths.groundtruth(split), "frame list": paths.frame_list(split)}
     optional = {"exclusions": paths.exclusions(split), "detections": paths.detections(split)}
@@ -138,11 +139,10 @@ def _check_split(paths: ava.AvaPaths, split: str, labelmap, report: CheckReport,
         excl = _check_rows(paths.exclusions(split), ava.EXCLUSIONS, report)
         counts.excluded = len(excl)
     keyframes: set[tuple[str, int]] = set()
-    for name, frame, path in (("ground truth", gt, paths.groundtruth(split)), ("detections", det, paths.detections(split))):
+    for frame, path in ((gt, paths.groundtruth(split)), (det, paths.detections(split))):
         if frame is None or frame.empty:
             continue
-        lines = _data_line_numbers(path)
-        _check_values(frame, lines, path, labelmap, report, is_gt=name == "ground truth")
+        _check_values(frame, path, report)
         keyframes |= set(zip(frame["video_id"], frame["timestamp"].astype(int)))
     if gt is not None and not gt.empty:
         counts.gt_rows = len(gt)
@@ -164,22 +164,15 @@ def _check_split(paths: ava.AvaPaths, split: str, labelmap, report: CheckReport,
     return counts
 
 
-def _data_line_numbers(path: Path) -> np.ndarray:
-    """1-based line numbers of the non-blank lines, to map parsed rows back to lines."""
-    with open(path, newline="") as f:
-        return np.array([i for i, line in enumerate(f, start=1) if line.strip()], dtype=np.int64)
-
-
-def _check_values(frame, lines, path: Path, labelmap, report: CheckReport, is_gt: bool) -> None:
-    # Rows that failed to parse were dropped from `frame`; map row -> line through the parsable lines.
-    good = _parsable_lines(path, frame, lines)
+def _check_values(frame, path: Path, report: CheckReport) -> None:
+    """Report boxes outside [0, 1] or degenerate, timestamps out of range and unknown action ids, by line."""
     x1, y1, x2, y2 = (frame[c].to_numpy() for c in ("x1", "y1", "x2", "y2"))
-    outside = (np.minimum.reduce([x1, y1, x2, y2]) < 0) | (np.maximum.reduce([x1, y1, x2, y2]) > 1)
-    degenerate = (x2 <= x1) | (y2 <= y1)
+    degenerate, outside = ava.bad_boxes(frame)
     ts = frame["timestamp"].to_numpy()
     out_of_range = (ts < ava.FIRST_KEYFRAME) | (ts > ava.LAST_KEYFRAME)
     actions = frame["action_id"].to_numpy()
     unknown = (actions != -1) & ((actions < 1) | (actions > ava.NUM_CLASSES))
+    lines = frame["line"].to_numpy()
     checks = (
         ("boxes outside [0,1]", outside, lambda i: f"box {x1[i]} {y1[i]} {x2[i]} {y2[i]} is outside [0, 1]"),
         ("degenerate boxes", degenerate, lambda i: f"box {x1[i]} {y1[i]} {x2[i]} {y2[i]} has zero or negative size"),
@@ -189,17 +182,7 @@ def _check_values(frame, lines, path: Path, labelmap, report: CheckReport, is_gt
     )
     for kind, mask, message in checks:
         for i in np.flatnonzero(mask):
-            report.add(kind, f"{path}:{good[i]}", message(i))
-
-
-def _parsable_lines(path: Path, frame, lines: np.ndarray) -> np.ndarray:
-    if len(frame) == len(lines):
-        return lines
-    # some rows failed to parse: find which lines made it into the frame
-    _, problems = ava.scan_csv(path, ava.GROUNDTRUTH if "person_id" in frame.columns else
-                               (ava.DETECTIONS if "score" in frame.columns else ava.EXCLUSIONS))
-    bad = {p.line for p in problems}
-    return np.array([line for line in lines if line not in bad], dtype=np.int64)
+            report.add(kind, f"{path}:{lines[i]}", message(i))
 
 
 def _check_frames(paths: ava.AvaPaths, split: str, frames: dict[str, list[str]], keyframes, report) -> int:
