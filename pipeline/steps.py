@@ -55,20 +55,31 @@ def annotations(data_root: str | Path, split: str) -> dict[str, Path | None]:
             "exclusions": excl if excl.exists() else None, "labelmap": paths.labelmap}
 
 
+def split_annotations(data_root: str | Path, split: str, threshold: float = 0.8,
+                      ) -> tuple[ava.Proposals, list[tuple[str, int]]]:
+    """(``split_proposals``, ``split_keyframes``) from one read of the split's ground truth and detections."""
+    paths = ava.AvaPaths(data_root)
+    gt, det = ava.read_groundtruth(paths.groundtruth(split)), ava.read_detections(paths.detections(split))
+    return _proposals(split, gt, det, threshold), _keyframes(gt, det)
+
+
 def split_proposals(data_root: str | Path, split: str, threshold: float = 0.8) -> ava.Proposals:
     """Training proposals for ``train`` (ground truth + detector boxes >= threshold), detector boxes for the rest."""
-    paths = ava.AvaPaths(data_root)
-    det = ava.read_detections(paths.detections(split))
-    if split == "train":
-        return ava.training_proposals(ava.read_groundtruth(paths.groundtruth(split)), det, threshold)
-    return ava.eval_proposals(det)
+    return split_annotations(data_root, split, threshold)[0]
 
 
 def split_keyframes(data_root: str | Path, split: str) -> list[tuple[str, int]]:
     """Every annotated keyframe of a split (ground truth or detections), sorted."""
-    paths = ava.AvaPaths(data_root)
+    return split_annotations(data_root, split)[1]
+
+
+def _proposals(split: str, gt, det, threshold: float) -> ava.Proposals:
+    return ava.training_proposals(gt, det, threshold) if split == "train" else ava.eval_proposals(det)
+
+
+def _keyframes(gt, det) -> list[tuple[str, int]]:
     keys = set()
-    for frame in (ava.read_groundtruth(paths.groundtruth(split)), ava.read_detections(paths.detections(split))):
+    for frame in (gt, det):
         keys |= set(zip(frame["video_id"].astype(str), frame["timestamp"].astype(int)))
     return sorted(keys)
 
@@ -123,8 +134,7 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     if store.is_complete(video_id):
         return {"video_id": video_id, "skipped": True}
     if index is None:
-        keyframes = split_keyframes(data_root, split)
-        proposals = split_proposals(data_root, split, extraction.threshold)
+        proposals, keyframes = split_annotations(data_root, split, extraction.threshold)
         frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
     else:
         proposals, keyframes, frame_lists = read_split_index(index)
@@ -171,8 +181,7 @@ def write_split_index(data_root: str | Path, split: str, threshold: float, out: 
     """
     out = Path(out)
     paths = ava.AvaPaths(data_root)
-    proposals = split_proposals(data_root, split, threshold)
-    keyframes = split_keyframes(data_root, split)
+    proposals, keyframes = split_annotations(data_root, split, threshold)
     counts, irregular = {}, {}
     for video_id, frames in ava.frames_by_video(ava.read_frame_list(paths.frame_list(split))).items():
         canonical = [f"{video_id}/{video_id}_{i:06d}.jpg" for i in range(1, len(frames) + 1)]
