@@ -148,7 +148,10 @@ class Backbone(luigi.Task):
 
 
 class _CacheTask(luigi.Task):
-    """Parameters shared by the extraction tasks: the dataset, the backbone and the extraction config."""
+    """Parameters shared by the extraction tasks: the dataset, the backbone and the extraction config.
+
+    Downstream tasks pass them on with ``self.clone(...)``, which copies every parameter the two classes share.
+    """
 
     dataset = DatasetParameter()
     threshold = luigi.FloatParameter(default=0.8, description="detector score for training proposals")
@@ -229,7 +232,7 @@ class ExtractVideo(_CacheTask):
     video = luigi.Parameter()
 
     def requires(self):
-        index = SplitIndex(dataset=self.dataset, split=self.split, threshold=self.threshold)
+        index = self.clone(SplitIndex)
         return [self.data(), self.backbone(), index]
 
     def output(self):
@@ -249,7 +252,7 @@ class FeatureCache(_CacheTask):
     split = luigi.ChoiceParameter(choices=["train", "val"], default="val")
 
     def requires(self):
-        return [self.data(), self.backbone(), SplitIndex(dataset=self.dataset, split=self.split, threshold=self.threshold)]
+        return [self.data(), self.backbone(), self.clone(SplitIndex)]
 
     def output(self):
         return StoreTarget(self, split=self.split)
@@ -259,8 +262,7 @@ class FeatureCache(_CacheTask):
 
         _, keyframes, _ = read_split_index(self.requires()[2].folder())
         videos = sorted({v for v, _ in keyframes})
-        params = {k: getattr(self, k) for k in ("dataset", "threshold", "dtype", "compressor", "device", "decode_workers")}
-        yield [ExtractVideo(split=self.split, video=v, **params) for v in videos]
+        yield [self.clone(ExtractVideo, video=v) for v in videos]
         commit_split(self.store_url(), self.spec(), self.split, videos)
 
 
@@ -284,8 +286,7 @@ class TrainHead(_CacheTask):
     box_jitter = luigi.FloatParameter(default=0.0)
 
     def requires(self):
-        params = {k: getattr(self, k) for k in ("dataset", "threshold", "dtype", "compressor", "device", "decode_workers")}
-        return {"train": FeatureCache(split="train", **params), "val": FeatureCache(split="val", **params)}
+        return {split: self.clone(FeatureCache, split=split) for split in ("train", "val")}
 
     def head_config(self):
         """The variant at the sizes of the backbone that fills the cache (``heads.SIZES`` is keyed by preset)."""
@@ -335,8 +336,7 @@ class FullAblation(_CacheTask):
     epochs = luigi.OptionalIntParameter(default=None)
 
     def requires(self):
-        params = {k: getattr(self, k) for k in ("dataset", "threshold", "dtype", "compressor", "device", "decode_workers")}
-        return [TrainHead(variant=v, seed=s, epochs=self.epochs, **params) for v in self.variants for s in self.seeds]
+        return [self.clone(TrainHead, variant=v, seed=s) for v in self.variants for s in self.seeds]
 
     def table_dir(self) -> Path:
         return ablation_dir() / short_hash([t.output().path for t in self.requires()])
