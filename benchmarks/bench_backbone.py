@@ -35,7 +35,7 @@ from pipeline.backbone import PRESETS, boxes_to_rois, build_backbone  # noqa: E4
 from pipeline.clips import KeyframeClips, clip_loader  # noqa: E402
 from pipeline.finetune import ActionDetector, ActorClassifier  # noqa: E402
 
-from benchdoc import write_section
+from benchdoc import publish
 
 SECTION = "backbone"
 
@@ -176,9 +176,7 @@ normalised; textured 180-frame test videos, quality 90), {args.decode_items} ite
 
 The worker rows include starting the workers. The machine is shared, so numbers vary from run to run.
 """
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
+    publish(SECTION, text, write=not args.no_write)
     return 0
 
 

@@ -33,7 +33,7 @@ from cache import CacheDataset, CacheSpec, FeatureStore, StorageConfig, make_loa
 from cache.synthetic import SyntheticShape, actor_from_maps, random_boxes, relu_like, time_pooled_relu_like  # noqa: E402
 from cache.verify import store_bytes  # noqa: E402
 
-from benchdoc import write_section
+from benchdoc import publish
 
 SECTION = "cache"
 OPTIONS = [
@@ -270,10 +270,7 @@ def main() -> int:
         + ", ".join(f"{k}: {v:.0f} kB/kf" for k, v in pooled_kb.items())
         + ". Real SlowFast maps should be measured with `stctx cache info` on a real store (bytes per keyframe).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
+    publish(SECTION, "\n".join(lines), write=not args.no_write)
     return 0
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.ava import SHIPPED_LABELMAP, read_labelmap  # noqa: E402
 
-from benchdoc import write_section
+from benchdoc import publish
 
 SECTION = "eval"
 FIRST_SECOND = 902
@@ -248,10 +248,7 @@ def main() -> int:
         "interpreter start and imports (numpy, pandas, pyarrow) and the ground truth. The wall times above are "
         "inflated by the other jobs sharing the 2 cores; the official evaluator takes about 2.3 minutes at this size (AVA.md; not measured here).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
+    publish(SECTION, "\n".join(lines), write=not args.no_write)
     return 0
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchdoc import write_section
+from benchdoc import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 LUIGI = [sys.executable, "-m", "luigi", "--module", "tasks"]
@@ -94,10 +94,7 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| {v} | {len(ts)} | {sum(ts) / len(ts):.1f} | {max(ts):.1f} |" for v, ts in sorted(per_variant.items())],
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
+    publish(SECTION, "\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchdoc import write_section
+from benchdoc import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "storage-map"
@@ -77,10 +77,7 @@ def main() -> None:
         "The baseline reads only actor features, which stay float16 in both stores, so its rows are equal by "
         "construction; the context variants read the 8-bit maps.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
+    publish(SECTION, "\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,10 @@ def write_section(section: str, text: str, doc: Path = DOC) -> None:
     tmp = doc.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(doc)
+
+
+def publish(section: str, text: str, write: bool = True) -> None:
+    """Print a benchmark's report and, unless ``write`` is False (``--no-write``), replace its section."""
+    print(text)
+    if write:
+        write_section(section, text)
