@@ -1,7 +1,8 @@
 """The feature cache: a content-addressed Zarr v3 store of SlowFast maps, boxes and actor features.
 
 Schema: ``cache.schema``; opening and identity: ``cache.store``; writing a video: ``cache.writer``;
-reading for heads: ``cache.reader``; ``stctx cache info|verify``: ``cache.verify``.
+reading for heads: ``cache.reader`` (local stores through ``cache.shards``, straight from the shard files);
+``stctx cache info|verify``: ``cache.verify``.
 
 Names are imported on first use, so the writer and ``stctx cache`` start without importing torch.
 """
