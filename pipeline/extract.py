@@ -11,8 +11,9 @@ last, so a killed extraction leaves nothing that looks complete.
 from __future__ import annotations
 
 import contextlib
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +46,42 @@ def box_table(proposals: Proposals, video_id: str, secs: Sequence[int]) -> BoxTa
     return BoxTable.from_keyframes(rows)
 
 
+class StageClock:
+    """Wall seconds per stage of a loop, added to the dict ``into``; with ``into=None`` it does nothing.
+
+    ``lap(stage)`` adds the time since the previous lap (or since the clock was made) to ``stage``, after waiting
+    for the device (``torch.cuda.synchronize``), so the laps add up to the loop's wall time. Because the CPU no
+    longer runs ahead of the GPU, a timed run is slower than an untimed one.
+    """
+
+    def __init__(self, into: dict[str, float] | None, device: torch.device):
+        self.into, self.cuda = into, device.type == "cuda"
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.into is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.into[stage] = self.into.get(stage, 0.0) + now - self.last
+        self.last = now
+
+    def timed(self, fn: Callable, stage: str) -> Callable:
+        """``fn`` with the seconds of each call added to ``stage``: for work in another thread (not a lap)."""
+        if self.into is None:
+            return fn
+
+        def call(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.into[stage] = self.into.get(stage, 0.0) + time.perf_counter() - start
+
+        return call
+
+
 def _video_secs(clips_loader, video_id: str) -> list[int]:
     dataset = getattr(clips_loader, "dataset", None)
     keyframes = getattr(dataset, "keyframes", None)
@@ -64,6 +101,7 @@ def extract_video(
     secs: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     amp: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> dict:
     """Extract the features of ``video_id`` into ``store`` (opened with ``FeatureStore.create``).
 
@@ -72,6 +110,12 @@ def extract_video(
     are those seconds (default: the loader dataset's keyframes of the video). ``proposals`` hold the
     boxes (``pipeline.ava.training_proposals`` or ``eval_proposals``); a keyframe without any gets its
     maps stored and no boxes. Mixed precision on CUDA when ``amp``.
+
+    ``timings``: a dict to add wall seconds per stage to (``StageClock``: the device is synchronised after each
+    stage, which slows the run down): ``first_batch`` waiting for the clips loader's first batch (its workers
+    start), ``load`` waiting for the others, ``to_device``, ``backbone``, ``pool_roi`` (time pooling and RoIAlign), ``to_host``, ``write_wait`` (waiting
+    for the writer thread, creating the group and the final flush); these add up to the call's time. ``write``
+    is the writer thread's time in ``append`` (compression and storage writes), overlapping the others.
 
     Returns dict(video_id, keyframes, boxes, skipped): ``skipped`` when the group was already complete
     (then nothing is computed and the loader is not iterated).
@@ -93,8 +137,11 @@ def extract_video(
     # write-behind: the previous batch is compressed and written while the GPU computes the next one
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
     pending: Future | None = None
+    clock = StageClock(timings, device)
+    append = None
     with pool, torch.inference_mode():
         for batch in clips_loader:
+            clock.lap("load" if done else "first_batch")
             videos = set(batch["video_id"])
             if videos != {video_id}:
                 raise ValueError(f"extract_video({video_id!r}): the loader yields keyframes of {sorted(videos)}")
@@ -103,8 +150,11 @@ def extract_video(
                 want = [make_key(video_id, s) for s in secs[done : done + len(batch_secs)]]
                 raise ValueError(f"extract_video({video_id!r}): expected keyframes {want} in order, got {batch_secs}")
             h, w = int(batch["height"]), int(batch["width"])
+            clip = [batch["slow"].to(device, non_blocking=True), batch["fast"].to(device, non_blocking=True)]
+            clock.lap("to_device")
             with autocast:
-                Fs, Ff = backbone([batch["slow"].to(device, non_blocking=True), batch["fast"].to(device, non_blocking=True)])
+                Fs, Ff = backbone(clip)
+            clock.lap("backbone")
             slow, fast, fast_seq = (x.float() for x in pool_maps(Fs.float(), Ff.float()))  # (B,C_s,h,w) (B,C_f,h,w) (B,C_f,T_f)
             a, b = table.offsets[done], table.offsets[done + len(batch_secs)]
             per_clip = [
@@ -115,6 +165,9 @@ def extract_video(
             actor = actor_features(slow, fast, rois, backbone_cfg.aligned)  # (N, C_s + C_f, R, R)
             if actor.shape[0] != b - a:
                 raise AssertionError(f"{video_id}: {actor.shape[0]} actor features for {b - a} boxes")
+            clock.lap("pool_roi")
+            host = [x.to(to_host).cpu() for x in (slow, fast, fast_seq, actor)]
+            clock.lap("to_host")
             if writer is None:
                 writer = store.begin_video(
                     video_id,
@@ -125,14 +178,16 @@ def extract_video(
                     channels=(slow.shape[1], fast.shape[1], fast_seq.shape[2]),
                     attributes={"backbone": backbone_cfg.to_dict()},
                 )
-            host = [x.to(to_host).cpu() for x in (slow, fast, fast_seq, actor)]
+                append = clock.timed(writer.append, "write")
             if pending is not None:
                 pending.result()  # one batch in flight at most; re-raises the writer's error
-            pending = pool.submit(writer.append, *host)
+            clock.lap("write_wait")
+            pending = pool.submit(append, *host)
             done += len(batch_secs)
         if pending is not None:
             pending.result()
     if writer is None or done != len(secs):
         raise ValueError(f"extract_video({video_id!r}): the loader gave {done} of {len(secs)} keyframes")
     marker = writer.finish()
+    clock.lap("write_wait")
     return dict(video_id=video_id, keyframes=marker["keyframes"], boxes=marker["boxes"], skipped=False)

@@ -198,6 +198,35 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, total_steps: int,
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (weight decay on weight matrices only) and its schedule: linear warm-up over ``train.warmup`` of
+    ``total_steps``, then cosine decay to zero; step the scheduler once per optimiser step."""
+    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _schedule(s, total_steps, max(1, int(train.warmup * total_steps))))
+    return optimizer, scheduler
+
+
+def train_step(model: torch.nn.Module, batch: Mapping, needs: frozenset[str], optimizer: torch.optim.Optimizer,
+               scheduler, grad_clip: float) -> torch.Tensor:
+    """One optimisation step on a batch already on the head's device (``to_device`` or ``ResidentSplit``).
+
+    Forward in bf16 autocast on CUDA (float32 elsewhere), BCE over the K classes in float32, backward, global
+    gradient-norm clipping at ``grad_clip``, AdamW step, scheduler step. Returns the loss as a detached 0-d
+    tensor on the device: reading it (``.item()``) waits for the step to finish.
+    """
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["actor"].is_cuda):
+        logits = model(head_inputs(batch, needs))  # (N, K)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
 def feature_spec(store: FeatureStore) -> dict:
     """What a head trained on this store expects of its inputs (goes into the checkpoint)."""
     video = store.video(store.video_ids()[0])
@@ -244,12 +273,9 @@ def train_head(
     model = build_head(config).to(device)
     jitter = train.box_jitter > 0
     train_data = open_split(store, train_split, config.needs, device, train.memory_budget, jitter=jitter)
-    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr)
     steps_per_epoch = math.ceil(len(train_data) / train.batch_size)
     total = steps_per_epoch * train.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _schedule(s, total, max(1, int(train.warmup * total))))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer, scheduler = make_optimizer(model, train, total)
     shuffle = torch.Generator().manual_seed(seed)
     jitter_rng = torch.Generator().manual_seed(seed + 1)
 
@@ -266,14 +292,7 @@ def train_head(
                 boxes = jitter_boxes(batch["boxes"], train.box_jitter, jitter_rng)
                 batch["actor"] = recompute_actor_features(batch["slow"], batch["fast"], boxes, batch["box_clip"],
                                                           batch["image_hw"], train_data.aligned, batch["map_hw"])
-            with autocast:
-                logits = model(head_inputs(batch, config.needs))  # (N, K)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = train_step(model, batch, config.needs, optimizer, scheduler, train.grad_clip)
             losses.append(loss.item())
             seen += len(batch["sec"])
             bar.update(1)

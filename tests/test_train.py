@@ -11,7 +11,7 @@ from heads import ABLATION, HeadInputs, build_head, variant
 from pipeline import ava, steps
 from pipeline.backbone import actor_features, backbone_from_checkpoint, boxes_to_rois, pool_maps
 from pipeline.clips import KeyframeClips, collate_clips
-from pipeline.train import ResidentSplit, TrainConfig, head_inputs, load_head, train_head
+from pipeline.train import ResidentSplit, TrainConfig, head_inputs, load_head, make_optimizer, train_head, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -90,3 +90,20 @@ def test_head_size_must_match_the_cache(tiny_ava, tiny_cache, tmp_path):
     val = steps.annotations(tiny_ava, "val")
     with pytest.raises(ValueError, match="C_s"):
         train_head(variant("st", "r50"), tiny_cache, tmp_path, groundtruth=val["groundtruth"], labelmap=val["labelmap"])
+
+
+def test_train_step_updates_the_head_on_the_schedule(tiny_cache):
+    config = variant("baseline", "mini")
+    split = ResidentSplit(CacheDataset(tiny_cache, split="train", fields=frozenset({"actor"})), torch.device("cpu"),
+                          frozenset({"actor"}))
+    torch.manual_seed(0)
+    model = build_head(config).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, scheduler = make_optimizer(model, TrainConfig(lr=1e-3, warmup=0.5), total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        loss = train_step(model, split.batch(torch.arange(2)), config.needs, optimizer, scheduler, grad_clip=1.0)
+        assert loss.dim() == 0 and not loss.requires_grad and torch.isfinite(loss)
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # linear warm-up over 2 steps, then cosine towards zero
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.dim() == 2)

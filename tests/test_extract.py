@@ -1,0 +1,43 @@
+"""Extraction's optional stage timings: every stage reported, and the features written are the same."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cache import CacheSpec, FeatureStore, StorageConfig
+from pipeline.ava import groundtruth_proposals
+from pipeline.backbone import PRESETS, build_backbone
+from pipeline.extract import extract_video
+
+STAGES = {"first_batch", "load", "to_device", "backbone", "pool_roi", "to_host", "write_wait"}
+
+
+def test_extract_video_timings_cover_the_call_and_change_nothing(tmp_path):
+    cfg = PRESETS["mini"]
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg).eval()
+    gt = pd.DataFrame(dict(video_id=["v"] * 3, timestamp=[902, 903, 904], x1=[0.1, 0.2, 0.5], y1=[0.2, 0.0, 0.1],
+                           x2=[0.6, 0.7, 1.0], y2=[0.9, 0.8, 0.7], action_id=[3, 12, 80], person_id=[0, 0, 1]))
+    h, w = 64, 96
+    g = torch.Generator().manual_seed(1)
+    clips = [(torch.randn(b, 3, cfg.t_slow, h, w, generator=g), torch.randn(b, 3, cfg.t_fast, h, w, generator=g)) for b in (2, 1)]
+    loader = [dict(slow=s, fast=f, video_id=["v"] * len(s), sec=secs, height=h, width=w)
+              for (s, f), secs in zip(clips, ([902, 903], [904]))]
+    stores, timings = [], {}
+    for name, into in (("plain", None), ("timed", timings)):
+        spec = CacheSpec("ab" * 32, {"backbone": "mini", "run": name}, aligned=cfg.aligned,
+                         storage=StorageConfig("float32", "none", 0))
+        stores.append(FeatureStore.create(tmp_path / spec.name, spec))
+        start = time.perf_counter()
+        extract_video(backbone, cfg, loader, groundtruth_proposals(gt), stores[-1], "v", secs=[902, 903, 904],
+                      timings=into)
+        wall = time.perf_counter() - start
+    assert set(timings) == STAGES | {"write"} and all(v >= 0 for v in timings.values())
+    assert sum(timings[k] for k in STAGES) <= wall
+    plain, timed = (s.video("v") for s in stores)
+    for name in ("slow", "fast", "fast_seq", "actor"):
+        np.testing.assert_array_equal(plain[name][...], timed[name][...], err_msg=name)
