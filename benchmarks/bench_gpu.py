@@ -9,10 +9,10 @@ GPU run)::
     .venv/bin/python benchmarks/bench_gpu.py --part head --no-write          # one part, print only
     .venv/bin/python benchmarks/bench_gpu.py --smoke --device cpu --no-write  # tiny sizes on the CPU (what the test runs)
 
-This workplace's device machines have no network, so ``make setup`` cannot install there; their python3 (3.12) has
-torch, torchvision, numpy, pandas, pyarrow, pillow, tqdm, pyyaml, portalocker, tabulate. The other packages the
-benchmark imports travel as wheels in the git-ignored folder ``.whl/``, made here once (about 10 MB; see
-/work/.library/device/README.md)::
+On a GPU machine without network access, whose python3 (3.12) already has torch, torchvision, numpy, pandas,
+pyarrow, pillow, tqdm, pyyaml, portalocker and tabulate, ``make setup`` cannot install; the other packages the
+benchmark imports travel with the checkout as wheels in a git-ignored folder ``.whl/``, made once on a machine
+with network access (about 10 MB)::
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
@@ -20,11 +20,11 @@ benchmark imports travel as wheels in the git-ignored folder ``.whl/``, made her
         -d .whl zarr==3.1.6 donfig==0.8.1.post1 numcodecs==0.16.6 google-crc32c==1.9.0 termcolor==3.3.0
     .venv/bin/python -m pip wheel --no-deps -w .whl pytorchvideo==0.1.5 fvcore==0.1.5.post20221221 iopath==0.1.10
 
-A device session then makes one ``run`` with ``carry: [".whl"]`` and ``timeout_s`` 600 and this command::
+and the GPU machine, given the checkout with ``.whl/``, runs (within 10 minutes)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 benchmarks/bench_gpu.py --report "$OUT/bench-gpu.md" 2>&1 | tee "$OUT/bench-gpu.log"
 
-Only $OUT comes back, so the section is written into docs/benchmarks.md here, from the fetched report::
+If only the report file comes back from that machine, write it into docs/benchmarks.md here::
 
     .venv/bin/python -c 'import sys; sys.path.insert(0, "benchmarks"); import benchdoc; benchdoc.write_section("gpu", open(sys.argv[1]).read())' FILES_AT/bench-gpu.md
 
