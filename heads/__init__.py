@@ -2,9 +2,10 @@
 
     from heads import HeadInputs, build_head, variant
     head = build_head(variant("st-sa", size="mini"))
-    logits = head(HeadInputs(actor=..., box_clip=..., slow=..., fast_seq=..., valid=...))  # (N, K)
+    logits = head(HeadInputs(actor=..., box_clip=..., slow=..., fast_seq=..., valid=..., box_map=...))  # (N, K)
 
-``HeadConfig.needs`` names the context fields a head reads; ``to_dict``/``from_dict`` rebuild it from a checkpoint.
+``HeadConfig.needs`` names the context fields a head reads (context heads also place their queries with
+``box_map``, the boxes in map cells: ``pipeline.train.box_map``); ``to_dict``/``from_dict`` rebuild it from a checkpoint.
 """
 
 from heads.blocks import (

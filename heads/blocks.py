@@ -54,6 +54,13 @@ class SinePosition2d(nn.Module):
         grid = torch.cat((rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)), dim=-1)  # (H, W, D)
         return grid.reshape(h * w, self.dim).to(like.dtype)  # (H*W, D)
 
+    def at(self, points: torch.Tensor) -> torch.Tensor:
+        """(..., 2) fractional (row, col) indices -> (..., D): the encoding of a map position at any point,
+        equal to ``forward``'s row for integer points."""
+        rows = _sine(points[..., 0].reshape(-1), self.dim // 2, self.temperature)  # (P, D/2)
+        cols = _sine(points[..., 1].reshape(-1), self.dim // 2, self.temperature)  # (P, D/2)
+        return torch.cat((rows, cols), dim=-1).reshape(*points.shape[:-1], self.dim)  # (..., D)
+
 
 class LearnedPosition1d(nn.Module):
     """Learned table of ``max_len`` positions, indexed absolutely."""
@@ -126,7 +133,7 @@ class FeedForward(nn.Sequential):
 
 
 class PreNormCrossAttention(nn.Module):
-    """x + Attn(LN(x), ctx + pos, ctx); then x + FFN(LN(x)). Queries never attend to each other.
+    """x + Attn(LN(x) + qpos, ctx + pos, ctx); then x + FFN(LN(x)). Queries never attend to each other.
 
     The caller applies a final LayerNorm after the last pre-norm block.
     """
@@ -141,20 +148,23 @@ class PreNormCrossAttention(nn.Module):
         self.drop_ffn = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None
+        self, x: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None,
+        qpos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, Lq, D) queries, ctx (B, L, D) context, pos (L, D) key positions, pad (B, L) True = ignore.
+        """x (B, Lq, D) queries, ctx (B, L, D) context, pos (L, D) key positions, pad (B, L) True = ignore,
+        qpos (B, Lq, D) query positions in the keys' frame, or None.
 
         Returns (B, Lq, D).
         """
         q = self.norm_attn(x)
+        q = q if qpos is None else q + qpos
         a, _ = self.attn(q, ctx + pos, ctx, key_padding_mask=pad, need_weights=False)
         x = x + self.drop_attn(a)
         return x + self.drop_ffn(self.ffn(self.norm_ffn(x)))
 
 
 class PostNormCrossAttention(nn.Module):
-    """LN(x + Attn(x, ctx + pos, ctx)); then LN(x + FFN(x)) (the original Transformer placement)."""
+    """LN(x + Attn(x + qpos, ctx + pos, ctx)); then LN(x + FFN(x)) (the original Transformer placement)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -166,10 +176,11 @@ class PostNormCrossAttention(nn.Module):
         self.norm_ffn = nn.LayerNorm(cfg.width)
 
     def forward(
-        self, x: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None
+        self, x: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None,
+        qpos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same contract as ``PreNormCrossAttention.forward``."""
-        a, _ = self.attn(x, ctx + pos, ctx, key_padding_mask=pad, need_weights=False)
+        a, _ = self.attn(x if qpos is None else x + qpos, ctx + pos, ctx, key_padding_mask=pad, need_weights=False)
         x = self.norm_attn(x + self.drop_attn(a))
         return self.norm_ffn(x + self.drop_ffn(self.ffn(x)))
 

@@ -24,6 +24,9 @@ class HeadInputs:
     - ``fast_seq``: (B, C_f, T_f) space-pooled fast sequence, or None.
     - ``valid``: (B, H, W) bool, True where the map is real; maps of clips with other aspect ratios are
       right/bottom-padded to the batch's H, W. None means every position is real.
+    - ``box_map``: (N, 4) float, each box's x1 y1 x2 y2 in map cells (pixels times the maps' spatial scale),
+      the frame in which map position (row r, col c) covers [c, c + 1) x [r, r + 1). Heads with
+      ``query_pos="box"`` read it to place actor queries on the map; None otherwise.
     """
 
     actor: torch.Tensor
@@ -32,6 +35,7 @@ class HeadInputs:
     fast: torch.Tensor | None = None
     fast_seq: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    box_map: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.actor.dim() != 4:
@@ -41,6 +45,8 @@ class HeadInputs:
                 f"HeadInputs.box_clip: expected a long tensor of shape ({self.actor.shape[0]},), "
                 f"got {self.box_clip.dtype} {tuple(self.box_clip.shape)}"
             )
+        if self.box_map is not None and tuple(self.box_map.shape) != (self.actor.shape[0], 4):
+            raise ValueError(f"HeadInputs.box_map: expected ({self.actor.shape[0]}, 4), got {tuple(self.box_map.shape)}")
         maps = {"slow": 4, "fast": 4, "fast_seq": 3, "valid": 3}
         present = {k: getattr(self, k) for k in maps if getattr(self, k) is not None}
         for k, t in present.items():

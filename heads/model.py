@@ -51,6 +51,18 @@ def unpack_by_clip(packed: torch.Tensor, slot: torch.Tensor, q: int) -> torch.Te
     return packed.reshape(-1, q, packed.shape[-1]).index_select(0, slot)  # (N, Q, D)
 
 
+def query_points(box_map: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, 4) boxes in map cells -> (N, side*side, 2) (row, col) map indices of the centres of a side x side
+    grid over each box (side 1: the box centre), row-major like a flattened RoI. A map cell's index is its
+    corner, so a point at x cells has index x - 0.5."""
+    steps = (torch.arange(side, device=box_map.device, dtype=box_map.dtype) + 0.5) / side  # (S,)
+    x1, y1, x2, y2 = box_map.unbind(-1)  # (N,) each
+    rows = y1[:, None] + steps[None] * (y2 - y1)[:, None] - 0.5  # (N, S)
+    cols = x1[:, None] + steps[None] * (x2 - x1)[:, None] - 0.5  # (N, S)
+    grid = torch.stack(torch.broadcast_tensors(rows[:, :, None], cols[:, None, :]), dim=-1)  # (N, S, S, 2)
+    return grid.reshape(len(box_map), side * side, 2)
+
+
 class PooledActorTokens(nn.Module):
     """One token per actor: the 7x7 RoI features max-pooled, projected to D."""
 
@@ -154,12 +166,20 @@ class ContextHead(nn.Module):
         )
 
     def forward(self, batch: HeadInputs) -> torch.Tensor:
-        """HeadInputs (actor, box_clip and the fields in ``config.needs``) -> logits (N, K)."""
+        """HeadInputs (actor, box_clip, box_map with ``query_pos="box"``, and the fields in ``config.needs``)
+        -> logits (N, K)."""
         contexts = [source(batch) for source in self.sources]
         tokens = self.actor(batch.actor)  # (N, Q, D)
         x, slot = pack_by_clip(tokens, batch.box_clip, contexts[0][0].shape[0])  # (B, M*Q, D)
-        for block, (ctx, pos, pad) in zip(self.blocks, contexts):
-            x = block(x, ctx, pos, pad)  # (B, M*Q, D)
+        qpos = None
+        if self.config.query_pos == "box":
+            points = query_points(batch.require("box_map"), self.config.roi_size if self.config.queries == "grid" else 1)
+            encode = next(s.pos for s in self.sources if isinstance(s, MapTokens))
+            qpos = encode.at(points).to(tokens.dtype)  # (N, Q, D)
+            qpos = qpos.new_zeros(x.shape[0] * (x.shape[1] // qpos.shape[1]), *qpos.shape[1:]).index_copy(0, slot, qpos)
+            qpos = qpos.view(x.shape)  # (B, M*Q, D), packed like x
+        for block, source, (ctx, pos, pad) in zip(self.blocks, self.sources, contexts):
+            x = block(x, ctx, pos, pad, qpos if isinstance(source, MapTokens) else None)  # (B, M*Q, D)
         x = unpack_by_clip(self.norm(x), slot, tokens.shape[1])  # (N, Q, D)
         return self.classifier(x.amax(dim=1))  # (N, K)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache.reader import CacheDataset, collate_runs, make_loader, recompute_actor_features, to_device
-from cache.schema import BOX_FIELDS, SCHEMA_VERSION
+from cache.schema import BOX_FIELDS, SCHEMA_VERSION, SPATIAL_SCALE
 from cache.store import FeatureStore
 from heads import HeadConfig, HeadInputs, build_head
 
@@ -165,11 +165,19 @@ def _iterate(split, batch_size: int, device: torch.device, generator: torch.Gene
     yield from loader
 
 
+def box_map(boxes: torch.Tensor, image_hw: torch.Tensor, box_clip: torch.Tensor) -> torch.Tensor:
+    """(N, 4) normalised boxes -> x1 y1 x2 y2 in map cells (pixels of the frame the backbone saw, times the
+    maps' spatial scale): where ``query_pos="box"`` heads place their actor queries."""
+    hw = image_hw.to(boxes.device, torch.float32)[box_clip]  # (N, 2) = (height, width)
+    return boxes.float() * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1) * SPATIAL_SCALE
+
+
 def head_inputs(batch: Mapping, needs: frozenset[str]) -> HeadInputs:
-    """The fields of a batch that a head reads (``HeadConfig.needs``)."""
+    """The fields of a batch that a head reads (``HeadConfig.needs``), and every box's place on the map."""
     maps = {k: batch[k] for k in ("slow", "fast", "fast_seq") if k in needs}
     valid = batch.get("valid") if ({"slow", "fast"} & needs) else None
-    return HeadInputs(actor=batch["actor"], box_clip=batch["box_clip"], valid=valid, **maps)
+    return HeadInputs(actor=batch["actor"], box_clip=batch["box_clip"], valid=valid,
+                      box_map=box_map(batch["boxes"], batch["image_hw"], batch["box_clip"]), **maps)
 
 
 def jitter_boxes(boxes: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
@@ -289,7 +297,7 @@ def train_head(
     for epoch in range(train.epochs):
         for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers):
             if jitter:
-                boxes = jitter_boxes(batch["boxes"], train.box_jitter, jitter_rng)
+                boxes = batch["boxes"] = jitter_boxes(batch["boxes"], train.box_jitter, jitter_rng)  # box_map follows
                 batch["actor"] = recompute_actor_features(batch["slow"], batch["fast"], boxes, batch["box_clip"],
                                                           batch["image_hw"], train_data.aligned, batch["map_hw"])
             loss = train_step(model, batch, config.needs, optimizer, scheduler, train.grad_clip)

@@ -56,7 +56,9 @@ def make_batch(cfg: HeadConfig, seed: int = 0) -> tuple[HeadInputs, list[dict[st
     box_clip = torch.tensor(BOX_CLIP, dtype=torch.long)
     actor = torch.randn(len(BOX_CLIP), cfg.C_s + cfg.C_f, r, r, generator=g).relu()
     ctx = {"slow": slow, "fast": fast, "fast_seq": fast_seq}
-    batch = HeadInputs(actor=actor, box_clip=box_clip, valid=valid, **{k: ctx[k] for k in cfg.needs})
+    corner = torch.rand(len(BOX_CLIP), 2, generator=g) * torch.tensor([1.5, 1.0])  # (x1, y1) in map cells
+    box_map = torch.cat([corner, corner + 0.5 + torch.rand(len(BOX_CLIP), 2, generator=g)], dim=1)  # (N, 4)
+    batch = HeadInputs(actor=actor, box_clip=box_clip, valid=valid, box_map=box_map, **{k: ctx[k] for k in cfg.needs})
     return batch, clips
 
 
@@ -66,6 +68,7 @@ def alone(cfg: HeadConfig, batch: HeadInputs, clips: list[dict[str, torch.Tensor
     return HeadInputs(
         actor=batch.actor[sel],
         box_clip=torch.zeros(int(sel.sum()), dtype=torch.long),
+        box_map=batch.box_map[sel],
         **{k: clips[clip][k] for k in cfg.needs},
     )
 
@@ -137,7 +140,7 @@ def test_box_order_does_not_matter(name):
     head = build_head(cfg).eval()
     batch, _ = make_batch(cfg)
     perm = torch.tensor([3, 0, 4, 2, 1])
-    shuffled = dataclasses.replace(batch, actor=batch.actor[perm], box_clip=batch.box_clip[perm])
+    shuffled = dataclasses.replace(batch, actor=batch.actor[perm], box_clip=batch.box_clip[perm], box_map=batch.box_map[perm])
     with torch.no_grad():
         torch.testing.assert_close(head(shuffled), head(batch)[perm], rtol=1e-5, atol=1e-5)
 
@@ -161,8 +164,9 @@ def test_checkpoint_round_trip(name):
     "overrides",
     [
         {"norm": "post"},
-        {"spatial_pos": "learned", "temporal_pos": "learned", "actor_pos": "sine"},
-        {"spatial_pos": "none", "temporal_pos": "none", "actor_pos": "none"},
+        {"spatial_pos": "learned", "temporal_pos": "learned", "actor_pos": "sine", "query_pos": "none"},
+        {"spatial_pos": "none", "temporal_pos": "none", "actor_pos": "none", "query_pos": "none"},
+        {"query_pos": "none"},
         {"activation": "relu", "ffn_ratio": 2.0, "attn_dropout": 0.1, "roi_size": 3},
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
@@ -246,7 +250,7 @@ def test_pack_round_trip():
 def test_no_boxes(name):
     cfg = tiny(name)
     batch, _ = make_batch(cfg)
-    empty = dataclasses.replace(batch, actor=batch.actor[:0], box_clip=batch.box_clip[:0])
+    empty = dataclasses.replace(batch, actor=batch.actor[:0], box_clip=batch.box_clip[:0], box_map=batch.box_map[:0])
     assert build_head(cfg).eval()(empty).shape == (0, cfg.K)
 
 
@@ -262,3 +266,72 @@ def test_cuda_autocast(name):
     assert logits.shape == (len(BOX_CLIP), cfg.K) and torch.isfinite(logits.float()).all()
     logits.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_query_positions_match_the_map_encoding():
+    """A query at an integer (row, col) gets exactly the key encoding of that map position."""
+    from heads.blocks import SinePosition2d
+    from heads.model import query_points
+
+    enc = SinePosition2d(16)
+    grid = enc((3, 5), torch.zeros(1))  # (15, D), row-major
+    points = torch.tensor([[r, c] for r in range(3) for c in range(5)], dtype=torch.float32)
+    torch.testing.assert_close(enc.at(points), grid)
+    # a box covering map cells [1, 3) x [0, 2): its centre is map index (0.5, 1.5); a 2x2 grid hits the cell centres
+    box = torch.tensor([[1.0, 0.0, 3.0, 2.0]])  # x1 y1 x2 y2
+    assert query_points(box, 1).tolist() == [[[0.5, 1.5]]]
+    assert query_points(box, 2).tolist() == [[[0.0, 1.0], [0.0, 2.0], [1.0, 1.0], [1.0, 2.0]]]
+
+
+def _left_or_right(n: int, g: torch.Generator) -> tuple[HeadInputs, torch.Tensor]:
+    """One actor and one marked token per 1x8 map; label: is the mark right of the actor? The actor features
+    are noise and the mark's column alone says nothing (the actor is one or two cells left or right of it),
+    so only the actor's place on the map answers."""
+    mark = torch.randint(2, 6, (n,), generator=g)
+    side = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    actor_col = mark - side * torch.randint(1, 3, (n,), generator=g)
+    slow = 0.1 * torch.randn(n, 6, 1, 8, generator=g)
+    slow[torch.arange(n), 0, 0, mark] = 3.0
+    fast = 0.1 * torch.randn(n, 4, 1, 8, generator=g)
+    col = actor_col.float()
+    box_map = torch.stack([col, torch.zeros(n), col + 1, torch.ones(n)], dim=1)  # one cell
+    batch = HeadInputs(actor=torch.randn(n, 10, 7, 7, generator=g), box_clip=torch.arange(n), slow=slow, fast=fast,
+                       box_map=box_map)
+    return batch, (side > 0).float()
+
+
+@pytest.mark.parametrize("query_pos", ["box", "none"])
+def test_query_positions_let_a_head_learn_where_context_is(query_pos):
+    """The reason for ``query_pos="box"``: "is the marked thing on my right?" is learnable only when the
+    actor's query knows where the actor is."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    cfg = tiny("spatial", K=1, width=16, query_pos=query_pos, dropout=0.0, cls_dropout=0.0)
+    head = build_head(cfg)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(300):
+        batch, label = _left_or_right(64, g)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(batch)[:, 0], label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    batch, label = _left_or_right(512, g)
+    with torch.no_grad():
+        accuracy = ((head.eval()(batch)[:, 0] > 0).float() == label).float().mean().item()
+    if query_pos == "box":
+        assert accuracy > 0.95, accuracy
+    else:
+        assert accuracy < 0.65, accuracy
+
+
+def test_query_pos_config():
+    assert all(VARIANTS[n].query_pos == ("none" if VARIANTS[n].context == "none" else "box") for n in ABLATION)
+    with pytest.raises(ValueError, match="query_pos='box'.*spatial_pos='sine'"):
+        tiny("spatial", spatial_pos="learned")
+    # a config saved before the field existed keeps its meaning: queries without positions
+    old = {k: v for k, v in tiny("spatial", query_pos="none").to_dict().items() if k != "query_pos"}
+    assert HeadConfig.from_dict(old).query_pos == "none"
+    # a context head with query positions refuses a batch without box_map
+    batch, _ = make_batch(tiny("spatial"))
+    with pytest.raises(ValueError, match="box_map"):
+        build_head(tiny("spatial"))(dataclasses.replace(batch, box_map=None))

@@ -11,7 +11,7 @@ from heads import ABLATION, HeadInputs, build_head, variant
 from pipeline import ava, steps
 from pipeline.backbone import actor_features, backbone_from_checkpoint, boxes_to_rois, pool_maps
 from pipeline.clips import KeyframeClips, collate_clips
-from pipeline.train import ResidentSplit, TrainConfig, head_inputs, load_head, make_optimizer, train_head, train_step
+from pipeline.train import ResidentSplit, TrainConfig, box_map, head_inputs, load_head, make_optimizer, train_head, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,9 @@ def test_cache_then_head_equals_head_on_live_backbone(name, tiny_ava, tiny_backb
         per_clip = [cached["boxes"][cached["box_clip"] == b] for b in range(len(clips))]
         actor = actor_features(slow, fast, boxes_to_rois(per_clip, int(batch["height"]), int(batch["width"])),
                                backbone.cfg.aligned)
-        live = head(HeadInputs(actor=actor, box_clip=cached["box_clip"], slow=slow, fast=fast, fast_seq=fast_seq))
+        frame_hw = torch.tensor([[int(batch["height"]), int(batch["width"])]]).expand(len(clips), 2)
+        live = head(HeadInputs(actor=actor, box_clip=cached["box_clip"], slow=slow, fast=fast, fast_seq=fast_seq,
+                               box_map=box_map(cached["boxes"], frame_hw, cached["box_clip"])))
     assert video and from_cache.shape == live.shape == (len(cached["box_clip"]), 80)
     torch.testing.assert_close(from_cache, live, rtol=1e-4, atol=1e-4)
 
