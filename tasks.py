@@ -333,10 +333,13 @@ class FullAblation(_CacheTask):
 
     seeds = luigi.ListParameter(default=[0, 1, 2])
     variants = luigi.ListParameter(default=["baseline", "spatial", "spatial-sa", "st", "st-sa"])
-    epochs = luigi.OptionalIntParameter(default=None)
+    epochs = luigi.OptionalIntParameter(default=None,
+                                        description="head epochs of every run (default: [TrainHead] epochs, else TrainConfig's)")
 
     def requires(self):
-        return [self.clone(TrainHead, variant=v, seed=s) for v in self.variants for s in self.seeds]
+        # clone() copies epochs=None over a [TrainHead] epochs of luigi.cfg; pass that setting on instead
+        epochs = self.epochs if self.epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
+        return [self.clone(TrainHead, variant=v, seed=s, epochs=epochs) for v in self.variants for s in self.seeds]
 
     def table_dir(self) -> Path:
         return ablation_dir() / short_hash([t.output().path for t in self.requires()])

@@ -80,3 +80,15 @@ def test_ava_mode_runs_on_an_ava_folder_with_a_given_checkpoint(luigi_config, ti
     assert any((luigi_config / "data").glob("ava-check-*.json"))
     table = pd.read_csv(luigi_config / "ablation" / "table1.csv")
     assert list(table["variant"]) == ["st"] and "AVA v2.2" in (luigi_config / "ablation" / "table1.md").read_text()
+
+
+def test_full_ablation_passes_on_a_trainhead_setting(luigi_config):
+    """``[TrainHead] epochs`` in luigi.cfg reaches the runs of a FullAblation that sets no epochs of its own."""
+    config = luigi.configuration.get_config()
+    config.set("TrainHead", "epochs", "7")
+    try:
+        assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"]).requires()} == {7}
+        assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"], epochs=3).requires()} == {3}
+    finally:
+        config.remove_option("TrainHead", "epochs")
+    assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"]).requires()} == {None}
