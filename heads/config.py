@@ -28,10 +28,11 @@ Defaults where the paper is silent (all fields, so an ablation can change them):
   of its RoI cell), added in the blocks over map tokens (DETR's query positions). Without it a query knows
   what the actor looks like but not where it is, so attention can ask "is there a person anywhere?" but not
   "... in front of me?" (tests/test_heads.py: a left-or-right relation is learned to 100 % with it, 51 %
-  without). On the mini-AVA it changed nothing measurable (seed 0, spatial 57.70 vs 57.68 mAP, st-sa 58.93 vs
-  59.18): the classes that need it, carry/hold and watch, are not separable in the mini backbone's features
-  either way. Needs ``spatial_pos="sine"``. The dataclass default is ``"none"`` so that configs saved before
-  the field existed keep their meaning.
+  without). On the mini-AVA it changed nothing measurable (seed 0, mini sizes, 4-epoch backbone: spatial-sa
+  62.74 vs 62.29 mAP, spatial 59.60 vs 59.70; 8-epoch backbone: 66.07 vs 66.39, 64.65 vs 64.55): the heads
+  learned carry/hold and watch, the classes that need it, as well without it; we keep it because the test
+  above shows what it makes possible. Needs ``spatial_pos="sine"``. The dataclass default is ``"none"`` so
+  that configs saved before the field existed keep their meaning.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class HeadConfig:
     """One head of the family; see the module docstring for the defaults and why.
 
     Sizes: ``C_s``/``C_f`` slow/fast channels of the cached maps, ``K`` classes, ``roi_size`` the RoIAlign
-    output side (actor features are (C_s + C_f, roi_size, roi_size)), ``width`` the attention width D.
+    output side (actor features are (C_s + C_f, roi_size, roi_size)), ``query_grid`` the side of a grid
+    query's token layout (``roi_size``, the paper's 7x7, or the RoI max-pooled to a smaller grid),
+    ``width`` the attention width D.
     """
 
     name: str = "st-sa"
@@ -75,6 +78,7 @@ class HeadConfig:
     C_f: int = 256
     K: int = 80
     roi_size: int = 7
+    query_grid: int = 7
     width: int = 256
     n_heads: int = 8
     ffn_ratio: float = 4.0
@@ -98,9 +102,11 @@ class HeadConfig:
                 raise ValueError(f"HeadConfig.{f.name}={value!r}: expected one of {choices}")
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ValueError(f"HeadConfig.name={self.name!r}: expected a slug of letters, digits, '-', '_', '.'")
-        for size in ("C_s", "C_f", "K", "roi_size", "width", "n_heads", "max_positions"):
+        for size in ("C_s", "C_f", "K", "roi_size", "query_grid", "width", "n_heads", "max_positions"):
             if not isinstance(getattr(self, size), int) or getattr(self, size) < 1:
                 raise ValueError(f"HeadConfig.{size}={getattr(self, size)!r}: expected a positive int")
+        if self.query_grid > self.roi_size:
+            raise ValueError(f"HeadConfig.query_grid={self.query_grid} exceeds roi_size={self.roi_size}")
         if self.width % self.n_heads:
             raise ValueError(f"HeadConfig.width={self.width} is not divisible by n_heads={self.n_heads}")
         if self.width % 4:
@@ -171,11 +177,17 @@ PAPER_MAP: dict[str, float] = {
 }
 
 # Sizes per backbone preset (pipeline.backbone.PRESETS, same keys; a test keeps the channels equal).
-# "mini" is a narrow head for the generated mini-AVA. C_s/C_f must equal the channels of the cache a head
-# trains from, so training code should take them from the cache's feature spec when it differs.
+# C_s/C_f must equal the channels of the cache a head trains from, so training code should take them from the
+# cache's feature spec when it differs.
+# "mini", for the generated mini-AVA on a CPU: width 128 (close to the 160 input channels) and grid queries
+# max-pooled from 7x7 to 3x3 (an actor spans about 2x1 cells of the 6x10 mini map, so 49 tokens resample the
+# same few cells). Measured on the mini-AVA (seed 0, st-sa, 4-epoch backbone; baseline 57.2 mAP): width 32 gave
+# 59.1 at 7x7 tokens; width 128 gave 61.1 at 7x7 (245 s) and 61.7 at 3x3 (63 s). With an 8-epoch backbone
+# (baseline 61.5) width 32 put every context head about 2 mAP *below* the baseline: its 160 -> 32 projection
+# loses what the baseline's linear layer reads from the actor features (hand wave AP 20 vs 28).
 SIZES: dict[str, dict[str, int]] = {
     "r50": {"C_s": 2048, "C_f": 256, "width": 256, "n_heads": 8},
-    "mini": {"C_s": 128, "C_f": 32, "width": 32, "n_heads": 4},
+    "mini": {"C_s": 128, "C_f": 32, "width": 128, "n_heads": 4, "query_grid": 3},
 }
 
 

@@ -12,6 +12,7 @@ clip's tokens: keys and values are projected once per clip, never copied per box
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from heads.blocks import cross_attention_block, position_1d, position_2d
@@ -76,16 +77,20 @@ class PooledActorTokens(nn.Module):
 
 
 class GridActorTokens(nn.Module):
-    """R*R tokens per actor (the 7x7 layout kept), projected to D, plus an embedding of the layout."""
+    """G*G tokens per actor (the RoI layout kept; G = ``query_grid``, the 7x7 RoI max-pooled to G x G when
+    G < R), projected to D, plus an embedding of the layout."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
+        self.grid = cfg.query_grid
         self.proj = nn.Linear(cfg.C_s + cfg.C_f, cfg.width)
-        self.pos = position_2d(cfg.actor_pos, cfg, cfg.roi_size)
+        self.pos = position_2d(cfg.actor_pos, cfg, cfg.query_grid)
 
     def forward(self, actor: torch.Tensor) -> torch.Tensor:
-        """(N, C, R, R) -> (N, R*R, D)."""
-        x = self.proj(actor.flatten(2).transpose(1, 2))  # (N, R*R, D)
+        """(N, C, R, R) -> (N, G*G, D)."""
+        if actor.shape[-1] != self.grid:
+            actor = F.adaptive_max_pool2d(actor, self.grid)  # (N, C, G, G)
+        x = self.proj(actor.flatten(2).transpose(1, 2))  # (N, G*G, D)
         return x + self.pos(tuple(actor.shape[2:]), x)
 
 
@@ -173,7 +178,7 @@ class ContextHead(nn.Module):
         x, slot = pack_by_clip(tokens, batch.box_clip, contexts[0][0].shape[0])  # (B, M*Q, D)
         qpos = None
         if self.config.query_pos == "box":
-            points = query_points(batch.require("box_map"), self.config.roi_size if self.config.queries == "grid" else 1)
+            points = query_points(batch.require("box_map"), self.config.query_grid if self.config.queries == "grid" else 1)
             encode = next(s.pos for s in self.sources if isinstance(s, MapTokens))
             qpos = encode.at(points).to(tokens.dtype)  # (N, Q, D)
             qpos = qpos.new_zeros(x.shape[0] * (x.shape[1] // qpos.shape[1]), *qpos.shape[1:]).index_copy(0, slot, qpos)

@@ -167,7 +167,8 @@ def test_checkpoint_round_trip(name):
         {"spatial_pos": "learned", "temporal_pos": "learned", "actor_pos": "sine", "query_pos": "none"},
         {"spatial_pos": "none", "temporal_pos": "none", "actor_pos": "none", "query_pos": "none"},
         {"query_pos": "none"},
-        {"activation": "relu", "ffn_ratio": 2.0, "attn_dropout": 0.1, "roi_size": 3},
+        {"activation": "relu", "ffn_ratio": 2.0, "attn_dropout": 0.1, "roi_size": 3, "query_grid": 3},
+        {"query_grid": 3},
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -335,3 +336,15 @@ def test_query_pos_config():
     batch, _ = make_batch(tiny("spatial"))
     with pytest.raises(ValueError, match="box_map"):
         build_head(tiny("spatial"))(dataclasses.replace(batch, box_map=None))
+
+
+def test_query_grid_pools_the_roi():
+    """query_grid G < roi_size: a grid query has G*G tokens, the RoI max-pooled to G x G; more than R is refused."""
+    from heads.model import GridActorTokens
+
+    cfg = tiny("st-sa", query_grid=3)
+    actor = torch.randn(2, cfg.C_s + cfg.C_f, 7, 7)
+    tokens = GridActorTokens(cfg)(actor)
+    assert tokens.shape == (2, 9, cfg.width)
+    with pytest.raises(ValueError, match="query_grid=8 exceeds roi_size=7"):
+        tiny("st-sa", query_grid=8)
