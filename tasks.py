@@ -115,7 +115,7 @@ class Backbone(luigi.Task):
     """
 
     dataset = DatasetParameter()
-    epochs = luigi.IntParameter(default=16, description="mini: fine-tuning epochs")
+    epochs = luigi.IntParameter(default=4, description="mini: fine-tuning epochs")
     seed = luigi.IntParameter(default=0)
     checkpoint = luigi.OptionalPathParameter(default=None, significant=False,
                                              description="ava: the backbone checkpoint file")

@@ -222,7 +222,7 @@ def commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[s
     return store.commit_split(split, video_ids)
 
 
-MINI_BACKBONE_EPOCHS = 16
+MINI_BACKBONE_EPOCHS = 4
 
 
 def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int = MINI_BACKBONE_EPOCHS,
@@ -230,9 +230,8 @@ def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int
     """The minimal backbone step of the mini pipeline: the ``mini`` SlowFast from random weights, trained end to end
     with the baseline head on the mini-AVA training split (``pipeline.finetune``).
 
-    16 epochs take about 170 s on 2 cores, half of the mini demo's 10-minute budget. Table 1 on the mini-AVA is
-    sensitive to this number (8 / 16 / 32 epochs put the context heads below / above / below the baseline), see
-    README."""
+    4 epochs over the default mini-AVA's 1152 training keyframes (576 steps) take about 170 s on 2 cores, a
+    third of the mini demo's budget. See README for how Table 1 on the mini-AVA moves with this number."""
     from pipeline.backbone import PRESETS
     from pipeline.finetune import FinetuneConfig, finetune_on_ava
 

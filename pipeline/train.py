@@ -47,7 +47,8 @@ CHECKPOINT_VERSION = 1
 class TrainConfig:
     """Optimisation of a head (the paper gives none for the head alone; these are documented defaults).
 
-    - ``epochs``/``batch_size`` (keyframes): the mini-AVA default trains 288 keyframes for 40 epochs.
+    - ``epochs``/``batch_size`` (keyframes): 15 epochs of the default mini-AVA's 1152 training keyframes
+      (1080 steps). 40 epochs took 2.7x the time for 0.4-1.0 mAP more per variant, context still above baseline.
     - ``lr`` 1e-3 with AdamW, ``weight_decay`` 0.05 (decoupled; not on biases, norms or position tables),
       linear warm-up over ``warmup`` of the steps, then cosine decay to zero.
     - ``box_jitter``: 0 uses the stored actor features; > 0 recomputes them from the maps at jittered boxes.
@@ -58,7 +59,7 @@ class TrainConfig:
       fast setting. None keeps torch's default.
     """
 
-    epochs: int = 40
+    epochs: int = 15
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05

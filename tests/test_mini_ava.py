@@ -95,7 +95,7 @@ def test_episodes_hold_their_keyframe_windows(plans):
 
 def test_default_size(plans):
     config = m.MiniAvaConfig.make()
-    assert config.split_videos == {"train": 12, "val": 4} and config.keyframes_per_video == 24
+    assert config.split_videos == {"train": 48, "val": 16} and config.keyframes_per_video == 24
     assert {(v.width, v.height) for v in plans} == {(160, 90), (120, 90)}
     for video, episode, actor in actors_of(plans):
         box = m.keyframe_boxes(video, episode)[episode.actors.index(actor)][1]
