@@ -64,10 +64,20 @@ class PrepareData(luigi.Task):
             args["seconds"] = self.seconds
         return args
 
+    def generator_identity(self) -> dict:
+        """The generator's version and its full configuration, defaults resolved: what the folder name hashes, so a
+        new generator version or default size never finds an old folder complete."""
+        import dataclasses
+
+        from pipeline.mini_ava import VERSION, MiniAvaConfig
+
+        config = MiniAvaConfig.make(self.videos, self.seconds, self.seed, self.tiny)
+        return {"version": VERSION, **dataclasses.asdict(config)}
+
     def data_root(self) -> Path:
         if self.dataset == "ava":
             return Path(stctx().ava_root)
-        return root() / "data" / f"mini-{short_hash(self.generator_args())}"
+        return root() / "data" / f"mini-{short_hash(self.generator_identity())}"
 
     def output(self):
         if self.dataset == "ava":
@@ -130,7 +140,7 @@ class Backbone(luigi.Task):
                 raise ValueError("dataset = ava needs [Backbone] checkpoint = <SlowFast checkpoint> in luigi.cfg")
             return luigi.LocalTarget(self.checkpoint)
         data = self.requires()
-        slug = f"mini-{short_hash({'data': data.task_id, 'epochs': self.epochs, 'seed': self.seed})}"
+        slug = f"mini-{short_hash({'data': data.data_root().name, 'epochs': self.epochs, 'seed': self.seed})}"
         return luigi.LocalTarget(root() / "backbone" / f"{slug}.pt")
 
     def run(self):

@@ -92,3 +92,18 @@ def test_full_ablation_passes_on_a_trainhead_setting(luigi_config):
     finally:
         config.remove_option("TrainHead", "epochs")
     assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"]).requires()} == {None}
+
+
+def test_mini_data_folder_follows_the_generator(luigi_config, monkeypatch):
+    """A new generator version or default size gets a new folder: an old complete one is never taken for it."""
+    import pipeline.mini_ava as mini_ava
+
+    before = tasks.PrepareData().data_root()
+    assert before == tasks.PrepareData(videos=mini_ava.MiniAvaConfig.make(tiny=True).videos).data_root()  # resolved
+    monkeypatch.setattr(mini_ava, "VERSION", mini_ava.VERSION + 1)
+    assert tasks.PrepareData().data_root() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(mini_ava.MiniAvaConfig, "make", classmethod(
+        lambda cls, videos=None, seconds=None, seed=0, tiny=False: cls(videos=videos or 20, seconds=seconds or 75,
+                                                                       seed=seed, tiny=tiny)))
+    assert tasks.PrepareData().data_root() != before
