@@ -43,8 +43,13 @@ def pack_by_clip(x: torch.Tensor, box_clip: torch.Tensor, num_clips: int) -> tup
     rank = torch.empty_like(box_clip)
     rank[order] = torch.arange(n, device=x.device) - starts[box_clip[order]]  # (N,) index within its clip
     slot = box_clip * m + rank  # (N,)
-    packed = x.new_zeros(num_clips * m, q, d).index_copy(0, slot, x)  # (B*M, Q, D)
-    return packed.view(num_clips, m * q, d), slot  # (B, M*Q, D)
+    return pack_into(x, slot, num_clips, m), slot  # (B, M*Q, D)
+
+
+def pack_into(x: torch.Tensor, slot: torch.Tensor, num_clips: int, m: int) -> torch.Tensor:
+    """x (N, Q, D) into the slots of ``pack_by_clip`` -> (B, M*Q, D), unused slots zero."""
+    n, q, d = x.shape
+    return x.new_zeros(num_clips * m, q, d).index_copy(0, slot, x).view(num_clips, m * q, d)
 
 
 def unpack_by_clip(packed: torch.Tensor, slot: torch.Tensor, q: int) -> torch.Tensor:
@@ -181,8 +186,7 @@ class ContextHead(nn.Module):
             points = query_points(batch.require("box_map"), self.config.query_grid if self.config.queries == "grid" else 1)
             encode = next(s.pos for s in self.sources if isinstance(s, MapTokens))
             qpos = encode.at(points).to(tokens.dtype)  # (N, Q, D)
-            qpos = qpos.new_zeros(x.shape[0] * (x.shape[1] // qpos.shape[1]), *qpos.shape[1:]).index_copy(0, slot, qpos)
-            qpos = qpos.view(x.shape)  # (B, M*Q, D), packed like x
+            qpos = pack_into(qpos, slot, x.shape[0], x.shape[1] // tokens.shape[1])  # (B, M*Q, D), packed like x
         for block, source, (ctx, pos, pad) in zip(self.blocks, self.sources, contexts):
             x = block(x, ctx, pos, pad, qpos if isinstance(source, MapTokens) else None)  # (B, M*Q, D)
         x = unpack_by_clip(self.norm(x), slot, tokens.shape[1])  # (N, Q, D)
