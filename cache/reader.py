@@ -47,6 +47,12 @@ from cache.store import CacheError, FeatureStore
 Proposals = Callable[[str, int, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
+def box_pixels(boxes: torch.Tensor, image_hw: torch.Tensor, box_clip: torch.Tensor) -> torch.Tensor:
+    """(N, 4) normalised x1 y1 x2 y2 -> pixels of the frame each box's clip was extracted from (image_hw (B, 2))."""
+    size = image_hw.to(boxes.device, boxes.dtype)[box_clip]  # (N, 2) = (height, width)
+    return boxes * torch.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], dim=1)  # (N, 4)
+
+
 def recompute_actor_features(
     slow: torch.Tensor,
     fast: torch.Tensor,
@@ -69,9 +75,7 @@ def recompute_actor_features(
     out = x.new_zeros((len(boxes), x.shape[1], ROI_SIZE, ROI_SIZE))
     if len(boxes) == 0:
         return out
-    size = image_hw.to(boxes.device, boxes.dtype)[box_clip]  # (N, 2) = (height, width)
-    scale = torch.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], dim=1)  # (N, 4)
-    rois = torch.cat([box_clip[:, None].to(boxes.dtype), boxes * scale], dim=1)  # (N, 5) pixels
+    rois = torch.cat([box_clip[:, None].to(boxes.dtype), box_pixels(boxes, image_hw, box_clip)], dim=1)  # (N, 5)
     rois = rois.to(compute.device, compute.dtype)
     if map_hw is None:
         groups = [(None, torch.ones(len(boxes), dtype=torch.bool, device=boxes.device))]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cache.reader import CacheDataset, collate_runs, make_loader, recompute_actor_features, to_device
+from cache.reader import CacheDataset, box_pixels, collate_runs, make_loader, recompute_actor_features, to_device
 from cache.schema import BOX_FIELDS, SCHEMA_VERSION, SPATIAL_SCALE
 from cache.store import FeatureStore
 from heads import HeadConfig, HeadInputs, build_head
@@ -169,8 +169,7 @@ def _iterate(split, batch_size: int, device: torch.device, generator: torch.Gene
 def box_map(boxes: torch.Tensor, image_hw: torch.Tensor, box_clip: torch.Tensor) -> torch.Tensor:
     """(N, 4) normalised boxes -> x1 y1 x2 y2 in map cells (pixels of the frame the backbone saw, times the
     maps' spatial scale): where ``query_pos="box"`` heads place their actor queries."""
-    hw = image_hw.to(boxes.device, torch.float32)[box_clip]  # (N, 2) = (height, width)
-    return boxes.float() * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1) * SPATIAL_SCALE
+    return box_pixels(boxes.float(), image_hw, box_clip) * SPATIAL_SCALE
 
 
 def head_inputs(batch: Mapping, needs: frozenset[str]) -> HeadInputs:
