@@ -33,7 +33,7 @@ from cache import CacheDataset, CacheSpec, FeatureStore, StorageConfig, make_loa
 from cache.synthetic import SyntheticShape, actor_from_maps, random_boxes, relu_like, time_pooled_relu_like  # noqa: E402
 from cache.verify import store_bytes  # noqa: E402
 
-from benchdoc import publish
+from benchdoc import command, publish
 
 SECTION = "cache"
 OPTIONS = [
@@ -223,7 +223,7 @@ def main() -> int:
     elapsed = time.perf_counter() - t_start
 
     n = args.workers
-    cmd = "python benchmarks/bench_cache.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    cmd = command()
     lines = [
         "## Feature cache: bytes per keyframe and read speed (r50 size)",
         "",

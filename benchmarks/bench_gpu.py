@@ -85,7 +85,7 @@ from pipeline.extract import extract_video  # noqa: E402
 from pipeline.train import ResidentSplit, TrainConfig, make_optimizer, open_split, train_step  # noqa: E402
 
 from bench_backbone import write_frames
-from benchdoc import publish
+from benchdoc import command, publish
 
 SECTION = "gpu"
 EXTRACTION = steps.ExtractionConfig()  # the pipeline's defaults: batch 8, float16 zstd 3 storage
@@ -511,7 +511,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
     elapsed = time.perf_counter() - started
 
-    cmd = "python benchmarks/bench_gpu.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    cmd = command()
     lines = [
         "## GPU: r50 feature extraction and `st-sa` head training",
         "",

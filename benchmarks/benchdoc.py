@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -21,6 +22,11 @@ def write_section(section: str, text: str, doc: Path = DOC) -> None:
     tmp = doc.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(doc)
+
+
+def command() -> str:
+    """How the running benchmark was started, for its report: ``python benchmarks/<script> <arguments>``."""
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def publish(section: str, text: str, write: bool = True) -> None:
