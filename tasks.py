@@ -69,7 +69,7 @@ class PrepareData(luigi.Task):
         new generator version or default size never finds an old folder complete."""
         import dataclasses
 
-        from pipeline.mini_ava import VERSION, MiniAvaConfig
+        from pipeline.mini.generator import VERSION, MiniAvaConfig
 
         config = MiniAvaConfig.make(self.videos, self.seconds, self.seed, self.tiny)
         return {"version": VERSION, **dataclasses.asdict(config)}
@@ -86,11 +86,11 @@ class PrepareData(luigi.Task):
 
     def run(self):
         if self.dataset == "mini":
-            from pipeline.mini_ava import generate_mini_ava
+            from pipeline.mini.generator import generate_mini_ava
 
             generate_mini_ava(self.data_root(), **self.generator_args())
             return
-        from pipeline.check import check_ava
+        from pipeline.ava.check import check_ava
 
         report = check_ava(self.data_root())
         if not report.ok:
@@ -105,9 +105,9 @@ _SPEC_CACHE: dict[tuple, object] = {}
 
 
 def cached_cache_spec(checkpoint: Path, extraction):
-    """``pipeline.steps.cache_spec``, remembered per (file, size, mtime, extraction): Luigi asks for outputs
+    """``pipeline.features.extract.cache_spec``, remembered per (file, size, mtime, extraction): Luigi asks for outputs
     many times, and hashing a 270 MB checkpoint each time would make a finished pipeline slow to confirm."""
-    from pipeline.steps import cache_spec
+    from pipeline.features.extract import cache_spec
 
     stat = checkpoint.stat()
     key = (str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, extraction)
@@ -146,7 +146,7 @@ class Backbone(luigi.Task):
     def run(self):
         if self.dataset == "ava":
             raise FileNotFoundError(f"backbone checkpoint {self.checkpoint} not found")
-        from pipeline.steps import train_mini_backbone
+        from pipeline.training.finetune import train_mini_backbone
 
         out = Path(self.output().path)
         metrics = train_mini_backbone(self.requires().data_root(), out, epochs=self.epochs, seed=self.seed,
@@ -177,7 +177,7 @@ class _CacheTask(luigi.Task):
         return PrepareData(dataset=self.dataset)
 
     def extraction(self):
-        from pipeline.steps import ExtractionConfig
+        from pipeline.features.extract import ExtractionConfig
 
         return ExtractionConfig(threshold=self.threshold, dtype=self.dtype, compressor=self.compressor)
 
@@ -187,7 +187,7 @@ class _CacheTask(luigi.Task):
         return cached_cache_spec(ckpt, self.extraction()) if ckpt.exists() else None
 
     def store_url(self) -> Path | None:
-        from pipeline.steps import store_url
+        from pipeline.features.extract import store_url
 
         spec = self.spec()
         return None if spec is None else store_url(root(), spec)
@@ -230,7 +230,7 @@ class SplitIndex(luigi.Task):
         return luigi.LocalTarget(self.folder() / "proposals.npz")
 
     def run(self):
-        from pipeline.steps import write_split_index
+        from pipeline.ava.splits import write_split_index
 
         write_split_index(self.requires().data_root(), self.split, self.threshold, self.folder())
 
@@ -249,7 +249,7 @@ class ExtractVideo(_CacheTask):
         return StoreTarget(self, video=self.video)
 
     def run(self):
-        from pipeline.steps import extract_split_video
+        from pipeline.features.extract import extract_split_video
 
         extract_split_video(self.data().data_root(), self.split, self.video, self.backbone().output().path,
                             self.store_url(), self.spec(), self.extraction(), device=self.device,
@@ -268,7 +268,8 @@ class FeatureCache(_CacheTask):
         return StoreTarget(self, split=self.split)
 
     def run(self):
-        from pipeline.steps import commit_split, read_split_index
+        from pipeline.ava.splits import read_split_index
+        from pipeline.features.extract import commit_split
 
         _, keyframes, _ = read_split_index(self.requires()[2].folder())
         videos = sorted({v for v, _ in keyframes})
@@ -307,7 +308,7 @@ class TrainHead(_CacheTask):
         return variant(self.variant, size, **dict(self.overrides))
 
     def train_config(self):
-        from pipeline.train import TrainConfig
+        from pipeline.training.head import TrainConfig
 
         given = {"epochs": self.epochs, "lr": self.lr, "box_jitter": self.box_jitter}
         return TrainConfig(**{k: v for k, v in given.items() if v is not None})
@@ -325,8 +326,8 @@ class TrainHead(_CacheTask):
         return luigi.LocalTarget(self.run_dir() / "metrics.json")
 
     def run(self):
-        from pipeline.steps import annotations
-        from pipeline.train import train_head
+        from pipeline.ava.splits import annotations
+        from pipeline.training.head import train_head
 
         val = annotations(self.data().data_root(), "val")
         train_head(self.head_config(), self.store_url(), self.run_dir(), groundtruth=val["groundtruth"],

@@ -31,9 +31,9 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.backbone import PRESETS, boxes_to_rois, build_backbone  # noqa: E402
-from pipeline.clips import KeyframeClips, clip_loader  # noqa: E402
-from pipeline.finetune import ActionDetector, ActorClassifier  # noqa: E402
+from pipeline.features.backbone import PRESETS, boxes_to_rois, build_backbone  # noqa: E402
+from pipeline.features.clips import KeyframeClips, clip_loader  # noqa: E402
+from pipeline.training.finetune import ActionDetector, ActorClassifier  # noqa: E402
 
 from benchdoc import publish
 

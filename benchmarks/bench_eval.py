@@ -1,4 +1,4 @@
-"""Benchmark of the frame-mAP@0.5 evaluator (``pipeline.evaluation``) at the size of AVA v2.2 val.
+"""Benchmark of the frame-mAP@0.5 evaluator (``pipeline.ava.evaluation``) at the size of AVA v2.2 val.
 
 Generates an all-60-classes-per-box case (every detected box carries a score for each of the 60 evaluated
 classes, as a head's output written out does): ``--videos`` x 900 keyframes, about 2.5 boxes per keyframe,
@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.ava import SHIPPED_LABELMAP, read_labelmap  # noqa: E402
+from pipeline.ava.files import SHIPPED_LABELMAP, read_labelmap  # noqa: E402
 
 from benchdoc import publish
 
@@ -157,7 +157,8 @@ def measure(paths: dict[str, Path], repeats: int) -> dict:
 
 def stage_timings(paths: dict[str, Path]) -> dict[str, tuple[float, float]]:
     """In-process split by stage: (wall s, CPU s of all threads) for reading each box file and evaluating."""
-    from pipeline import csvio, evaluation
+    from pipeline.ava import csvio
+    from pipeline.ava import evaluation
 
     out = {}
 

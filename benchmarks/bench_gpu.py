@@ -31,7 +31,7 @@ If only the report file comes back from that machine, write it into docs/benchma
 Part ``extract``: the ``r50`` backbone (random weights) at short side 256 on generated 640x360 JPEG frames at 30 fps
 in the AVA layout (``bench_backbone.write_frames``; a few seconds of distinct frames, which each video's frame list
 repeats so a video can hold hundreds of keyframes; the files sit in the page cache), ground-truth and detection
-CSVs with 3 boxes per keyframe read by ``steps.split_annotations``. Each video goes through the pipeline's path:
+CSVs with 3 boxes per keyframe read by ``splits.split_annotations``. Each video goes through the pipeline's path:
 ``KeyframeClips`` + ``clip_loader`` (decoding workers, pinned memory) -> ``extract_video`` (fp16 autocast, pooling,
 RoIAlign, write-behind into a float16 zstd Zarr store) and the split's commit. Reported: keyframes/s end to end (a
 video's loader start included, as each extraction task has it), the same with per-stage times (``extract_video``'s
@@ -78,17 +78,19 @@ sys.path.insert(0, str(ROOT))
 from cache import CacheDataset, CacheSpec, FeatureStore, make_loader  # noqa: E402
 from cache.synthetic import SyntheticShape, write_synthetic_video  # noqa: E402
 from heads import build_head, count_parameters, variant  # noqa: E402
-from pipeline import ava, steps  # noqa: E402
-from pipeline.backbone import PRESETS, build_backbone  # noqa: E402
-from pipeline.clips import KeyframeClips, clip_loader, resized_size  # noqa: E402
-from pipeline.extract import extract_video  # noqa: E402
-from pipeline.train import ResidentSplit, TrainConfig, make_optimizer, open_split, train_step  # noqa: E402
+from pipeline.ava import files as ava  # noqa: E402
+from pipeline.ava import splits  # noqa: E402
+from pipeline.features import extract  # noqa: E402
+from pipeline.features.backbone import PRESETS, build_backbone  # noqa: E402
+from pipeline.features.clips import KeyframeClips, clip_loader, resized_size  # noqa: E402
+from pipeline.features.extract import extract_video  # noqa: E402
+from pipeline.training.head import ResidentSplit, TrainConfig, make_optimizer, open_split, train_step  # noqa: E402
 
 from bench_backbone import write_frames
 from benchdoc import command, publish
 
 SECTION = "gpu"
-EXTRACTION = steps.ExtractionConfig()  # the pipeline's defaults: batch 8, float16 zstd 3 storage
+EXTRACTION = extract.ExtractionConfig()  # the pipeline's defaults: batch 8, float16 zstd 3 storage
 EXTRACT_GOAL = 150  # keyframes/s end to end
 HEAD_GOAL = 5000  # keyframes/s: an AVA train epoch (211k keyframes) in under a minute
 STAGES = ("first_batch", "load", "to_device", "backbone", "pool_roi", "to_host", "write_wait")
@@ -98,7 +100,7 @@ STAGES = ("first_batch", "load", "to_device", "backbone", "pool_roi", "to_host",
 class Sizes:
     """What a run measures; ``FULL`` is sized for a few minutes of an H100, ``SMOKE`` for seconds of a CPU."""
 
-    preset: str  # backbone preset (pipeline.backbone.PRESETS)
+    preset: str  # backbone preset (pipeline.features.backbone.PRESETS)
     frame_hw: tuple[int, int]  # generated JPEG frames
     frames: int  # distinct frame files, repeated by the frame lists
     backbone_batch: int
@@ -210,7 +212,7 @@ def write_ava(root: Path, sz: Sizes, cfg, videos: dict[str, int]) -> dict[str, l
 
 def extract_one(model, cfg, frames: Path, frame_lists, proposals, store, vid: str, secs: list[int], workers: int,
                 device: torch.device, timings: dict | None = None) -> tuple[int, float]:
-    """One video as ``steps.extract_split_video`` runs it (loader built per video); (keyframes, wall seconds)."""
+    """One video as ``extract.extract_split_video`` runs it (loader built per video); (keyframes, wall seconds)."""
     start = time.perf_counter()
     clips = KeyframeClips.from_config(frames, [(vid, s) for s in secs], cfg, frame_lists)
     loader = clip_loader(clips, batch_size=EXTRACTION.batch_size, num_workers=workers)
@@ -248,7 +250,7 @@ def bench_extract(sz: Sizes, device: torch.device, workers: int, tmp: Path) -> d
     data = tmp / "ava"
     start = time.perf_counter()
     frame_lists = write_ava(data, sz, cfg, videos)
-    proposals, keyframes = steps.split_annotations(data, "train", EXTRACTION.threshold)
+    proposals, keyframes = splits.split_annotations(data, "train", EXTRACTION.threshold)
     say(f"wrote {sz.frames} frames {sz.frame_hw[1]}x{sz.frame_hw[0]} and the annotations in {time.perf_counter() - start:.1f} s")
     spec = CacheSpec("0" * 64, {"backbone": cfg.name, "backbone_config": cfg.to_dict(), "threshold": EXTRACTION.threshold,
                                 "batch_size": EXTRACTION.batch_size}, aligned=cfg.aligned, storage=EXTRACTION.storage())
@@ -264,7 +266,7 @@ def bench_extract(sz: Sizes, device: torch.device, workers: int, tmp: Path) -> d
     say(f"extraction warm-up: {n} keyframes in {wall:.1f} s")
     n, wall = run("timed000000")
     start = time.perf_counter()
-    steps.commit_split(url, spec, "train", ["warmup00000", "timed000000"])
+    extract.commit_split(url, spec, "train", ["warmup00000", "timed000000"])
     commit = time.perf_counter() - start
     res["end_to_end"] = (n, wall + commit)
     say(f"extraction end to end: {n} keyframes in {wall + commit:.2f} s (commit {commit:.2f} s): {n / (wall + commit):.1f} "
@@ -318,7 +320,7 @@ def bench_head(sz: Sizes, device: torch.device, workers: int, tmp: Path) -> dict
     with ProcessPoolExecutor(max_workers=max(1, min(len(vids), workers))) as pool:
         for done in [pool.submit(_write_video, url, spec, v, sz.head_keyframes, sz.shape, i) for i, v in enumerate(vids)]:
             done.result()
-    steps.commit_split(url, spec, "train", vids)
+    extract.commit_split(url, spec, "train", vids)
     say(f"wrote the synthetic store: {len(vids)} x {sz.head_keyframes} keyframes in {time.perf_counter() - start:.1f} s")
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ Box convention (stated here once; everything else refers to it):
 
 Ragged boxes: the boxes of keyframe ``t`` are rows ``box_offsets[t]:box_offsets[t+1]`` of every per-box
 array. ``box_source`` is 0 for ground truth (also a detector box that repeats a ground-truth box) and 1
-for a detector box, as ``pipeline.ava.Proposals``; ``box_score`` is the detector score, 1.0 for
+for a detector box, as ``pipeline.ava.proposals.Proposals``; ``box_score`` is the detector score, 1.0 for
 ground truth; ``person_id`` is -1 when unknown; ``labels`` is 80-way multi-hot.
 
 A video group is valid only once its ``complete`` attribute exists: it is written last, after every

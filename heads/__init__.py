@@ -5,7 +5,7 @@
     logits = head(HeadInputs(actor=..., box_clip=..., slow=..., fast_seq=..., valid=..., box_map=...))  # (N, K)
 
 ``HeadConfig.needs`` names the context fields a head reads (context heads also place their queries with
-``box_map``, the boxes in map cells: ``pipeline.train.box_map``); ``to_dict``/``from_dict`` rebuild it from a checkpoint.
+``box_map``, the boxes in map cells: ``pipeline.training.head.box_map``); ``to_dict``/``from_dict`` rebuild it from a checkpoint.
 """
 
 from heads.blocks import (

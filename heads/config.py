@@ -176,7 +176,7 @@ PAPER_MAP: dict[str, float] = {
     "st-sa": 27.02,
 }
 
-# Sizes per backbone preset (pipeline.backbone.PRESETS, same keys; a test keeps the channels equal).
+# Sizes per backbone preset (pipeline.features.backbone.PRESETS, same keys; a test keeps the channels equal).
 # C_s/C_f must equal the channels of the cache a head trains from, so training code should take them from the
 # cache's feature spec when it differs.
 # "mini", for the generated mini-AVA on a CPU: width 128 (close to the 160 input channels) and grid queries

@@ -15,12 +15,12 @@ from pipeline.errors import InputError
 
 # (command path, module, help); modules import lazily so `stctx --help` stays fast.
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("ava", "check"), "pipeline.check", "validate an AVA v2.2 folder before any GPU time is spent"),
-    (("ava", "frames"), "pipeline.frames", "decode AVA movies into the frames layout (30 fps, seconds 900-1800)"),
-    (("mini-ava",), "pipeline.mini_ava", "generate the mini-AVA test bed in the AVA folder layout"),
-    (("backbone", "info"), "pipeline.backbone", "show a SlowFast checkpoint's format, sha256 and config"),
-    (("backbone", "finetune"), "pipeline.finetune", "train a SlowFast end to end with the baseline head on an AVA folder"),
-    (("eval",), "pipeline.evaluation", "frame-mAP@0.5 of detections against ground truth (official AVA protocol)"),
+    (("ava", "check"), "pipeline.ava.check", "validate an AVA v2.2 folder before any GPU time is spent"),
+    (("ava", "frames"), "pipeline.ava.frames", "decode AVA movies into the frames layout (30 fps, seconds 900-1800)"),
+    (("mini-ava",), "pipeline.mini.cli", "generate the mini-AVA test bed in the AVA folder layout"),
+    (("backbone", "info"), "pipeline.features.checkpoints", "show a SlowFast checkpoint's format, sha256 and config"),
+    (("backbone", "finetune"), "pipeline.training.finetune", "train a SlowFast end to end with the baseline head on an AVA folder"),
+    (("eval",), "pipeline.ava.evaluation", "frame-mAP@0.5 of detections against ground truth (official AVA protocol)"),
     (("cache", "info"), "cache.verify", "summarise a feature cache store"),
     (("cache", "verify"), "cache.verify", "check a feature cache store: completeness, shapes, NaN/Inf, checksums"),
 )

@@ -296,7 +296,7 @@ def test_stored_and_recomputed_actor_features_agree(tmp_path, aligned):
     c = to_device(collate_runs(from_maps.__getitems__(idx)), "cpu", aligned=aligned, fields=fields)
     torch.testing.assert_close(c["actor"], b["actor"])
     # the same RoIAlign as the backbone module's, on the unpadded maps
-    from pipeline.backbone import actor_features
+    from pipeline.features.backbone import actor_features
 
     k = int((a["box_clip"] == 0).sum())
     h, w = a["map_hw"][0].tolist()
@@ -369,9 +369,9 @@ def test_split_manifest_commit(tmp_path):
 def test_extract_video_writes_what_the_backbone_computes(tmp_path):
     import pandas as pd
 
-    from pipeline.ava import groundtruth_proposals
-    from pipeline.backbone import PRESETS, actor_features, build_backbone, pool_maps
-    from pipeline.extract import extract_video
+    from pipeline.ava.proposals import groundtruth_proposals
+    from pipeline.features.backbone import PRESETS, actor_features, build_backbone, pool_maps
+    from pipeline.features.extract import extract_video
 
     cfg = PRESETS["mini"]
     torch.manual_seed(0)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
+import pipeline.cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["tasks"] + [
-    f"{package}.{m.name}" for package in ("pipeline", "heads", "cache")
-    for m in pkgutil.iter_modules([str(ROOT / package)])
+    m.name for package in ("pipeline", "heads", "cache")
+    for m in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}.")
 ]
 
 

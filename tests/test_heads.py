@@ -194,7 +194,7 @@ def test_registry():
 
 
 def test_sizes_match_backbone_presets():
-    from pipeline.backbone import PRESETS
+    from pipeline.features.backbone import PRESETS
 
     assert set(SIZES) <= set(PRESETS)
     for name, sizes in SIZES.items():

@@ -96,7 +96,7 @@ def test_full_ablation_passes_on_a_trainhead_setting(luigi_config):
 
 def test_mini_data_folder_follows_the_generator(luigi_config, monkeypatch):
     """A new generator version or default size gets a new folder: an old complete one is never taken for it."""
-    import pipeline.mini_ava as mini_ava
+    import pipeline.mini.generator as mini_ava
 
     before = tasks.PrepareData().data_root()
     assert before == tasks.PrepareData(videos=mini_ava.MiniAvaConfig.make(tiny=True).videos).data_root()  # resolved

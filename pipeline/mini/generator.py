@@ -1,6 +1,6 @@
 """``stctx mini-ava OUT``: a generated AVA v2.2 look-alike, small enough for a laptop CPU, hard in the right places.
 
-The folder it writes is an AVA folder (the layout of ``pipeline.ava``, read as is by PySlowFast and pytorchvideo):
+The folder it writes is an AVA folder (the layout of ``pipeline.ava.files``, read as is by PySlowFast and pytorchvideo):
 
     OUT/frames/<vid>/<vid>_%06d.jpg            JPEG (quality 90), 30 fps, frame 1 = first frame after second 900
     OUT/frame_lists/{train,val}.csv            ``original_vido_id video_id frame_id path labels``, space separated
@@ -65,12 +65,10 @@ number does not change any byte.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -81,7 +79,7 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import ava
+from pipeline.ava import files as ava
 from pipeline.errors import InputError
 
 VERSION = 2  # bump whenever the bytes for the same arguments change
@@ -866,35 +864,3 @@ def _write(root: Path, config: MiniAvaConfig, workers: int | None) -> None:
         chosen = sorted(rng.choice(len(keys), max(1, round(0.03 * len(keys))), replace=False))
         paths.exclusions(split).write_text("".join(f"{keys[k][0]},{keys[k][1]:04d}\n" for k in chosen))
     (root / ".complete").write_text(json.dumps(_marker(config), indent=1, sort_keys=True) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="folder to create (left alone if already complete with these arguments)")
-    parser.add_argument("--videos", type=int, default=None, help="number of videos, a quarter of them val (default 64; --tiny 3)")
-    parser.add_argument("--seconds", type=int, default=None, help="seconds per video, keyframes every 3 s (default 75; --tiny 10)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
-    parser.add_argument("--tiny", action="store_true", help="a dataset made in seconds, for tests (half-size frames)")
-    parser.add_argument("--workers", type=int, default=None, help="rendering processes (no effect on the result)")
-    parser.add_argument("--contact-sheet", type=Path, default=None, metavar="PNG",
-                        help="also draw a few val keyframes with their boxes and labels into this PNG")
-
-
-def run_cli(args) -> int:
-    try:
-        config = MiniAvaConfig.make(args.videos, args.seconds, args.seed, args.tiny)
-    except ValueError as err:
-        print(f"stctx mini-ava: error: {err}", file=sys.stderr)
-        return 2
-    out = generate_mini_ava(args.out, config.videos, config.seconds, config.seed, config.tiny, args.workers)
-    n = {s: len(ava.read_groundtruth(ava.AvaPaths(out).groundtruth(s)).groupby(["video_id", "timestamp"]))
-         for s in ava.SPLITS}
-    print(f"{out}: {config.videos} videos x {config.seconds} s, {n['train']} train / {n['val']} val keyframes")
-    if args.contact_sheet is not None:
-        from pipeline.contact_sheet import contact_sheet
-
-        contact_sheet(out, args.contact_sheet)
-        print(f"contact sheet: {args.contact_sheet}")
-    return 0

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.ava import training_proposals
-from pipeline.backbone import PRESETS, backbone_from_checkpoint, build_backbone, save_checkpoint
-from pipeline.clips import KeyframeClips
-from pipeline.finetune import ActorClassifier, FinetuneConfig, _flip, finetune_backbone
+from pipeline.ava.proposals import training_proposals
+from pipeline.features.backbone import PRESETS, build_backbone
+from pipeline.features.checkpoints import backbone_from_checkpoint, save_checkpoint
+from pipeline.features.clips import KeyframeClips
+from pipeline.training.finetune import ActorClassifier, FinetuneConfig, _flip, finetune_backbone
 
 torch.set_num_threads(1)
 SECONDS = (901, 902, 903, 904)
@@ -102,8 +103,8 @@ def test_cli_finetunes_on_a_tiny_mini_ava(tmp_path, capsys):
     import argparse
     import json
 
-    from pipeline import finetune
-    from pipeline.mini_ava import generate_mini_ava
+    from pipeline.training import finetune
+    from pipeline.mini.generator import generate_mini_ava
 
     root = generate_mini_ava(tmp_path / "mini", tiny=True)
     parser = argparse.ArgumentParser()

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ava, frames
+from pipeline.ava import files as ava
+from pipeline.ava import frames
 
 av = pytest.importorskip("av")
 

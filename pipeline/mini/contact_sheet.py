@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import ava
-from pipeline.mini_ava import GIVE, SHORT_NAMES, TAKE
+from pipeline.ava import files as ava
+from pipeline.mini.generator import GIVE, SHORT_NAMES, TAKE
 
 BOX_COLORS = ((255, 230, 0), (0, 230, 255), (255, 80, 200), (120, 255, 80), (255, 140, 0))
 STRIP_OFFSETS = (-30, -15, 0, 15, 30)  # frames from the keyframe

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ava, cli
-from pipeline import mini_ava as m
+from pipeline.ava import files as ava
+import pipeline.cli as cli
+from pipeline.mini import generator as m
 from pipeline.errors import InputError
 
 CLIP = range(-ava.WINDOW // 2, ava.WINDOW // 2)  # frame offsets of a keyframe's clip
@@ -156,7 +157,7 @@ def test_cli_writes_and_reruns(tmp_path, capsys):
 
 
 def test_contact_sheet(tiny, tmp_path):
-    from pipeline.contact_sheet import contact_sheet
+    from pipeline.mini.contact_sheet import contact_sheet
 
     out = contact_sheet(tiny, tmp_path / "sheet.png", tiles=3)
     assert Image.open(out).size[0] == 3 * 480

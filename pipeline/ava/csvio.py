@@ -1,10 +1,10 @@
 """Fast, validated reading of AVA box files (ground truth, detections) into columnar numpy arrays.
 
-``pipeline.ava`` reads the same files into pandas frames for the data pipeline; this module is for the
+``pipeline.ava.files`` reads the same files into pandas frames for the data pipeline; this module is for the
 evaluator, where a detections file of a whole split has millions of rows (AVA v2.2 val with a score for
 each of the 60 evaluated classes per box: about 8.6M rows, 450 MB). The fast path parses with pyarrow
 (multi-threaded) and checks the values vectorised; when either finds anything wrong, a row-by-row pass
-re-reads the file, so that the error names the exact line, with the field parsers of ``pipeline.ava``.
+re-reads the file, so that the error names the exact line, with the field parsers of ``pipeline.ava.files``.
 
 Rows (N,) of a file, one per (box, action): ``video`` int32 codes into ``video_ids`` (V,) str,
 ``timestamp`` integer seconds, ``x1 y1 x2 y2`` float64 exactly as written (normalised x1 y1 x2 y2, see
@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.ava import COORDS, OPTIONAL_ACTION, PERSON, SCORE, TIMESTAMP, VIDEO, ACTION, Column
+from pipeline.ava.files import COORDS, OPTIONAL_ACTION, PERSON, SCORE, TIMESTAMP, VIDEO, ACTION, Column
 from pipeline.errors import InputError
 
 Kind = Literal["groundtruth", "detections"]
@@ -282,7 +282,7 @@ def _concat(chunks: list, n: int) -> np.ndarray:
 
 
 def _read_slow(path: Path, kind: Kind) -> BoxRows:
-    """Row by row with the field parsers of ``pipeline.ava``; the first problem raises with its line."""
+    """Row by row with the field parsers of ``pipeline.ava.files``; the first problem raises with its line."""
     parsed: list[list] = []
     with _open(path) as f:
         for lineno, fields in enumerate(csv.reader(f), start=1):

@@ -36,7 +36,7 @@ file, without person ids): those keys alone are replayed with ``heapq`` (``_heap
 Protocols (``PROTOCOLS``): "official" (the above), "mmaction" (mmaction2's ``ava_eval``: no top-50 cut,
 detections on keys without ground truth ignored, ground truth by descending person id then file order),
 "pyslowfast" (PySlowFast's copy: no top-50 cut, a key's detections matched in file order instead of score
-order, ground truth in file order). ``tests/test_evaluation.py`` checks all three against a literal,
+order, ground truth in file order). ``tests/test_ava_evaluation.py`` checks all three against a literal,
 row-by-row implementation of these rules, and the official protocol against the official evaluator's
 values on ``shared/ava-eval-case`` (they agree to the last bit).
 """
@@ -54,7 +54,7 @@ from typing import Iterable, Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.csvio import BoxRows, Kind, read_boxes
+from pipeline.ava.csvio import BoxRows, Kind, read_boxes
 from pipeline.errors import InputError
 
 IOU_THRESHOLD = 0.5
@@ -128,7 +128,7 @@ def _labelmap(value) -> dict[int, str]:
     if isinstance(value, dict):
         labelmap = {int(k): str(v) for k, v in value.items()}
     else:
-        from pipeline.ava import read_labelmap
+        from pipeline.ava.files import read_labelmap
 
         labelmap = read_labelmap(value)
     if not labelmap:
@@ -145,7 +145,7 @@ def _exclusions(value) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(value, pd.DataFrame):
         return value["video_id"].to_numpy(str), value["timestamp"].to_numpy(np.int64)
     if isinstance(value, (str, Path)):
-        from pipeline.ava import read_exclusions
+        from pipeline.ava.files import read_exclusions
 
         value = read_exclusions(value)
     keys = [str(k).rsplit(",", 1) for k in value]
@@ -403,7 +403,7 @@ def evaluate_frame_map(
     """Frame-mAP@0.5 of ``detections`` against ``groundtruth`` (the official AVA 2019 protocol by default).
 
     ``groundtruth``/``detections``: a CSV path, a DataFrame (columns video_id, timestamp, x1, y1, x2, y2,
-    action_id and person_id / score) or ``BoxRows`` (``pipeline.csvio``; ``detections_from_scores`` builds
+    action_id and person_id / score) or ``BoxRows`` (``pipeline.ava.csvio``; ``detections_from_scores`` builds
     them from a head's (B, C) scores without a file). ``labelmap``: a path or ``{action_id: name}``.
     ``exclusions``: a path, an iterable of ``"video_id,%04d"`` keys, a DataFrame (video_id, timestamp) or None.
     ``protocol``: a key of ``PROTOCOLS``. ``ties``: order of equal scores within a class (module docstring).

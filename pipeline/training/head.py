@@ -15,7 +15,7 @@ H W map (padded), T_f fast frames, K classes (80). Box convention: see ``cache/s
   features on a big GPU); otherwise batches stream from the store through the shard-aligned loader.
 
 Evaluation runs the head over the validation proposals, turns the sigmoid scores of the 60 evaluated classes into
-AVA detection rows in memory and scores them with ``pipeline.evaluation.evaluate_frame_map`` (official protocol).
+AVA detection rows in memory and scores them with ``pipeline.ava.evaluation.evaluate_frame_map`` (official protocol).
 The run writes ``metrics.json`` and a self-describing checkpoint ``head.pt`` beside it.
 """
 
@@ -353,7 +353,7 @@ def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torc
 def evaluate_head(model, store, split: str, *, groundtruth, labelmap, exclusions, device, batch_size: int = 64,
                   budget: int = 2 << 30):
     """Frame-mAP@0.5 of the head on a split's stored proposals; returns (FrameMapResult, seconds)."""
-    from pipeline.evaluation import _labelmap, detections_from_scores, evaluate_frame_map
+    from pipeline.ava.evaluation import _labelmap, detections_from_scores, evaluate_frame_map
 
     start = time.perf_counter()
     config = model.config

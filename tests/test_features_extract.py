@@ -9,9 +9,9 @@ import pandas as pd
 import torch
 
 from cache import CacheSpec, FeatureStore, StorageConfig
-from pipeline.ava import groundtruth_proposals
-from pipeline.backbone import PRESETS, build_backbone
-from pipeline.extract import extract_video
+from pipeline.ava.proposals import groundtruth_proposals
+from pipeline.features.backbone import PRESETS, build_backbone
+from pipeline.features.extract import extract_video
 
 STAGES = {"first_batch", "load", "to_device", "backbone", "pool_roi", "to_host", "write_wait"}
 

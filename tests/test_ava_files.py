@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import ava
+from pipeline.ava import files as ava
+from pipeline.ava.proposals import eval_proposals, training_proposals
 from pipeline.errors import InputError
 
 SHARED_CASE = Path(__file__).resolve().parents[2] / "shared" / "ava-eval-case"
@@ -157,7 +158,7 @@ def test_training_proposals_merge_repeated_boxes():
     det = pd.DataFrame({"video_id": ["v", "v", "v"], "timestamp": [902, 902, 903],
                         "x1": [0.1, 0.6, 0.2], "y1": [0.1, 0.1, 0.1], "x2": [0.4, 0.7, 0.5],
                         "y2": [0.9, 0.5, 0.9], "action_id": [-1, -1, -1], "score": [0.95, 0.5, 0.81]})
-    p = ava.training_proposals(gt, det, threshold=0.8)
+    p = training_proposals(gt, det, threshold=0.8)
     assert p.keys == ["v,0902", "v,0903"] and p.offsets.tolist() == [0, 2, 4]
     first = p.for_video("v").select(np.array([0]))
     # box 0.1..0.4 appears twice in gt and once as a detection: one box, labels 12 and 17, kept as ground truth
@@ -166,7 +167,7 @@ def test_training_proposals_merge_repeated_boxes():
     assert first.source.tolist() == [0, 0] and first.person_id.tolist() == [0, 1]
     second = p.select(np.array([1]))
     assert second.source.tolist() == [0, 1] and second.labels[1].sum() == 0  # detector box above 0.8: a negative
-    e = ava.eval_proposals(det)
+    e = eval_proposals(det)
     assert len(e.boxes) == 3 and (e.source == 1).all() and e.labels.sum() == 0
 
 

@@ -8,19 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.backbone import (
-    PRESETS,
-    BackboneConfig,
-    _pytorchvideo_kwargs,
-    actor_features,
-    backbone_from_checkpoint,
-    boxes_to_rois,
-    build_backbone,
-    file_sha256,
-    load_checkpoint,
-    pool_maps,
-    save_checkpoint,
-)
+from pipeline.features.backbone import PRESETS, BackboneConfig, _pytorchvideo_kwargs, actor_features, boxes_to_rois, build_backbone, pool_maps
+from pipeline.features.checkpoints import backbone_from_checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from pipeline.errors import InputError
 
 torch.set_num_threads(1)
@@ -251,12 +240,12 @@ def test_info_command_prints_format_and_config(tmp_path, capsys):
     import argparse
     import json
 
-    from pipeline import backbone
+    from pipeline.features import checkpoints
 
     cfg = PRESETS["mini"]
     path = save_checkpoint(build_backbone(cfg), cfg, tmp_path / "mini.pt", meta={"note": "x"})
     parser = argparse.ArgumentParser()
-    backbone.configure_parser(parser)
-    assert backbone.run_cli(parser.parse_args([str(path)])) == 0
+    checkpoints.configure_parser(parser)
+    assert checkpoints.run_cli(parser.parse_args([str(path)])) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "stctx" and out["config"]["name"] == "mini" and out["sha256"] == file_sha256(path)

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import csvio, evaluation
+from pipeline.ava import csvio
+from pipeline.ava import evaluation
 from pipeline.cli import main as cli_main
 from pipeline.errors import InputError
-from pipeline.evaluation import detections_from_scores, evaluate_frame_map
+from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map
 
 DATA = Path(__file__).parent / "data" / "eval"
 LABELMAP = DATA / "labelmap.pbtxt"
@@ -251,7 +252,7 @@ def test_benchmark_case_matches_literal_reference(tmp_path):
     gt, det = csvio.read_groundtruth(paths["groundtruth"]), csvio.read_detections(paths["detections"])
     rows = lambda r, last: list(zip(r.video_ids[r.video].tolist(), r.timestamp.tolist(), r.x1.tolist(),  # noqa: E731
                                     r.y1.tolist(), r.x2.tolist(), r.y2.tolist(), r.action_id.tolist(), last.tolist()))
-    from pipeline.ava import read_exclusions, read_labelmap
+    from pipeline.ava.files import read_exclusions, read_labelmap
 
     labelmap = read_labelmap(paths["labelmap"])
     excluded = {(k.split(",")[0], int(k.split(",")[1])) for k in read_exclusions(paths["exclusions"])}

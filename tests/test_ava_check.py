@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ava, check, cli
+from pipeline.ava import files as ava
+from pipeline.ava import check
+import pipeline.cli as cli
 
 VIDEO = "-x000000001"
 

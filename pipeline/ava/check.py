@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import ava
+from pipeline.ava import files as ava
 from pipeline.errors import InputError
 
 MAX_SHOWN = 20  # problems printed per kind; the counts cover all of them

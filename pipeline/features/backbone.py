@@ -1,4 +1,4 @@
-"""SlowFast backbone (res5 maps), actor RoI features and checkpoints.
+"""SlowFast backbone (res5 maps) and actor RoI features.
 
 Shape legend: B clips, N boxes, T_s/T_f slow/fast time, H W input frame, h w res5 map (H/16, W/16),
 C_s/C_f res5 channels of the slow/fast pathway, R RoIAlign resolution (7).
@@ -14,35 +14,19 @@ the frame the network saw (after the short-side resize), and RoIAlign maps pixel
 was trained with torchvision's default ``aligned=False``; PySlowFast's AVA configs use ``aligned=True``
 (pixel centres shifted by -0.5).
 
-Checkpoints (nothing is downloaded; ``torch.load(weights_only=True)``):
-- ``ava-detection``: pytorchvideo's ``SLOWFAST_8x8_R50_DETECTION.pyth``, ``{"model_state": ...}`` of
-  ``slowfast_r50_detection`` (keys ``model.blocks.*`` and ``detection_head.proj.*``); the head's
-  projection (2304 -> 80) is returned as ``info["head_state"]`` (keys ``proj.weight``, ``proj.bias``).
-- ``kinetics``: pytorchvideo's ``SLOWFAST_8x8_R50.pyth``, ``{"model_state": ...}`` of ``slowfast_r50``
-  (keys ``blocks.*``); its classification head (``blocks.6.*``, 400 classes) is dropped.
-- ``stctx``: ours, self-describing (``save_checkpoint``): format tag, version, backbone config,
-  backbone weights and optionally a head's weights.
+Checkpoints: ``pipeline.features.checkpoints``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torchvision.ops import roi_align
-
-from pipeline.errors import InputError
-
-CHECKPOINT_FORMAT = "stctx-backbone"
-CHECKPOINT_VERSION = 1
 
 # pytorchvideo's depth -> blocks per stage (res2..res5); create_slowfast accepts exactly these.
 STAGE_DEPTHS = {18: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -219,183 +203,3 @@ def actor_features(
     else:
         rois = [r.to(device=x.device, dtype=x.dtype) for r in rois]
     return roi_align(x, rois, output_size, spatial_scale=spatial_scale, sampling_ratio=0, aligned=aligned)
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_checkpoint(
-    model: SlowFastBackbone, cfg: BackboneConfig, path: str | Path, head: nn.Module | None = None, meta: Mapping | None = None
-) -> Path:
-    """Write our self-describing checkpoint atomically (temporary file in the same folder, then rename).
-
-    Holds the format tag and version, ``cfg`` as a dict, the backbone weights, optionally a head's weights,
-    and ``meta`` (plain values only: it must load with ``weights_only=True``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": cfg.to_dict(),
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "head_state": None if head is None else {k: v.detach().cpu() for k, v in head.state_dict().items()},
-        "meta": dict(meta or {}),
-    }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(path, None, "checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt or non-weights file
-        raise InputError(path, None, f"cannot read as a torch checkpoint (weights_only=True): {err}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_state"), dict):
-        raise InputError(path, None, "expected a dict with a 'model_state' state dict (pytorchvideo or stctx checkpoint)")
-    return ckpt
-
-
-def _detect_format(path: Path, ckpt: dict) -> str:
-    if ckpt.get("format") == CHECKPOINT_FORMAT:
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise InputError(path, None, f"stctx checkpoint version {ckpt.get('version')}, this code reads {CHECKPOINT_VERSION}")
-        return "stctx"
-    keys = list(ckpt["model_state"])
-    if any(k.startswith("model.blocks.") for k in keys):
-        return "ava-detection"
-    if any(k.startswith("blocks.") for k in keys):
-        return "kinetics"
-    raise InputError(path, None, f"unrecognised checkpoint: model_state keys start with {keys[:3]}")
-
-
-def _split_state(fmt: str, state: Mapping[str, torch.Tensor], num_blocks: int) -> tuple[dict, dict]:
-    """(backbone state with our key names, head state) of a checkpoint's model_state."""
-    backbone, head = {}, {}
-    for k, v in state.items():
-        if fmt == "ava-detection":
-            if k.startswith("detection_head."):
-                head[k[len("detection_head."):]] = v
-            elif k.startswith("model."):
-                backbone[k[len("model."):]] = v
-            else:
-                backbone[k] = v  # reported as unexpected
-        elif fmt == "kinetics":
-            # blocks[num_blocks] is the parameter-free pool-concat, blocks[num_blocks + 1] the 400-way head
-            if k.startswith(f"blocks.{num_blocks + 1}."):
-                head[k[len(f"blocks.{num_blocks + 1}."):]] = v
-            else:
-                backbone[k] = v
-        else:
-            backbone[k] = v
-    return backbone, head
-
-
-def _mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    return missing, unexpected, wrong
-
-
-def _listing(title: str, items: list[str], limit: int = 8) -> str:
-    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-    return f"{title} ({len(items)}): {', '.join(items[:limit])}{more}"
-
-
-def load_checkpoint(model: SlowFastBackbone, path: str | Path) -> dict:
-    """Load backbone weights from an AVA detection, Kinetics or stctx checkpoint into ``model``.
-
-    Returns info: ``format``, ``path``, ``sha256``, ``num_tensors`` loaded, ``head_state`` (the checkpoint's
-    head weights keyed like a module whose Linear is ``proj``: AVA detection ``{"proj.weight": (80, 2304),
-    "proj.bias": (80,)}``, Kinetics' 400-way head, or the head saved with ours; None if absent), ``config`` (ours only, as saved) and ``meta`` (ours only).
-    Any mismatch raises ``InputError`` naming the missing, unexpected and wrongly shaped keys.
-    """
-    path = Path(path)
-    return _load_into(model, path, _read(path))
-
-
-def _load_into(model: SlowFastBackbone, path: Path, ckpt: dict) -> dict:
-    fmt = _detect_format(path, ckpt)
-    backbone_state, head_state = _split_state(fmt, ckpt["model_state"], len(model.blocks))
-    missing, unexpected, wrong = _mismatch(model, backbone_state)
-    if missing or unexpected or wrong:
-        parts = [_listing(t, items) for t, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
-        raise InputError(path, None, f"{fmt} checkpoint does not fit backbone {model.cfg.name!r}: " + "; ".join(parts))
-    model.load_state_dict(backbone_state, strict=True)
-    if fmt == "stctx":
-        head_state = ckpt.get("head_state")
-    return {
-        "format": fmt,
-        "path": str(path),
-        "sha256": file_sha256(path),
-        "num_tensors": len(backbone_state),
-        "head_state": head_state or None,
-        "config": ckpt.get("config") if fmt == "stctx" else None,
-        "meta": ckpt.get("meta") if fmt == "stctx" else None,
-    }
-
-
-def backbone_from_checkpoint(path: str | Path, cfg: BackboneConfig | None = None) -> tuple[SlowFastBackbone, dict]:
-    """Build and load a backbone from a checkpoint: ours rebuilds from the config it stores; a pytorchvideo
-    checkpoint needs ``cfg`` (default the ``r50`` preset)."""
-    path = Path(path)
-    ckpt = _read(path)
-    if _detect_format(path, ckpt) == "stctx":
-        try:
-            cfg = BackboneConfig.from_dict(ckpt["config"])
-        except (TypeError, ValueError) as err:
-            raise InputError(path, None, f"stored backbone config is invalid: {err}") from None
-    model = build_backbone(cfg or PRESETS["r50"])
-    return model, _load_into(model, path, ckpt)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def configure_parser(parser) -> None:
-    """``stctx backbone info CHECKPOINT``."""
-    parser.add_argument("checkpoint", type=Path, help="AVA detection, Kinetics or stctx checkpoint")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="r50",
-                        help="backbone to check a pytorchvideo checkpoint against (ours carries its own config)")
-
-
-def run_cli(args) -> int:
-    """Print the checkpoint's format, sha256 and backbone config after loading it into the backbone."""
-    import json
-
-    model, info = backbone_from_checkpoint(args.checkpoint, PRESETS[args.preset])
-    head = info["head_state"] or {}
-    print(json.dumps({
-        "path": info["path"],
-        "format": info["format"],
-        "sha256": info["sha256"],
-        "tensors": info["num_tensors"],
-        "head": {k: list(v.shape) for k, v in head.items()},
-        "config": model.cfg.to_dict(),
-        "meta": info["meta"],
-    }, indent=1))
-    return 0

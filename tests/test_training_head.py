@@ -8,10 +8,12 @@ import torch
 
 from cache.reader import CacheDataset
 from heads import ABLATION, HeadInputs, build_head, variant
-from pipeline import ava, steps
-from pipeline.backbone import actor_features, backbone_from_checkpoint, boxes_to_rois, pool_maps
-from pipeline.clips import KeyframeClips, collate_clips
-from pipeline.train import ResidentSplit, TrainConfig, box_map, head_inputs, load_head, make_optimizer, train_head, train_step
+from pipeline.ava import files as ava
+from pipeline.ava import splits
+from pipeline.features.backbone import actor_features, boxes_to_rois, pool_maps
+from pipeline.features.checkpoints import backbone_from_checkpoint
+from pipeline.features.clips import KeyframeClips, collate_clips
+from pipeline.training.head import ResidentSplit, TrainConfig, box_map, head_inputs, load_head, make_optimizer, train_head, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +52,7 @@ def test_cache_then_head_equals_head_on_live_backbone(name, tiny_ava, tiny_backb
 
 
 def _train(tiny_ava, cache, out, seed=0, name="st-sa"):
-    val = steps.annotations(tiny_ava, "val")
+    val = splits.annotations(tiny_ava, "val")
     return train_head(variant(name, "mini"), cache, out, groundtruth=val["groundtruth"], labelmap=val["labelmap"],
                       exclusions=val["exclusions"], train=TrainConfig(epochs=3, batch_size=2), seed=seed,
                       device="cpu", progress=False)
@@ -81,7 +83,7 @@ def test_checkpoint_rebuilds_the_head(tiny_ava, tiny_cache, tmp_path):
 
 
 def test_training_with_box_jitter_recomputes_actor_features(tiny_ava, tiny_cache, tmp_path):
-    val = steps.annotations(tiny_ava, "val")
+    val = splits.annotations(tiny_ava, "val")
     metrics = train_head(variant("baseline", "mini"), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
                          labelmap=val["labelmap"], exclusions=val["exclusions"],
                          train=TrainConfig(epochs=2, batch_size=2, box_jitter=0.1), device="cpu", progress=False)
@@ -89,7 +91,7 @@ def test_training_with_box_jitter_recomputes_actor_features(tiny_ava, tiny_cache
 
 
 def test_head_size_must_match_the_cache(tiny_ava, tiny_cache, tmp_path):
-    val = steps.annotations(tiny_ava, "val")
+    val = splits.annotations(tiny_ava, "val")
     with pytest.raises(ValueError, match="C_s"):
         train_head(variant("st", "r50"), tiny_cache, tmp_path, groundtruth=val["groundtruth"], labelmap=val["labelmap"])
 

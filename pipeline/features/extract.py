@@ -11,19 +11,102 @@ last, so a killed extraction leaves nothing that looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from cache.schema import SOURCE_DET, SOURCE_GT
-from cache.store import FeatureStore
+from cache.schema import SOURCE_DET, SOURCE_GT, StorageConfig
+from cache.store import CacheSpec, FeatureStore
 from cache.writer import BoxTable
-from pipeline.ava import Proposals, make_key
-from pipeline.backbone import BackboneConfig, actor_features, boxes_to_rois, pool_maps
+from pipeline.ava import files as ava
+from pipeline.ava.files import make_key
+from pipeline.ava.proposals import Proposals
+from pipeline.ava.splits import read_split_index, split_annotations
+from pipeline.features.backbone import PRESETS, BackboneConfig, actor_features, boxes_to_rois, pool_maps
+from pipeline.features.checkpoints import backbone_from_checkpoint, file_sha256
+from pipeline.features.clips import KeyframeClips, clip_loader
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """What, besides the backbone's weights, decides a cache's content (it goes into the store's name).
+
+    ``threshold``: detector score for training proposals (ground truth + detector boxes >= threshold); the
+    validation split stores every detector box. ``batch_size``: clips per backbone call (not significant for the
+    values, but the same for everybody to keep float rounding identical).
+    """
+
+    threshold: float = 0.8
+    dtype: str = "float16"
+    compressor: str = "zstd"
+    level: int = 3
+    batch_size: int = 8
+
+    def storage(self) -> StorageConfig:
+        return StorageConfig(dtype=self.dtype, compressor=self.compressor, level=self.level)
+
+
+def cache_spec(checkpoint: str | Path, extraction: ExtractionConfig) -> CacheSpec:
+    """The identity of the store that ``checkpoint`` and ``extraction`` produce."""
+    model_cfg = _backbone_config(checkpoint)
+    return CacheSpec(
+        backbone_sha256=file_sha256(checkpoint),
+        extraction={"backbone": model_cfg.name, "backbone_config": model_cfg.to_dict(),
+                    **{k: v for k, v in dataclasses.asdict(extraction).items() if k not in ("dtype", "compressor", "level")}},
+        aligned=model_cfg.aligned,
+        storage=extraction.storage(),
+    )
+
+
+def _backbone_config(checkpoint: str | Path) -> BackboneConfig:
+    """Our checkpoints carry their config; pytorchvideo's AVA/Kinetics files are the ``r50`` preset."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return BackboneConfig.from_dict(ckpt["config"]) if "config" in ckpt else PRESETS["r50"]
+
+
+def store_url(root: str | Path, spec: CacheSpec) -> Path:
+    return Path(root) / "cache" / f"{spec.name}.zarr"
+
+
+def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
+                        spec: CacheSpec, extraction: ExtractionConfig = ExtractionConfig(),
+                        device: str | None = None, num_workers: int = 0, index: str | Path | None = None,
+                        cpu_threads: int | None = 1) -> dict:
+    """Extract one video of a split into the store at ``url`` (created with ``spec`` if absent).
+
+    ``index``: the split's index folder (``write_split_index``); without it the annotation files and the frame list
+    are read here, which on AVA costs seconds per video. ``cpu_threads``: torch threads on a CPU device; one per
+    task lets Luigi's parallel workers share the cores (two workers with two threads each ran the mini-AVA train
+    split 3x slower than one worker), None keeps torch's default.
+    """
+    paths = ava.AvaPaths(data_root)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    store = FeatureStore.create(url, spec)
+    if store.is_complete(video_id):
+        return {"video_id": video_id, "skipped": True}
+    if index is None:
+        proposals, keyframes = split_annotations(data_root, split, extraction.threshold)
+        frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
+    else:
+        proposals, keyframes, frame_lists = read_split_index(index)
+    secs = [s for v, s in keyframes if v == video_id]
+    if not secs:
+        raise ValueError(f"{paths.root}: video {video_id!r} has no keyframe in the {split} annotations")
+    model, _ = backbone_from_checkpoint(checkpoint)
+    model = model.to(device).eval()
+    clips = KeyframeClips.from_config(paths.frames, [(video_id, s) for s in secs], model.cfg, frame_lists)
+    loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
+    return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
+                         device=device)
 
 
 def box_table(proposals: Proposals, video_id: str, secs: Sequence[int]) -> BoxTable:
@@ -105,10 +188,10 @@ def extract_video(
 ) -> dict:
     """Extract the features of ``video_id`` into ``store`` (opened with ``FeatureStore.create``).
 
-    ``clips_loader`` yields ``pipeline.clips.collate_clips`` batches of this video's keyframes in
+    ``clips_loader`` yields ``pipeline.features.clips.collate_clips`` batches of this video's keyframes in
     increasing seconds (``clip_loader`` over a ``KeyframeClips`` of the video, not shuffled); ``secs``
     are those seconds (default: the loader dataset's keyframes of the video). ``proposals`` hold the
-    boxes (``pipeline.ava.training_proposals`` or ``eval_proposals``); a keyframe without any gets its
+    boxes (``pipeline.ava.proposals.training_proposals`` or ``eval_proposals``); a keyframe without any gets its
     maps stored and no boxes. Mixed precision on CUDA when ``amp``.
 
     ``timings``: a dict to add wall seconds per stage to (``StageClock``: the device is synchronised after each
@@ -191,3 +274,12 @@ def extract_video(
     marker = writer.finish()
     clock.lap("write_wait")
     return dict(video_id=video_id, keyframes=marker["keyframes"], boxes=marker["boxes"], skipped=False)
+
+
+def commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[str]) -> dict:
+    """Write the split's manifest once every video is complete."""
+    store = FeatureStore.open(url, expect=spec, mode="r+")
+    missing = [v for v in video_ids if not store.is_complete(v)]
+    if missing:
+        raise RuntimeError(f"{url}: cannot commit split {split!r}: videos not complete: {missing[:5]}")
+    return store.commit_split(split, video_ids)

@@ -8,7 +8,7 @@ Only the distinct frames the two pathways use are read and decoded, once each.
 
 Frames are resized so that the short side is ``short_side`` and the long side is scaled by the same factor and
 floored (PySlowFast's test-time scale), bilinear without antialiasing, then normalised as ``(x / 255 - mean) / std``.
-Boxes stay normalised (x1 y1 x2 y2 in [0, 1]); ``pipeline.backbone.boxes_to_rois`` turns them into pixels of
+Boxes stay normalised (x1 y1 x2 y2 in [0, 1]); ``pipeline.features.backbone.boxes_to_rois`` turns them into pixels of
 the resized frame using the ``height``/``width`` each item reports.
 
 Decoding: PIL (libjpeg-turbo), then the uint8 frames are resized with ``F.interpolate``. At 640x360 -> 455x256
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from PIL import Image
 
-from pipeline.ava import keyframe_frame_index, make_key, pathway_frame_indices
+from pipeline.ava.files import keyframe_frame_index, make_key, pathway_frame_indices
 from pipeline.errors import InputError
 
 
@@ -79,7 +79,7 @@ class KeyframeClips(Dataset):
 
     @classmethod
     def from_config(cls, frames_root, keyframes, cfg, frame_lists=None) -> "KeyframeClips":
-        """Clips as a ``pipeline.backbone.BackboneConfig`` expects them."""
+        """Clips as a ``pipeline.features.backbone.BackboneConfig`` expects them."""
         return cls(
             frames_root, keyframes, short_side=cfg.short_side, t_fast=cfg.t_fast, alpha=cfg.alpha,
             window=cfg.window, mean=cfg.mean, std=cfg.std, frame_lists=frame_lists,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.clips as clips_module
-from pipeline.ava import keyframe_frame_index, pathway_frame_indices
-from pipeline.backbone import PRESETS
-from pipeline.clips import KeyframeClips, VideoBatchSampler, clip_loader, collate_clips, resized_size
+import pipeline.features.clips as clips_module
+from pipeline.ava.files import keyframe_frame_index, pathway_frame_indices
+from pipeline.features.backbone import PRESETS
+from pipeline.features.clips import KeyframeClips, VideoBatchSampler, clip_loader, collate_clips, resized_size
 from pipeline.errors import InputError
 
 torch.set_num_threads(1)
