@@ -14,6 +14,8 @@ from pathlib import Path
 
 import luigi
 
+from heads.config import ABLATION, PAPER_MAP
+
 
 class stctx(luigi.Config):  # noqa: N801 - the section name of luigi.cfg
     root = luigi.Parameter(default="runs", description="folder that holds every output")
@@ -22,17 +24,19 @@ class stctx(luigi.Config):  # noqa: N801 - the section name of luigi.cfg
 
 
 class DatasetParameter(luigi.ChoiceParameter):
-    """``mini`` or ``ava``: the task's own setting, else ``[stctx] dataset`` of luigi.cfg, else ``mini``."""
+    """``mini`` or ``ava``: the task's own setting (command line or its luigi.cfg section), else ``[stctx] dataset``
+    (``--stctx-dataset`` or luigi.cfg), else ``mini``.
+
+    The default is ``None``, which ``normalize`` (Luigi applies it to given and default values alike) turns into the
+    ``[stctx]`` setting, so a task's identity always names the dataset it runs on.
+    """
 
     def __init__(self, **kwargs):
-        super().__init__(choices=["mini", "ava"], default="mini",
+        super().__init__(choices=["mini", "ava"], default=None,
                          description="mini-AVA or real AVA (default: [stctx] dataset)", **kwargs)
 
-    def _value_iterator(self, task_name, param_name):
-        *given, default = super()._value_iterator(task_name, param_name)
-        yield from given
-        yield (self._get_value_from_config("stctx", "dataset"), None)
-        yield default
+    def normalize(self, x):
+        return super().normalize(stctx().dataset if x is None else x)
 
 
 def root() -> Path:
@@ -343,7 +347,7 @@ class FullAblation(_CacheTask):
     """
 
     seeds = luigi.ListParameter(default=[0, 1, 2])
-    variants = luigi.ListParameter(default=["baseline", "spatial", "spatial-sa", "st", "st-sa"])
+    variants = luigi.ListParameter(default=list(ABLATION), description="head variants (default: heads.ABLATION)")
     epochs = luigi.OptionalIntParameter(default=None,
                                         description="head epochs of every run (default: [TrainHead] epochs, else TrainConfig's)")
 
@@ -359,7 +363,6 @@ class FullAblation(_CacheTask):
         return luigi.LocalTarget(self.table_dir() / "table1.md")
 
     def run(self):
-        from heads import PAPER_MAP
         from pipeline.report import publish_ablation
 
         runs = [Path(t.output().path) for t in self.requires()]
