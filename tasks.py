@@ -14,6 +14,7 @@ from pathlib import Path
 
 import luigi
 
+from cache.schema import COMPRESSORS, STORAGE_DTYPES, StorageConfig
 from heads.config import ABLATION, PAPER_MAP
 
 
@@ -169,8 +170,8 @@ class _CacheTask(luigi.Task):
 
     dataset = DatasetParameter()
     threshold = luigi.FloatParameter(default=0.8, description="detector score for training proposals")
-    dtype = luigi.ChoiceParameter(choices=["float16", "float32", "uint8"], default="float16")
-    compressor = luigi.ChoiceParameter(choices=["zstd", "blosc-zstd", "blosc-lz4", "none"], default="zstd")
+    dtype = luigi.ChoiceParameter(choices=STORAGE_DTYPES, default=StorageConfig.dtype)
+    compressor = luigi.ChoiceParameter(choices=COMPRESSORS, default=StorageConfig.compressor)
     device = luigi.OptionalParameter(default=None, significant=False)
     decode_workers = luigi.IntParameter(default=0, significant=False, description="clip decoding processes")
 
@@ -288,9 +289,9 @@ class TrainHead(_CacheTask):
     """One Table 1 variant trained from the cache with one seed, evaluated on the validation split.
 
     Output: ``<root>/heads/<variant>-<hash>/seed-<k>/metrics.json`` and ``head.pt``; the hash covers the head
-    config (the registry entry plus overrides), the training config and the upstream data, backbone and cache
-    parameters, and the feature store's name (so a new backbone checkpoint retrains every head); editing one
-    variant's config reruns that variant only.
+    config (the registry entry plus overrides, at the sizes the store records), the training config and the
+    upstream data, backbone and cache parameters, and the feature store's name (so a new backbone checkpoint
+    retrains every head); editing one variant's config reruns that variant only.
     """
 
     variant = luigi.Parameter(default="st-sa")
@@ -303,13 +304,32 @@ class TrainHead(_CacheTask):
     def requires(self):
         return {split: self.clone(FeatureCache, split=split) for split in ("train", "val")}
 
+    def store_features(self) -> dict | None:
+        """What the store records of its features (``pipeline.training.head.feature_spec``), None until both splits
+        are committed; read once per store."""
+        from cache.store import CacheError, FeatureStore
+        from pipeline.training.head import feature_spec
+
+        url = self.store_url()
+        read_from, features = getattr(self, "_features", (None, None))
+        if features is None or read_from != url:
+            features = None
+            if url is not None:
+                try:
+                    features = feature_spec(FeatureStore.open(url, expect=self.spec()), ("train", "val"))
+                except CacheError:  # no store yet, or a split not committed
+                    pass
+            self._features = (url, features)
+        return features
+
     def head_config(self):
-        """The variant at the sizes of the backbone that fills the cache (``heads.SIZES`` is keyed by preset)."""
+        """The variant with its overrides, the sizes it leaves to the features resolved against what the store
+        records (``HeadConfig.resolve``); still unresolved while the store is not committed."""
         from heads import variant
 
-        spec = self.spec()
-        size = spec.extraction["backbone"] if spec is not None else ("mini" if self.dataset == "mini" else "r50")
-        return variant(self.variant, size, **dict(self.overrides))
+        cfg = variant(self.variant, **dict(self.overrides))
+        features = self.store_features()
+        return cfg if features is None else cfg.resolve(features)
 
     def train_config(self):
         from pipeline.training.head import TrainConfig
@@ -319,11 +339,13 @@ class TrainHead(_CacheTask):
 
     def run_dir(self) -> Path:
         cfg = self.head_config()
-        # the store's name carries the backbone checkpoint's sha256; until the backbone exists the run is pending
-        # (and cannot be complete), so the path then names the upstream tasks instead
+        # the store's name carries the backbone checkpoint's sha256 and the store's features the head's sizes; until
+        # the backbone exists and the store is committed the run is pending (and cannot be complete), so the path then
+        # names the upstream tasks instead
         store = self.store_url()
+        pending = store is None or bool(cfg.unresolved)
         ident = {"head": cfg.to_dict(), "train": self.train_config().identity(),
-                 "cache": store.name if store is not None else ["pending", self.requires()["train"].task_id]}
+                 "cache": ["pending", self.requires()["train"].task_id] if pending else store.name}
         return root() / "heads" / f"{cfg.slug}-{short_hash(ident)}" / f"seed-{self.seed}"
 
     def output(self):

@@ -31,9 +31,10 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.features.backbone import PRESETS, boxes_to_rois, build_backbone  # noqa: E402
+from cache.roi import box_clip_index  # noqa: E402
+from pipeline.features.backbone import PRESETS, build_backbone  # noqa: E402
 from pipeline.features.clips import KeyframeClips, clip_loader  # noqa: E402
-from pipeline.training.finetune import ActionDetector, ActorClassifier  # noqa: E402
+from pipeline.training.finetune import ActionDetector, baseline_head  # noqa: E402
 
 from benchdoc import publish
 
@@ -67,16 +68,17 @@ def bench_forward(cfg, height: int, width: int, batch: int, threads: int, repeat
 def bench_train_step(cfg, height: int, width: int, batch: int, threads: int, repeats: int) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = ActionDetector(build_backbone(cfg), ActorClassifier(cfg.actor_channels)).train()
+    model = ActionDetector(build_backbone(cfg), baseline_head(cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     slow = torch.randn(batch, 3, cfg.t_slow, height, width)
     fast = torch.randn(batch, 3, cfg.t_fast, height, width)
-    boxes = [torch.tensor([[0.1, 0.2, 0.4, 0.9], [0.5, 0.1, 0.8, 0.9], [0.3, 0.3, 0.6, 0.7]])] * batch
-    rois = boxes_to_rois(boxes, height, width)
-    labels = (torch.rand(len(rois), 80) < 0.05).float()
+    boxes = torch.tensor([[0.1, 0.2, 0.4, 0.9], [0.5, 0.1, 0.8, 0.9], [0.3, 0.3, 0.6, 0.7]]).repeat(batch, 1)  # (N, 4)
+    box_clip = box_clip_index([3] * batch)  # (N,)
+    image_hw = torch.tensor([(height, width)] * batch)  # (B, 2)
+    labels = (torch.rand(len(boxes), 80) < 0.05).float()
 
     def step():
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(slow, fast, rois), labels)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(slow, fast, boxes, box_clip, image_hw), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

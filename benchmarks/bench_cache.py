@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cache import CacheDataset, CacheSpec, FeatureStore, StorageConfig, make_loader  # noqa: E402
+from cache.writer import VideoWriter  # noqa: E402
 from cache.synthetic import SyntheticShape, actor_from_maps, random_boxes, relu_like, time_pooled_relu_like  # noqa: E402
 from cache.verify import store_bytes  # noqa: E402
 
@@ -74,10 +75,10 @@ def write_store(path: Path, storage: StorageConfig, pool, shape: SyntheticShape,
     spent = 0.0
     for v in range(videos):
         rng = np.random.default_rng(100 + v)
-        table = random_boxes(rng, keyframes, max_boxes=6)
+        table = random_boxes(rng, f"v{v:02d}", 902 + np.arange(keyframes), max_boxes=6)
         c = _cpu()
-        w = store.begin_video(f"v{v:02d}", secs=902 + np.arange(keyframes), boxes=table, image_hw=shape.image_hw,
-                              map_hw=shape.map_hw, channels=shape.channels)
+        w = VideoWriter(store, f"v{v:02d}", boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw,
+                        channels=shape.channels)
         spent += _cpu() - c
         for t0 in range(0, keyframes, 8):
             t1 = min(keyframes, t0 + 8)

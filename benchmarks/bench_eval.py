@@ -157,8 +157,7 @@ def measure(paths: dict[str, Path], repeats: int) -> dict:
 
 def stage_timings(paths: dict[str, Path]) -> dict[str, tuple[float, float]]:
     """In-process split by stage: (wall s, CPU s of all threads) for reading each box file and evaluating."""
-    from pipeline.ava import csvio
-    from pipeline.ava import evaluation
+    from pipeline.ava import evaluation, files
 
     out = {}
 
@@ -168,8 +167,8 @@ def stage_timings(paths: dict[str, Path]) -> dict[str, tuple[float, float]]:
         out[name] = (time.perf_counter() - w, time.process_time() - c)
         return value
 
-    gt = timed("read_groundtruth", lambda: csvio.read_groundtruth(paths["groundtruth"]))
-    det = timed("read_detections", lambda: csvio.read_detections(paths["detections"]))
+    gt = timed("read_groundtruth", lambda: files.read_groundtruth(paths["groundtruth"]))
+    det = timed("read_detections", lambda: files.read_detections(paths["detections"]))
     timed("evaluate", lambda: evaluation.evaluate_frame_map(gt, det, paths["labelmap"], paths["exclusions"]))
     return out
 

@@ -109,7 +109,6 @@ class Sizes:
     warm_keyframes: int  # extraction warm-up video
     keyframes: int  # timed extraction video
     staged_keyframes: int  # extraction video with per-stage times, and the loader-alone run
-    head_size: str  # heads.SIZES key
     shape: SyntheticShape
     head_videos: int
     head_keyframes: int  # per video
@@ -123,13 +122,13 @@ class Sizes:
 FULL = Sizes(
     preset="r50", frame_hw=(360, 640), frames=90, backbone_batch=16, backbone_iters=10, backbone_warmup=3,
     warm_keyframes=32, keyframes=600, staged_keyframes=300,
-    head_size="r50", shape=SyntheticShape.r50(), head_videos=8, head_keyframes=256, resident_videos=2,
+    shape=SyntheticShape.r50(), head_videos=8, head_keyframes=256, resident_videos=2,
     head_batches=(TrainConfig().batch_size, 64), head_steps=200, head_warmup=20, epochs=3,
 )
 SMOKE = Sizes(
     preset="mini", frame_hw=(90, 160), frames=40, backbone_batch=2, backbone_iters=1, backbone_warmup=1,
     warm_keyframes=10, keyframes=4, staged_keyframes=12,
-    head_size="mini", shape=SyntheticShape(128, 32, 32, (6, 10), (90, 160)), head_videos=2, head_keyframes=12,
+    shape=SyntheticShape(128, 32, 32, (6, 10), (90, 160)), head_videos=2, head_keyframes=12,
     resident_videos=1, head_batches=(4, 8), head_steps=3, head_warmup=1, epochs=1,
 )
 
@@ -308,9 +307,8 @@ def head_rate(model, batches, config, optimizer, scheduler, sz: Sizes, device: t
 
 
 def bench_head(sz: Sizes, device: torch.device, workers: int, tmp: Path) -> dict:
-    config = variant("st-sa", sz.head_size)
-    c_s, c_f, _ = sz.shape.channels
-    assert (config.C_s, config.C_f) == (c_s, c_f), "head and synthetic store sizes differ"
+    c_s, c_f, t_f = sz.shape.channels
+    config = variant("st-sa").resolve({"C_s": c_s, "C_f": c_f, "T_f": t_f, "map_hw": [sz.shape.map_hw]})  # as stored
     res: dict = {"config": config, "workers": workers}
     spec = CacheSpec("0" * 64, {"backbone": f"{sz.preset}-synthetic"}, storage=EXTRACTION.storage())
     url = tmp / "head.zarr"
@@ -455,7 +453,7 @@ def head_report(r: dict, sz: Sizes) -> list[str]:
     b, _, rate = r["streaming"]
     best = max(rate for _, rate in r["resident"])
     return [
-        f"### Head training: `{config.name}` at {sz.head_size} size ({r['parameters'] / 1e6:.2f} M parameters)",
+        f"### Head training: `{config.name}` at {sz.preset} size ({r['parameters'] / 1e6:.2f} M parameters)",
         "",
         f"Synthetic store: C_s={c_s}, C_f={c_f}, {sz.shape.map_hw[0]}x{sz.shape.map_hw[1]} maps, T_f={t_f}, "
         f"{sz.head_videos} videos x {sz.head_keyframes} keyframes ({r['dataset']} with boxes, {r['boxes_per_kf']:.1f} "

@@ -1,6 +1,7 @@
 """The feature cache: a content-addressed Zarr v3 store of SlowFast maps, boxes and actor features.
 
-Schema: ``cache.schema``; opening and identity: ``cache.store``; writing a video: ``cache.writer``;
+Schema: ``cache.schema``; opening and identity: ``cache.store``; the boxes of keyframes: ``cache.boxes``;
+boxes to pixels and RoIAlign: ``cache.roi``; writing a video: ``cache.writer``;
 reading for heads: ``cache.reader`` (local stores through ``cache.shards``, straight from the shard files);
 ``stctx cache info|verify``: ``cache.verify``.
 
@@ -17,8 +18,10 @@ _EXPORTS = {
     "KeyframeBlockSampler": "cache.reader",
     "collate_runs": "cache.reader",
     "make_loader": "cache.reader",
-    "recompute_actor_features": "cache.reader",
     "to_device": "cache.reader",
+    "KeyframeBoxes": "cache.boxes",
+    "actor_features": "cache.roi",
+    "box_pixels": "cache.roi",
     "SCHEMA_VERSION": "cache.schema",
     "StorageConfig": "cache.schema",
     "CacheError": "cache.store",
@@ -30,7 +33,6 @@ _EXPORTS = {
     "store_name": "cache.store",
     "store_info": "cache.verify",
     "verify_store": "cache.verify",
-    "BoxTable": "cache.writer",
     "VideoExistsError": "cache.writer",
     "VideoWriter": "cache.writer",
 }

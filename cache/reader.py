@@ -24,8 +24,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
-from torchvision.ops import roi_align
 
+from cache.roi import actor_features
 from cache.schema import (
     BOX_FIELDS,
     COMPLETE_ATTR,
@@ -33,63 +33,15 @@ from cache.schema import (
     NUM_CLASSES,
     QUANTISED_MAPS,
     READABLE_FIELDS,
-    ROI_SIZE,
-    SAMPLING_RATIO,
     SOURCE_DET,
-    SPATIAL_SCALE,
 )
 from cache.shards import RowReader
 from cache.store import CacheError, FeatureStore
 
-# proposals(video_id, sec, stored) -> new boxes of that keyframe. ``stored`` and the result map the names
+# proposal_fn(video_id, sec, stored) -> new boxes of that keyframe. ``stored`` and the result map the names
 # of BOX_FIELDS to arrays with one row per box; the result needs at least ``boxes`` (n, 4) and ``labels``
 # (n, K); missing fields default to detector boxes of score 1 with person id -1.
-Proposals = Callable[[str, int, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
-
-
-def box_pixels(boxes: torch.Tensor, image_hw: torch.Tensor, box_clip: torch.Tensor) -> torch.Tensor:
-    """(N, 4) normalised x1 y1 x2 y2 -> pixels of the frame each box's clip was extracted from (image_hw (B, 2))."""
-    size = image_hw.to(boxes.device, boxes.dtype)[box_clip]  # (N, 2) = (height, width)
-    return boxes * torch.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], dim=1)  # (N, 4)
-
-
-def recompute_actor_features(
-    slow: torch.Tensor,
-    fast: torch.Tensor,
-    boxes: torch.Tensor,
-    box_clip: torch.Tensor,
-    image_hw: torch.Tensor,
-    aligned: bool,
-    map_hw: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """RoIAlign of the time-pooled concat(slow, fast) maps at the boxes, batched, on the maps' device.
-
-    slow (B, C_s, H, W), fast (B, C_f, H, W), possibly right/bottom-padded; boxes (N, 4) normalised
-    x1 y1 x2 y2; box_clip (N,) long; image_hw (B, 2) pixel size of the frame the backbone saw;
-    map_hw (B, 2) the real map size of each clip (None: no padding). Returns (N, C_s + C_f, R, R) in
-    the maps' dtype. Clips are grouped by map size so padding never enters the interpolation: the
-    result equals the extraction's RoIAlign on the unpadded map.
-    """
-    x = torch.cat([slow, fast], dim=1)  # (B, C_s + C_f, H, W)
-    compute = x if x.is_cuda else x.float()  # CPU RoIAlign has no float16 kernel
-    out = x.new_zeros((len(boxes), x.shape[1], ROI_SIZE, ROI_SIZE))
-    if len(boxes) == 0:
-        return out
-    rois = torch.cat([box_clip[:, None].to(boxes.dtype), box_pixels(boxes, image_hw, box_clip)], dim=1)  # (N, 5)
-    rois = rois.to(compute.device, compute.dtype)
-    if map_hw is None:
-        groups = [(None, torch.ones(len(boxes), dtype=torch.bool, device=boxes.device))]
-    else:
-        hw_of_box = map_hw[box_clip.to(map_hw.device)]  # (N, 2)
-        groups = [(tuple(hw.tolist()), (hw_of_box == hw).all(dim=1)) for hw in torch.unique(map_hw, dim=0)]
-    for hw, mask in groups:
-        mask = mask.to(compute.device)
-        if not mask.any():
-            continue
-        maps = compute if hw is None else compute[:, :, : hw[0], : hw[1]]
-        feats = roi_align(maps, rois[mask], (ROI_SIZE, ROI_SIZE), SPATIAL_SCALE, SAMPLING_RATIO, aligned)
-        out[mask] = feats.to(out.dtype)
-    return out
+ProposalFn = Callable[[str, int, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
 class CacheDataset(Dataset):
@@ -114,7 +66,7 @@ class CacheDataset(Dataset):
         split: str | None = None,
         videos: Sequence[str] | None = None,
         fields: frozenset[str] = frozenset({"actor"}),
-        proposals: str | Proposals = "stored",
+        proposals: str | ProposalFn = "stored",
         keep_empty: bool = False,
         actor_from_maps: bool = False,
     ):
@@ -333,7 +285,7 @@ def to_device(
     non_blocking: bool = True,
 ) -> dict:
     """Move a collated batch to ``device`` and convert there: dequantise uint8 maps, cast features to
-    ``dtype``, compute missing actor features by RoIAlign (``aligned`` from the store), and drop maps
+    ``dtype``, compute missing actor features by RoIAlign (``cache.roi.actor_features``, ``aligned`` from the store), and drop maps
     that were read only for that (``fields``: what the head asked for)."""
     device = torch.device(device)
     out = {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -347,7 +299,7 @@ def to_device(
             out[name] = out[name].to(dtype)
     out["labels"] = out["labels"].to(dtype)
     if "actor" not in out and (fields is None or "actor" in fields) and "slow" in out and "fast" in out:
-        out["actor"] = recompute_actor_features(
+        out["actor"] = actor_features(
             out["slow"], out["fast"], out["boxes"], out["box_clip"], out["image_hw"], aligned, out["map_hw"]
         )
     if fields is not None:

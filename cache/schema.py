@@ -17,11 +17,12 @@ Box convention (stated here once; everything else refers to it):
     they are scaled to pixels of the frame the backbone saw (``image_hw`` = the frame after the
     short-side resize, stored per video), and ``torchvision.ops.roi_align`` maps pixels to the res5 map
     with ``spatial_scale = 1/16``, ``sampling_ratio = 0`` and the ``aligned`` flag of the backbone
-    config (stored in the store's identity; ``aligned=True`` shifts pixel centres by -0.5).
+    config (stored in the store's identity; ``aligned=True`` shifts pixel centres by -0.5). The one
+    implementation of both steps: ``cache.roi``.
 
 Ragged boxes: the boxes of keyframe ``t`` are rows ``box_offsets[t]:box_offsets[t+1]`` of every per-box
 array. ``box_source`` is 0 for ground truth (also a detector box that repeats a ground-truth box) and 1
-for a detector box, as ``pipeline.ava.proposals.Proposals``; ``box_score`` is the detector score, 1.0 for
+for a detector box (``SOURCE_GT``/``SOURCE_DET``; in memory: ``cache.boxes.KeyframeBoxes``); ``box_score`` is the detector score, 1.0 for
 ground truth; ``person_id`` is -1 when unknown; ``labels`` is 80-way multi-hot.
 
 A video group is valid only once its ``complete`` attribute exists: it is written last, after every
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal, Mapping, get_args
 
 SCHEMA_VERSION = 1
 
@@ -52,8 +53,11 @@ SOURCE_DET = 1
 PER_KEYFRAME = "keyframe"
 PER_BOX = "box"
 
+# The storage choices, declared here once: StorageConfig validates against them, tasks and CLIs offer them.
 StorageDtype = Literal["float16", "float32", "uint8"]
 Compressor = Literal["zstd", "blosc-zstd", "blosc-lz4", "none"]
+STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
+COMPRESSORS: tuple[str, ...] = get_args(Compressor)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,22 @@ QUANTISED_MAPS: tuple[str, ...] = ("slow", "fast")
 READABLE_FIELDS: frozenset[str] = frozenset({"actor", *MAP_FIELDS})
 
 
+def array_shapes(keyframes: int, boxes: int, channels: tuple[int, int, int], map_hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """The shape of every array of ``ARRAYS``, from its ``dims``: the one place where a dimension name gets a size.
+
+    ``keyframes`` T and ``boxes`` M of a video group (or B and N of a batch of its rows), ``channels`` =
+    (C_s, C_f, T_f), ``map_hw`` = (H, W).
+    """
+    c_s, c_f, t_f = (int(v) for v in channels)
+    h, w = (int(v) for v in map_hw)
+    size = {
+        PER_KEYFRAME: int(keyframes), "keyframe_edge": int(keyframes) + 1, PER_BOX: int(boxes), "xyxy": 4,
+        "class": NUM_CLASSES, "channel_slow": c_s, "channel_fast": c_f, "channel": c_s + c_f,
+        "height": h, "width": w, "time_fast": t_f, "roi_y": ROI_SIZE, "roi_x": ROI_SIZE,
+    }
+    return {spec.name: tuple(size[d] for d in spec.dims) for spec in ARRAYS.values()}
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """How maps are stored: part of the extraction config (it changes the store's name).
@@ -121,10 +141,10 @@ class StorageConfig:
     boxes_per_shard: int = 64
 
     def __post_init__(self):
-        if self.dtype not in ("float16", "float32", "uint8"):
-            raise ValueError(f"StorageConfig.dtype must be float16, float32 or uint8, got {self.dtype!r}")
-        if self.compressor not in ("zstd", "blosc-zstd", "blosc-lz4", "none"):
-            raise ValueError(f"StorageConfig.compressor must be zstd, blosc-zstd, blosc-lz4 or none, got {self.compressor!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"StorageConfig.dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"StorageConfig.compressor must be one of {', '.join(COMPRESSORS)}, got {self.compressor!r}")
         if self.keyframes_per_shard < 1 or self.boxes_per_shard < 1:
             raise ValueError("StorageConfig: keyframes_per_shard and boxes_per_shard must be >= 1")
 

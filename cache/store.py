@@ -245,7 +245,8 @@ class FeatureStore:
 
         return sorted(k.rstrip("/") for k in sync(_ls()) if k.rstrip("/") != "zarr.json")
 
-    def _group_attrs(self, video_id: str) -> dict | None:
+    def video_attrs(self, video_id: str) -> dict | None:
+        """The attributes of a video group, complete or not (the marker is ``COMPLETE_ATTR``); None if absent."""
         try:
             return zarr.open_group(self.root.store, path=self._video_path(video_id), mode="r").attrs.asdict()
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
@@ -261,7 +262,7 @@ class FeatureStore:
                 check_video_id(vid)
             except ValueError:
                 continue
-            attrs = self._group_attrs(vid)
+            attrs = self.video_attrs(vid)
             out[vid] = bool(attrs and COMPLETE_ATTR in attrs)
         return out
 
@@ -270,7 +271,7 @@ class FeatureStore:
         return [v for v, done in self.video_status().items() if done]
 
     def is_complete(self, video_id: str) -> bool:
-        attrs = self._group_attrs(video_id)
+        attrs = self.video_attrs(video_id)
         return bool(attrs and COMPLETE_ATTR in attrs)
 
     def video(self, video_id: str) -> zarr.Group:
@@ -285,12 +286,6 @@ class FeatureStore:
 
     def delete_video(self, video_id: str) -> None:
         sync(self.root.store.delete_dir(self._video_path(video_id)))
-
-    def begin_video(self, video_id: str, **kwargs):
-        """Start writing a video group; see ``cache.writer.VideoWriter``."""
-        from cache.writer import VideoWriter
-
-        return VideoWriter(self, video_id, **kwargs)
 
     # -- manifests -------------------------------------------------------------------------------
     def commit_split(self, split: str, video_ids: list[str]) -> dict:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.schema import NUM_CLASSES, ROI_SIZE, SAMPLING_RATIO, SOURCE_DET, SOURCE_GT, SPATIAL_SCALE
+from cache.boxes import KeyframeBoxes
+from cache.schema import NUM_CLASSES, ROI_SIZE, SOURCE_DET, SOURCE_GT
 from cache.store import FeatureStore
-from cache.writer import BoxTable
+from cache.writer import VideoWriter
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ def time_pooled_relu_like(rng: np.random.Generator, shape: tuple[int, ...], fram
     return (acc / frames).astype(dtype, copy=False)
 
 
-def random_boxes(rng: np.random.Generator, num_keyframes: int, max_boxes: int = 3) -> BoxTable:
+def random_boxes(rng: np.random.Generator, video_id: str, secs, max_boxes: int = 3) -> KeyframeBoxes:
+    """0..max_boxes random boxes on each keyframe ``secs`` of ``video_id``, ground truth or detector."""
     keyframes = []
-    for _ in range(num_keyframes):
+    for _ in range(len(secs)):
         n = int(rng.integers(0, max_boxes + 1))
         xy = rng.uniform(0, 0.6, (n, 2))
         wh = rng.uniform(0.1, 0.4, (n, 2))
@@ -64,20 +66,21 @@ def random_boxes(rng: np.random.Generator, num_keyframes: int, max_boxes: int = 
         source = rng.choice([SOURCE_GT, SOURCE_DET], n).astype(np.uint8)
         score = np.where(source == SOURCE_GT, 1.0, rng.uniform(0.8, 1.0, n)).astype(np.float32)
         keyframes.append(dict(boxes=boxes, labels=labels, source=source, score=score, person_id=np.arange(n)))
-    return BoxTable.from_keyframes(keyframes)
+    return KeyframeBoxes.from_keyframes(video_id, secs, keyframes)
 
 
-def actor_from_maps(slow: np.ndarray, fast: np.ndarray, table: BoxTable, t0: int, t1: int, image_hw, aligned: bool) -> np.ndarray:
-    """RoIAlign (float32) of keyframes t0..t1-1's boxes on their concatenated maps -> (N, C, R, R)."""
+def actor_from_maps(slow: np.ndarray, fast: np.ndarray, table: KeyframeBoxes, t0: int, t1: int, image_hw,
+                    aligned: bool) -> np.ndarray:
+    """``cache.roi.actor_features`` (float32) of keyframes t0..t1-1's boxes on their maps -> (N, C, R, R)."""
     import torch  # here, so that writing synthetic videos without exact actor features needs no torch
-    from torchvision.ops import roi_align
 
-    x = torch.from_numpy(np.concatenate([slow, fast], axis=1)).float()  # (B, C_s + C_f, H, W)
+    from cache.roi import actor_features, box_clip_index
+
     a, b = table.offsets[t0], table.offsets[t1]
-    clip = np.repeat(np.arange(t1 - t0), np.diff(table.offsets[t0 : t1 + 1]))
-    h, w = image_hw
-    rois = np.concatenate([clip[:, None], table.boxes[a:b] * np.array([w, h, w, h], np.float32)], axis=1)
-    out = roi_align(x, torch.from_numpy(rois).float(), (ROI_SIZE, ROI_SIZE), SPATIAL_SCALE, SAMPLING_RATIO, aligned)
+    box_clip = box_clip_index(np.diff(table.offsets[t0 : t1 + 1]))
+    image_hw = torch.tensor([tuple(image_hw)] * (t1 - t0))  # (B, 2)
+    out = actor_features(torch.from_numpy(slow).float(), torch.from_numpy(fast).float(), torch.from_numpy(table.boxes[a:b]),
+                         box_clip, image_hw, aligned)
     return out.numpy()
 
 
@@ -98,11 +101,9 @@ def write_synthetic_video(
     float32 data written (``slow``, ``fast``, ``fast_seq``, ``actor``, ``boxes``). ``exact_actor=False``
     writes random actor features (no RoIAlign, no torch import: for crash and concurrency tests)."""
     rng = np.random.default_rng(seed)
-    table = random_boxes(rng, num_keyframes, max_boxes)
     secs = 902 + np.arange(num_keyframes)
-    writer = store.begin_video(
-        video_id, secs=secs, boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels
-    )
+    table = random_boxes(rng, video_id, secs, max_boxes)
+    writer = VideoWriter(store, video_id, boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
     c_s, c_f, t_f = shape.channels
     parts = {"slow": [], "fast": [], "fast_seq": [], "actor": []}
     for t0 in range(0, num_keyframes, batch):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from zarr.core.sync import sync
 
-from cache.schema import COMPLETE_ATTR, NUM_CLASSES, ROI_SIZE, SCHEMA_VERSION
+from cache.schema import COMPLETE_ATTR, SCHEMA_VERSION, array_shapes
 from cache.store import CacheError, FeatureStore
 
 
@@ -36,32 +36,15 @@ class VerifyReport:
 
 
 def _expected_shapes(attrs: dict) -> dict[str, tuple[int, ...]]:
-    t, m = attrs["keyframes"], attrs["boxes"]
-    c_s, c_f, t_f = (attrs["channels"][k] for k in ("slow", "fast", "time_fast"))
-    h, w = attrs["map_hw"]
-    return {
-        "sec": (t,),
-        "box_offsets": (t + 1,),
-        "boxes": (m, 4),
-        "box_source": (m,),
-        "box_score": (m,),
-        "labels": (m, NUM_CLASSES),
-        "person_id": (m,),
-        "slow": (t, c_s, h, w),
-        "fast": (t, c_f, h, w),
-        "fast_seq": (t, c_f, t_f),
-        "actor": (m, c_s + c_f, ROI_SIZE, ROI_SIZE),
-        "slow_scale": (t, c_s),
-        "slow_offset": (t, c_s),
-        "fast_scale": (t, c_f),
-        "fast_offset": (t, c_f),
-    }
+    """Every array's shape from the counts and sizes a video group's attributes record."""
+    channels = tuple(attrs["channels"][k] for k in ("slow", "fast", "time_fast"))
+    return array_shapes(attrs["keyframes"], attrs["boxes"], channels, attrs["map_hw"])
 
 
 def verify_video(store: FeatureStore, video_id: str, *, check_data: bool = True) -> list[str]:
     """The problems of one video group (empty when it is sound)."""
     where = f"video {video_id!r}"
-    attrs = store._group_attrs(video_id)
+    attrs = store.video_attrs(video_id)
     if attrs is None:
         return [f"{where}: no readable group metadata"]
     marker = attrs.get(COMPLETE_ATTR)
@@ -127,7 +110,7 @@ def _verify_one(video_id: str, url: str, check_data: bool) -> tuple[str, dict | 
         problems = verify_video(store, video_id, check_data=check_data)
     except Exception as e:  # report, never stop the sweep over the other videos
         problems = [f"video {video_id!r}: {type(e).__name__}: {e}"]
-    attrs = store._group_attrs(video_id) or {}
+    attrs = store.video_attrs(video_id) or {}
     return video_id, attrs, problems
 
 
@@ -178,7 +161,7 @@ def store_info(url: str) -> dict:
     keyframes = boxes = 0
     for vid, done in status.items():
         if done:
-            attrs = store._group_attrs(vid)
+            attrs = store.video_attrs(vid)
             keyframes += attrs["keyframes"]
             boxes += attrs["boxes"]
     nbytes = store_bytes(store)

@@ -11,24 +11,21 @@ read-modify-write) and keeps a running CRC-32 of every array's stored bytes for 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import zarr
 import zarr.codecs as zc
 
+from cache.boxes import KeyframeBoxes
 from cache.schema import (
     ARRAYS,
     COMPLETE_ATTR,
-    NUM_CLASSES,
     QUANTISED_MAPS,
-    ROI_SIZE,
-    SOURCE_DET,
-    SOURCE_GT,
     VIDEOS_GROUP,
     ArraySpec,
     StorageConfig,
+    array_shapes,
 )
 from cache.store import FeatureStore, provenance
 
@@ -37,83 +34,17 @@ class VideoExistsError(FileExistsError):
     """The video group is already complete; delete it first to rewrite it."""
 
 
-@dataclass(frozen=True)
-class BoxTable:
-    """The boxes of one video's keyframes, ragged: keyframe t owns rows ``offsets[t]:offsets[t+1]``.
-
-    - ``offsets``: (T + 1,) int64, starts at 0, non-decreasing.
-    - ``boxes``: (M, 4) float32 normalised x1 y1 x2 y2 (convention: ``cache/schema.py``).
-    - ``source``: (M,) uint8, 0 ground truth, 1 detector; ``score``: (M,) float32 detector score,
-      1.0 for ground truth; ``labels``: (M, K) uint8 multi-hot; ``person_id``: (M,) int32, -1 unknown.
-    """
-
-    offsets: np.ndarray
-    boxes: np.ndarray
-    source: np.ndarray
-    score: np.ndarray
-    labels: np.ndarray
-    person_id: np.ndarray
-
-    def __post_init__(self):
-        m = len(self.boxes)
-        checks = {
-            "offsets": (self.offsets.ndim == 1 and len(self.offsets) >= 1, "(T + 1,)"),
-            "boxes": (self.boxes.shape == (m, 4), "(M, 4)"),
-            "source": (self.source.shape == (m,), "(M,)"),
-            "score": (self.score.shape == (m,), "(M,)"),
-            "labels": (self.labels.shape == (m, NUM_CLASSES), f"(M, {NUM_CLASSES})"),
-            "person_id": (self.person_id.shape == (m,), "(M,)"),
-        }
-        for name, (ok, want) in checks.items():
-            if not ok:
-                raise ValueError(f"BoxTable.{name}: expected shape {want} with M={m}, got {getattr(self, name).shape}")
-        if self.offsets[0] != 0 or self.offsets[-1] != m or np.any(np.diff(self.offsets) < 0):
-            raise ValueError(f"BoxTable.offsets must rise from 0 to M={m}, got {self.offsets.tolist()[:8]}...")
-        b = self.boxes
-        if m and (not np.all(np.isfinite(b)) or b.min() < 0 or b.max() > 1 or np.any(b[:, 2] < b[:, 0]) or np.any(b[:, 3] < b[:, 1])):
-            raise ValueError("BoxTable.boxes: expected finite normalised x1 y1 x2 y2 in [0, 1] with x1 <= x2, y1 <= y2")
-        if m and not np.all(np.isin(self.source, (SOURCE_GT, SOURCE_DET))):
-            raise ValueError(f"BoxTable.source: expected {SOURCE_GT} (ground truth) or {SOURCE_DET} (detector)")
-        if not np.all(np.isfinite(self.score)):
-            raise ValueError("BoxTable.score: must be finite (1.0 for ground-truth-only boxes)")
-
-    @property
-    def num_keyframes(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_boxes(self) -> int:
-        return len(self.boxes)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "box_offsets": self.offsets.astype(np.int64),
-            "boxes": self.boxes.astype(np.float32),
-            "box_source": self.source.astype(np.uint8),
-            "box_score": self.score.astype(np.float32),
-            "labels": self.labels.astype(np.uint8),
-            "person_id": self.person_id.astype(np.int32),
-        }
-
-    @classmethod
-    def from_keyframes(cls, keyframes: Sequence[Mapping[str, np.ndarray]]) -> "BoxTable":
-        """From one mapping per keyframe with ``boxes`` (n, 4) and ``labels`` (n, K), and optionally
-        ``source`` (n,), ``score`` (n,), ``person_id`` (n,) (defaults: detector boxes of score 1, id -1)."""
-        counts = [len(np.asarray(k["boxes"]).reshape(-1, 4)) for k in keyframes]
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-        def cat(name, shape, dtype, default):
-            parts = [np.asarray(k[name], dtype).reshape((n, *shape)) if name in k else np.full((n, *shape), default, dtype) for k, n in zip(keyframes, counts)]
-            return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
-
-        return cls(
-            offsets=offsets,
-            boxes=cat("boxes", (4,), np.float32, 0),
-            source=cat("source", (), np.uint8, SOURCE_DET),
-            score=cat("score", (), np.float32, 1.0),
-            labels=cat("labels", (NUM_CLASSES,), np.uint8, 0),
-            person_id=cat("person_id", (), np.int32, -1),
-        )
+def box_arrays(boxes: KeyframeBoxes) -> dict[str, np.ndarray]:
+    """The stored per-keyframe and per-box arrays of a video's boxes (names of ``cache.schema.ARRAYS``)."""
+    return {
+        "sec": boxes.timestamps.astype(np.int32),
+        "box_offsets": boxes.offsets,
+        "boxes": boxes.boxes,
+        "box_source": boxes.source,
+        "box_score": boxes.score,
+        "labels": boxes.labels,
+        "person_id": boxes.person_id,
+    }
 
 
 def quantise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,13 +123,14 @@ class VideoWriter:
 
     Example::
 
-        w = store.begin_video(vid, secs=secs, boxes=table, image_hw=(256, 455), map_hw=(16, 29),
-                              channels=(C_s, C_f, T_f))
+        w = VideoWriter(store, vid, boxes=boxes, image_hw=(256, 455), map_hw=(16, 29), channels=(C_s, C_f, T_f))
         for batch in batches:            # keyframes in order
             w.append(slow, fast, fast_seq, actor)
         w.finish()
 
-    An incomplete group left by a dead writer is deleted here; a complete one raises ``VideoExistsError``.
+    ``boxes`` are the video's keyframes (``KeyframeBoxes.for_keyframes``): their ``timestamps`` are the keyframe
+    seconds (strictly increasing), every ``video_ids`` entry is ``video_id``. An incomplete group left by a dead
+    writer is deleted here; a complete one raises ``VideoExistsError``.
     """
 
     def __init__(
@@ -206,8 +138,7 @@ class VideoWriter:
         store: FeatureStore,
         video_id: str,
         *,
-        secs: Sequence[int],
-        boxes: BoxTable,
+        boxes: KeyframeBoxes,
         image_hw: tuple[int, int],
         map_hw: tuple[int, int],
         channels: tuple[int, int, int],
@@ -216,23 +147,22 @@ class VideoWriter:
         self.store = store
         self.video_id = video_id
         self.storage: StorageConfig = store.storage
-        secs = np.asarray(secs, dtype=np.int32)
-        if secs.ndim != 1 or len(secs) != boxes.num_keyframes:
-            raise ValueError(f"{video_id}: {len(secs)} keyframe seconds but the box table has {boxes.num_keyframes} keyframes")
+        secs = boxes.timestamps
+        if np.any(boxes.video_ids != video_id):
+            raise ValueError(f"{video_id}: the boxes are of videos {sorted(set(boxes.video_ids) - {video_id})[:5]} too")
         if len(secs) and np.any(np.diff(secs) <= 0):
-            raise ValueError(f"{video_id}: keyframe seconds must be strictly increasing")
+            raise ValueError(f"{video_id}: keyframe seconds must be strictly increasing, got {secs.tolist()[:8]}...")
         self.num_keyframes = len(secs)
         self.boxes = boxes
         self.map_hw = tuple(int(v) for v in map_hw)
         self.image_hw = tuple(int(v) for v in image_hw)
         self.channels = tuple(int(v) for v in channels)
 
-        status = store._group_attrs(video_id)
+        status = store.video_attrs(video_id)
         if status is not None and COMPLETE_ATTR in status:
             raise VideoExistsError(f"{store.url}: video {video_id!r} is already complete")
         store.delete_video(video_id)  # whatever a dead writer left
         c_s, c_f, t_f = self.channels
-        h, w = self.map_hw
         self.group = store.root.require_group(VIDEOS_GROUP).create_group(
             video_id,
             attributes={
@@ -246,19 +176,10 @@ class VideoWriter:
                 **(dict(attributes) if attributes else {}),
             },
         )
-        row_shapes = {
-            "slow": (c_s, h, w),
-            "fast": (c_f, h, w),
-            "fast_seq": (c_f, t_f),
-            "actor": (c_s + c_f, ROI_SIZE, ROI_SIZE),
-            "slow_scale": (c_s,),
-            "slow_offset": (c_s,),
-            "fast_scale": (c_f,),
-            "fast_offset": (c_f,),
-        }
+        shapes = array_shapes(self.num_keyframes, boxes.num_boxes, self.channels, self.map_hw)
         self.crc: dict[str, int] = {}
         self.columns: dict[str, _Column] = {}
-        small = {"sec": secs, **boxes.arrays()}
+        small = box_arrays(boxes)
         for spec in self.storage.arrays():
             if spec.name in small:
                 data = small[spec.name]
@@ -267,8 +188,7 @@ class VideoWriter:
                     array[...] = data
                 self.crc[spec.name] = zlib.crc32(np.ascontiguousarray(data).data.cast("B") if data.size else b"")
             else:
-                rows = self.num_keyframes if spec.per == "keyframe" else boxes.num_boxes
-                array = self._create(spec, (rows, *row_shapes[spec.name]))
+                array = self._create(spec, shapes[spec.name])
                 per_shard = self.storage.keyframes_per_shard if spec.per == "keyframe" else self.storage.boxes_per_shard
                 self.columns[spec.name] = _Column(array, per_shard)
         self.keyframes_done = 0
@@ -303,16 +223,10 @@ class VideoWriter:
         if t1 > self.num_keyframes:
             raise ValueError(f"{self.video_id}: appending keyframes {t0}..{t1 - 1} but the video has {self.num_keyframes}")
         n = int(self.boxes.offsets[t1] - self.boxes.offsets[t0])
-        c_s, c_f, t_f = self.channels
-        h, w = self.map_hw
-        want = {
-            "slow": (b, c_s, h, w),
-            "fast": (b, c_f, h, w),
-            "fast_seq": (b, c_f, t_f),
-            "actor": (n, c_s + c_f, ROI_SIZE, ROI_SIZE),
-        }
+        want = array_shapes(b, n, self.channels, self.map_hw)
         got = {"slow": slow, "fast": fast, "fast_seq": fast_seq, "actor": actor}
-        for name, shape in want.items():
+        for name in got:
+            shape = want[name]
             if got[name].shape != shape:
                 raise ValueError(f"{self.video_id}: {name} of keyframes {t0}..{t1 - 1}: expected {shape}, got {got[name].shape}")
             if not _all_finite(got[name]):

@@ -10,8 +10,11 @@ A variant is two structural choices on top of shared sizes:
 
 Defaults where the paper is silent (all fields, so an ablation can change them):
 
-- ``width`` D = 256, ``n_heads`` = 8 (32 dims per head): the DETR/Transformer-base per-head size at a width
-  that keeps the r50 head around 2 M parameters, small next to the 2304-d inputs it projects.
+- ``C_s``/``C_f``, ``width`` D, ``n_heads`` and ``query_grid`` are unset in every variant: they follow from the
+  features (``HeadConfig.resolve``, the rule at ``feature_scale``). At r50 sizes: D = 256, ``n_heads`` = 8 (32
+  dims per head, the DETR/Transformer-base per-head size, at a width that keeps the head around 2 M parameters,
+  small next to the 2304-d inputs it projects) and the paper's 7x7 grid queries. An explicit value in a variant
+  or an override is kept.
 - ``ffn_ratio`` = 4 with GELU: the Transformer default.
 - ``norm`` = ``"pre"``: pre-norm residual blocks train without warm-up and are robust to the large,
   post-ReLU magnitudes of SlowFast features; ``"post"`` (the original Transformer) stays selectable.
@@ -42,7 +45,7 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 Queries = Literal["pooled", "grid"]
 Context = Literal["none", "spatial", "st"]
@@ -60,6 +63,9 @@ _NEEDS: dict[str, frozenset[str]] = {
     "st": frozenset({"slow", "fast_seq"}),
 }
 
+# The sizes that follow from the features a head reads; None in a config means "from the features" (``resolve``).
+FROM_FEATURES: tuple[str, ...] = ("C_s", "C_f", "width", "n_heads", "query_grid")
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -68,19 +74,21 @@ class HeadConfig:
     Sizes: ``C_s``/``C_f`` slow/fast channels of the cached maps, ``K`` classes, ``roi_size`` the RoIAlign
     output side (actor features are (C_s + C_f, roi_size, roi_size)), ``query_grid`` the side of a grid
     query's token layout (``roi_size``, the paper's 7x7, or the RoI max-pooled to a smaller grid),
-    ``width`` the attention width D.
+    ``width`` the attention width D. The sizes that depend on the features (``FROM_FEATURES``: C_s, C_f, width,
+    n_heads, query_grid) may be None, "from the features": ``resolve`` fills them from what a store records, and
+    ``build_head`` refuses a config that still has one unset.
     """
 
     name: str = "st-sa"
     queries: Queries = "grid"
     context: Context = "st"
-    C_s: int = 2048
-    C_f: int = 256
+    C_s: int | None = None
+    C_f: int | None = None
     K: int = 80
     roi_size: int = 7
-    query_grid: int = 7
-    width: int = 256
-    n_heads: int = 8
+    query_grid: int | None = None
+    width: int | None = None
+    n_heads: int | None = None
     ffn_ratio: float = 4.0
     activation: Activation = "gelu"
     norm: Norm = "pre"
@@ -96,20 +104,25 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            choices = typing.get_args(_HINTS[f.name])
+            hint = _HINTS[f.name]
+            choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ValueError(f"HeadConfig.{f.name}={value!r}: expected one of {choices}")
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ValueError(f"HeadConfig.name={self.name!r}: expected a slug of letters, digits, '-', '_', '.'")
         for size in ("C_s", "C_f", "K", "roi_size", "query_grid", "width", "n_heads", "max_positions"):
-            if not isinstance(getattr(self, size), int) or getattr(self, size) < 1:
-                raise ValueError(f"HeadConfig.{size}={getattr(self, size)!r}: expected a positive int")
-        if self.query_grid > self.roi_size:
+            value = getattr(self, size)
+            if value is None and size in FROM_FEATURES:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"HeadConfig.{size}={value!r}: expected a positive int"
+                                 + (" or None (from the features)" if size in FROM_FEATURES else ""))
+        if self.query_grid is not None and self.query_grid > self.roi_size:
             raise ValueError(f"HeadConfig.query_grid={self.query_grid} exceeds roi_size={self.roi_size}")
-        if self.width % self.n_heads:
+        if self.width is not None and self.n_heads is not None and self.width % self.n_heads:
             raise ValueError(f"HeadConfig.width={self.width} is not divisible by n_heads={self.n_heads}")
-        if self.width % 4:
+        if self.width is not None and self.width % 4:
             raise ValueError(f"HeadConfig.width={self.width}: the 2D positional encodings need a multiple of 4")
         for p in ("dropout", "attn_dropout", "cls_dropout"):
             if not 0.0 <= getattr(self, p) < 1.0:
@@ -135,6 +148,34 @@ class HeadConfig:
         """Short sha256 of every field, for ``<slug>-<digest>`` output paths."""
         text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+    @property
+    def unresolved(self) -> tuple[str, ...]:
+        """The sizes still unset (None, "from the features"); empty once ``resolve`` has filled them."""
+        return tuple(f for f in FROM_FEATURES if getattr(self, f) is None)
+
+    def resolve(self, features: Mapping[str, Any]) -> HeadConfig:
+        """This config at the sizes of the features a store records.
+
+        ``features``: ``C_s``/``C_f`` channels, ``T_f`` fast frames and ``map_hw``, the (H, W) of every map size
+        (``pipeline.training.head.feature_spec`` reads them from a store; other keys are ignored). Unset sizes are
+        filled: C_s/C_f with the store's channels, width/n_heads/query_grid by ``feature_scale``; explicit ones are
+        kept. An explicit C_s/C_f other than the store's is refused, and so is a head that reads the fast sequence
+        when T_f exceeds ``max_positions``.
+        """
+        missing = [k for k in ("C_s", "C_f", "T_f", "map_hw") if k not in features]
+        if missing:
+            raise ValueError(f"head {self.name}: the features lack {missing} (expected C_s, C_f, T_f and map_hw)")
+        c_s, c_f, t_f = (int(features[k]) for k in ("C_s", "C_f", "T_f"))
+        for size, store in (("C_s", c_s), ("C_f", c_f)):
+            if getattr(self, size) not in (None, store):
+                raise ValueError(f"head {self.name}: {size}={getattr(self, size)}, but the features have "
+                                 f"{size}={store} (leave {size} unset to take the store's)")
+        if "fast_seq" in self.needs and t_f > self.max_positions:
+            raise ValueError(f"head {self.name}: the features have T_f={t_f} fast frames, more than "
+                             f"max_positions={self.max_positions}")
+        derived = {"C_s": c_s, "C_f": c_f, **feature_scale(c_s, c_f, features["map_hw"], self.roi_size)}
+        return replace(self, **{k: v for k, v in derived.items() if getattr(self, k) is None})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field; ``from_dict`` rebuilds the config from it."""
@@ -176,25 +217,38 @@ PAPER_MAP: dict[str, float] = {
     "st-sa": 27.02,
 }
 
-# Sizes per backbone preset (pipeline.features.backbone.PRESETS, same keys; a test keeps the channels equal).
-# C_s/C_f must equal the channels of the cache a head trains from, so training code should take them from the
-# cache's feature spec when it differs.
-# "mini", for the generated mini-AVA on a CPU: width 128 (close to the 160 input channels) and grid queries
-# max-pooled from 7x7 to 3x3 (an actor spans about 2x1 cells of the 6x10 mini map, so 49 tokens resample the
-# same few cells). Measured on the mini-AVA (seed 0, st-sa, 4-epoch backbone; baseline 57.2 mAP): width 32 gave
-# 59.1 at 7x7 tokens; width 128 gave 61.1 at 7x7 (245 s) and 61.7 at 3x3 (63 s). With an 8-epoch backbone
-# (baseline 61.5) width 32 put every context head about 2 mAP *below* the baseline: its 160 -> 32 projection
-# loses what the baseline's linear layer reads from the actor features (hand wave AP 20 vs 28).
-SIZES: dict[str, dict[str, int]] = {
-    "r50": {"C_s": 2048, "C_f": 256, "width": 256, "n_heads": 8},
-    "mini": {"C_s": 128, "C_f": 32, "width": 128, "n_heads": 4, "query_grid": 3},
-}
+# Sizes from the features. C_s/C_f are the channels of the store a head reads. The head's scale follows from the
+# sizes the store records by one rule, ``feature_scale``; at the two backbone presets it gives
+#   r50  (C_s 2048, C_f 256, maps about 16x29): width 256, n_heads 8, query_grid 7 (the paper's 7x7 tokens);
+#   mini (C_s 128, C_f 32, maps 6x10 and 6x8): width 128, n_heads 4, query_grid 3.
+# - width D: the largest power of two not above the C = C_s + C_f actor channels, at most 256. 256 keeps the r50
+#   head around 2 M parameters, small next to its 2304-d inputs; below that, D stays close to C, because a
+#   narrower projection loses what the baseline's linear layer reads from the actor features. Measured on the
+#   mini-AVA (seed 0, st-sa, 4-epoch backbone; baseline 57.2 mAP): width 32 gave 59.1 at 7x7 tokens; width 128
+#   gave 61.1 at 7x7 (245 s) and 61.7 at 3x3 (63 s). With an 8-epoch backbone (baseline 61.5) width 32 put every
+#   context head about 2 mAP *below* the baseline: its 160 -> 32 projection loses what the baseline reads (hand
+#   wave AP 20 vs 28).
+# - n_heads: D / 32, 32 dims per head (the DETR/Transformer-base per-head size).
+# - query_grid G: half the smallest map side, at most roi_size. A grid query's G x G tokens are no finer than the
+#   map cells under a box that spans half the map; finer grids resample the same cells (an actor spans about 2x1
+#   cells of the 6x10 mini map, so 49 tokens resample the same few cells: 3x3 above, 4x faster and no worse).
+MAX_WIDTH = 256
+HEAD_DIM = 32
 
 
-def variant(name: str, size: str = "r50", **overrides: Any) -> HeadConfig:
-    """``VARIANTS[name]`` at the sizes ``SIZES[size]``, with any further field overrides."""
+def feature_scale(C_s: int, C_f: int, map_hw: Iterable[Iterable[int]], roi_size: int = 7) -> dict[str, int]:
+    """The head scale for C_s + C_f feature channels on maps of the sizes ``map_hw`` ((H, W) pairs): ``width``,
+    ``n_heads`` and ``query_grid`` by the rule above."""
+    map_hw = [tuple(hw) for hw in map_hw]
+    sides = [int(side) for hw in map_hw for side in hw]
+    if not sides or min(sides) < 1 or any(len(hw) != 2 for hw in map_hw):
+        raise ValueError(f"feature_scale: expected the (H, W) of at least one map, got {map_hw!r}")
+    width = min(MAX_WIDTH, 1 << ((C_s + C_f).bit_length() - 1))
+    return {"width": width, "n_heads": max(1, width // HEAD_DIM), "query_grid": max(1, min(roi_size, min(sides) // 2))}
+
+
+def variant(name: str, **overrides: Any) -> HeadConfig:
+    """``VARIANTS[name]`` with field overrides; sizes left unset come from the features (``HeadConfig.resolve``)."""
     if name not in VARIANTS:
         raise KeyError(f"unknown head variant {name!r}; known: {sorted(VARIANTS)}")
-    if size not in SIZES:
-        raise KeyError(f"unknown head size {size!r}; known: {sorted(SIZES)}")
-    return replace(VARIANTS[name], **{**SIZES[size], **overrides})
+    return replace(VARIANTS[name], **overrides)

@@ -194,7 +194,13 @@ class ContextHead(nn.Module):
 
 
 def build_head(cfg: HeadConfig) -> nn.Module:
-    """The head for ``cfg``; its ``forward(HeadInputs) -> (N, K)`` logits, and ``.config`` is ``cfg``."""
+    """The head for ``cfg``; its ``forward(HeadInputs) -> (N, K)`` logits, and ``.config`` is ``cfg``.
+
+    ``cfg`` must be resolved: sizes left to the features are filled by ``cfg.resolve(features)``."""
+    if cfg.unresolved:
+        raise ValueError(f"head {cfg.name}: {', '.join(cfg.unresolved)} unset (taken from the features); build it "
+                         "from cfg.resolve(features), the config at the sizes a store records "
+                         "(pipeline.training.head.feature_spec)")
     return {"none": BaselineHead, "spatial": ContextHead, "st": ContextHead}[cfg.context](cfg)
 
 

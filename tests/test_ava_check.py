@@ -63,6 +63,21 @@ def test_each_problem_kind_is_reported_with_its_line(ava_dir, row, kind):
     assert found[0].where == f"{path}:5"
 
 
+def test_every_bad_row_is_reported_and_detections_have_no_box_rule(ava_dir):
+    video = f"{VIDEO[:-1]}1"
+    gt = ava_dir.groundtruth("val")
+    gt.write_text(gt.read_text() + f"{video},0902,0.1,abc,0.5,0.9,12,0\n{video},0902,0.5,0.1,0.4,0.9,12,0\n"
+                  f"{video},0902,0.1,0.1,0.5,1.2,12,0\n{video},0902,0.1,0.1,0.5,0.9,12\n")
+    det = ava_dir.detections("val")
+    det.write_text(det.read_text() + f"{video},0903,0.5,0.1,0.5,0.9,,0.3\n{video},0903,-0.1,0.1,0.5,0.9,,0.3\n")
+    report = check.check_ava(ava_dir.root)
+    assert [(p.kind, p.where) for p in report.errors] == [
+        ("unparsable rows", f"{gt}:5"), ("degenerate boxes", f"{gt}:6"), ("boxes outside [0,1]", f"{gt}:7"),
+        ("unparsable rows", f"{gt}:8")], report.format()
+    assert "expected 8 columns" in report.errors[-1].message
+    assert report.splits["val"].det_boxes == 4
+
+
 def test_missing_frames_and_files(ava_dir):
     video = f"{VIDEO[:-1]}0"
     (ava_dir.frames / video / f"{video}_000070.jpg").unlink()

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.ava import files as ava
@@ -70,7 +71,7 @@ def test_groundtruth_unpadded_timestamps_dash_ids_blank_lines(tmp_path):
                  "-5KQ66BBWC4,902,0.1,0.2,0.5,0.9,80,0\n"
                  "\n"
                  "_abcdefghij,1798,0.0,0.0,1.0,1.0,1,3\n\n\n")
-    gt = ava.read_groundtruth(path)
+    gt = ava.read_groundtruth(path).frame()
     assert list(gt["video_id"]) == ["-5KQ66BBWC4", "-5KQ66BBWC4", "_abcdefghij"]
     assert list(gt["timestamp"]) == [902, 902, 1798]
     keys = {ava.make_key(v, t) for v, t in zip(gt["video_id"], gt["timestamp"])}
@@ -80,7 +81,7 @@ def test_groundtruth_unpadded_timestamps_dash_ids_blank_lines(tmp_path):
 
 def test_detections_empty_action_and_exclusions(tmp_path):
     det = ava.read_detections(write(tmp_path, "det.csv", "vid00000001,0902,0.1,0.2,0.5,0.9,,0.93\n"
-                                                          "vid00000001,0903,0.1,0.2,0.5,0.9,7,0.5\n"))
+                                                          "vid00000001,0903,0.1,0.2,0.5,0.9,7,0.5\n")).frame()
     assert det["action_id"].tolist() == [-1, 7] and det["score"].tolist() == [0.93, 0.5]
     excl = ava.read_exclusions(write(tmp_path, "ex.csv", "-vid0000001,902\nvid00000001,0930\n\n"))
     assert excl == {"-vid0000001,0902", "vid00000001,0930"}
@@ -100,6 +101,73 @@ def test_groundtruth_bad_rows_name_file_and_line(tmp_path, row, message):
     with pytest.raises(InputError) as err:
         ava.read_groundtruth(path)
     assert err.value.line == 3 and message in err.value.message and str(path) in str(err.value)
+
+
+def test_every_row_has_the_width_of_the_first_row(tmp_path):
+    path = write(tmp_path, "gt.csv", "vid,0902,0.1,0.2,0.5,0.9,12\n\nvid,0902,0.1,0.2,0.5,0.9,12,0\n")
+    with pytest.raises(InputError) as err:
+        ava.read_groundtruth(path)
+    assert err.value.line == 3 and "expected 7 columns" in err.value.message and "got 8" in err.value.message
+    seven = ava.read_groundtruth(write(tmp_path, "gt7.csv", "vid,0902,0.1,0.2,0.5,0.9,12\nvid,0903,0.1,0.2,0.5,0.9,80\n"))
+    assert seven.person_id.tolist() == [-1, -1]  # PySlowFast-style rows without person ids
+
+
+def test_box_rows_frame_has_the_pipeline_columns_and_dtypes(tmp_path):
+    gt = ava.read_groundtruth(write(tmp_path, "gt.csv", "-5KQ66BBWC4,0902,0.1,0.2,0.5,0.9,12,3\n")).frame()
+    det = ava.read_detections(write(tmp_path, "det.csv", "-5KQ66BBWC4,0902,0.1,0.2,0.5,0.9,,0.93\n")).frame()
+    base = {"timestamp": np.int64, "x1": np.float64, "y1": np.float64, "x2": np.float64, "y2": np.float64,
+            "action_id": np.int64}
+    for frame, last, dtype in ((gt, "person_id", np.int64), (det, "score", np.float64)):
+        assert list(frame.columns) == ["video_id", *base, last]
+        assert {c: frame[c].dtype for c in [*base, last]} == {**base, last: dtype}
+        assert frame["video_id"].tolist() == ["-5KQ66BBWC4"]
+        assert frame["video_id"].dtype == pd.Series([""], dtype="str").dtype  # pandas' string dtype, as read_csv's
+    assert gt["person_id"].tolist() == [3] and det["action_id"].tolist() == [-1] and det["score"].tolist() == [0.93]
+
+
+@pytest.mark.parametrize("kind", ["groundtruth", "detections"])
+def test_fast_and_row_paths_agree_on_box_files(kind):
+    if not SHARED_CASE.exists():
+        pytest.skip("../shared/ava-eval-case not found beside the checkout")
+    path = SHARED_CASE / f"{kind}.csv"
+    fast = ava._read_fast(path, kind)
+    rows, lines, problems = ava.scan_boxes(path, kind)
+    assert fast is not None and not problems and len(lines) == len(fast) == len(rows)
+    assert fast.video_ids[fast.video].tolist() == rows.video_ids[rows.video].tolist()
+    last = "score" if kind == "detections" else "person_id"
+    for name in ("timestamp", "x1", "y1", "x2", "y2", "action_id", last):
+        assert np.array_equal(getattr(fast, name), getattr(rows, name)), name
+
+
+def test_one_rule_for_files_and_in_memory_rows(tmp_path):
+    from pipeline.ava.evaluation import evaluate_frame_map
+
+    good = "vid00000001,0902,0.1,0.2,0.5,0.9,12,0"
+    frame = ava.read_groundtruth(write(tmp_path, "gt.csv", good + "\n")).frame()
+    frame.loc[0, "y2"] = 1.5
+    with pytest.raises(InputError, match=r"row 0: box .* outside \[0, 1\]"):
+        ava.BoxRows.from_frame(frame, "groundtruth")
+    with pytest.raises(InputError, match=r"outside \[0, 1\]"):
+        evaluate_frame_map(frame, tmp_path / "gt.csv", {12: "stand"})
+    frame.loc[0, ["x2", "y2"]] = [0.1, np.nan]
+    with pytest.raises(InputError, match="row 0: column y2: expected a finite number"):
+        ava.BoxRows.from_frame(frame, "groundtruth")
+    # detections: finite values, no box rule (the evaluator drops degenerate boxes after its cut)
+    det = ava.read_detections(write(tmp_path, "det.csv", "vid00000001,0902,0.5,0.2,0.5,0.9,,0.3\n"))
+    assert len(det) == 1
+    bad = det.frame()
+    bad.loc[0, "score"] = np.inf
+    with pytest.raises(InputError, match="row 0: column score: expected a finite number"):
+        ava.BoxRows.from_frame(bad, "detections")
+
+
+def test_exclusions_errors_name_the_line(tmp_path):
+    with pytest.raises(InputError) as err:
+        ava.read_exclusions(write(tmp_path, "ex.csv", "vid00000001,0902\n\nvid00000001,0902,1\n"))
+    assert err.value.line == 3 and "expected 2 columns (video_id,timestamp), got 3" in err.value.message
+    with pytest.raises(InputError) as err:
+        ava.read_exclusions(write(tmp_path, "ex2.csv", "vid00000001,09x2\n"))
+    assert err.value.line == 1 and "column timestamp" in err.value.message
 
 
 def test_missing_file_is_an_input_error(tmp_path):

@@ -18,18 +18,19 @@ import torch
 import zarr
 
 from cache import (
-    BoxTable,
     CacheDataset,
     CacheError,
     CacheSpec,
     FeatureStore,
+    KeyframeBoxes,
     SchemaVersionError,
     StorageConfig,
     StoreMismatchError,
     VideoExistsError,
+    VideoWriter,
+    actor_features,
     collate_runs,
     make_loader,
-    recompute_actor_features,
     store_name,
     to_device,
 )
@@ -113,10 +114,10 @@ def test_other_backbone_or_config_never_mixed(tmp_path):
 def test_incomplete_group_is_invisible_and_rewritten(tmp_path):
     store = make_store(tmp_path / "s")
     write_synthetic_video(store, "done", seed=1)
-    table = BoxTable.from_keyframes([dict(boxes=np.array([[0.1, 0.1, 0.5, 0.5]]), labels=np.zeros((1, 80)))] * 5)
+    table = KeyframeBoxes.from_keyframes("half", range(902, 907),
+                                         [dict(boxes=np.array([[0.1, 0.1, 0.5, 0.5]]), labels=np.zeros((1, 80)))] * 5)
     shape = SyntheticShape()
-    w = store.begin_video("half", secs=range(902, 907), boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw,
-                          channels=shape.channels)
+    w = VideoWriter(store, "half", boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
     c = shape.channels
     w.append(np.ones((4, c[0], 6, 8)), np.ones((4, c[1], 6, 8)), np.ones((4, c[1], c[2])), np.ones((4, c[0] + c[1], 7, 7)))
     # the writer dies here: a whole shard of maps is on disk, no marker
@@ -131,6 +132,60 @@ def test_incomplete_group_is_invisible_and_rewritten(tmp_path):
     assert verify_store(str(tmp_path / "s")).ok
     with pytest.raises(VideoExistsError):
         write_synthetic_video(store, "half", seed=3)
+
+
+def test_writer_takes_one_videos_keyframes_in_order(tmp_path):
+    store = make_store(tmp_path / "s")
+    shape = SyntheticShape()
+    one = [dict(boxes=np.array([[0.1, 0.1, 0.5, 0.5]]), labels=np.zeros((1, 80)))]
+    two_videos = KeyframeBoxes.from_keyframes("a", [902], one)
+    two_videos = KeyframeBoxes(**{**two_videos.columns(), "video_ids": np.array(["b"], object)})
+    with pytest.raises(ValueError, match=r"a: the boxes are of videos \['b'\]"):
+        VideoWriter(store, "a", boxes=two_videos, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
+    unordered = KeyframeBoxes.from_keyframes("a", [903, 902], one * 2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        VideoWriter(store, "a", boxes=unordered, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
+    w = VideoWriter(store, "a", boxes=unordered.select([1, 0]), image_hw=shape.image_hw, map_hw=shape.map_hw,
+                    channels=shape.channels)
+    c_s, c_f, t_f = shape.channels
+    with pytest.raises(ValueError, match=r"actor of keyframes 0..0: expected \(1, 12, 7, 7\), got \(2, 12, 7, 7\)"):
+        w.append(np.ones((1, c_s, 6, 8)), np.ones((1, c_f, 6, 8)), np.ones((1, c_f, t_f)), np.ones((2, c_s + c_f, 7, 7)))
+    assert store.video_attrs("a")["keyframes"] == 2 and not store.is_complete("a")
+
+
+def test_array_shapes_come_from_the_schema_dims():
+    from cache.schema import ARRAYS, array_shapes
+
+    shapes = array_shapes(5, 9, (8, 4, 3), (6, 7))
+    assert set(shapes) == set(ARRAYS) and all(len(shapes[n]) == len(s.dims) for n, s in ARRAYS.items())
+    assert shapes == {
+        "sec": (5,), "box_offsets": (6,), "boxes": (9, 4), "box_source": (9,), "box_score": (9,), "labels": (9, 80),
+        "person_id": (9,), "slow": (5, 8, 6, 7), "fast": (5, 4, 6, 7), "fast_seq": (5, 4, 3), "actor": (9, 12, 7, 7),
+        "slow_scale": (5, 8), "slow_offset": (5, 8), "fast_scale": (5, 4), "fast_offset": (5, 4),
+    }
+
+
+def test_storage_choices_are_declared_once():
+    from typing import get_args
+
+    from cache.schema import COMPRESSORS, STORAGE_DTYPES, Compressor, StorageDtype
+    from pipeline.features.extract import ExtractionConfig
+
+    assert STORAGE_DTYPES == get_args(StorageDtype) == ("float16", "float32", "uint8")
+    assert COMPRESSORS == get_args(Compressor) == ("zstd", "blosc-zstd", "blosc-lz4", "none")
+    for dtype in STORAGE_DTYPES:
+        for compressor in COMPRESSORS:
+            StorageConfig(dtype=dtype, compressor=compressor)
+    with pytest.raises(ValueError, match="dtype must be one of float16, float32, uint8, got 'bfloat16'"):
+        StorageConfig(dtype="bfloat16")
+    with pytest.raises(ValueError, match="compressor must be one of zstd, blosc-zstd, blosc-lz4, none, got 'lz4'"):
+        StorageConfig(compressor="lz4")
+    assert ExtractionConfig().storage() == StorageConfig()
+
+
+def test_the_store_does_not_import_the_writer():
+    code = "import sys, cache.store, cache.verify; assert 'cache.writer' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 WRITER_SCRIPT = textwrap.dedent(
@@ -295,14 +350,15 @@ def test_stored_and_recomputed_actor_features_agree(tmp_path, aligned):
     assert from_maps.read_fields == {"slow", "fast"}
     c = to_device(collate_runs(from_maps.__getitems__(idx)), "cpu", aligned=aligned, fields=fields)
     torch.testing.assert_close(c["actor"], b["actor"])
-    # the same RoIAlign as the backbone module's, on the unpadded maps
-    from pipeline.features.backbone import actor_features
+    # torchvision's RoIAlign on the unpadded maps of the first clip, rois in pixels computed here
+    from torchvision.ops import roi_align
 
     k = int((a["box_clip"] == 0).sum())
     h, w = a["map_hw"][0].tolist()
     size = a["image_hw"][0].flip(0).repeat(2).float()
     rois = torch.cat([torch.zeros(k, 1), a["boxes"][:k] * size], dim=1)
-    ref = actor_features(a["slow"][:1, :, :h, :w], a["fast"][:1, :, :h, :w], rois, aligned)
+    maps = torch.cat([a["slow"][:1, :, :h, :w], a["fast"][:1, :, :h, :w]], dim=1)
+    ref = roi_align(maps, rois, 7, spatial_scale=1 / 16, sampling_ratio=0, aligned=aligned)
     torch.testing.assert_close(b["actor"][:k], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -318,7 +374,7 @@ def test_jittered_proposals_recompute_on_the_fly(tmp_path):
     assert set(batch) >= {"actor", "labels", "box_clip"} and "slow" not in batch and "valid" not in batch
     maps = CacheDataset(store, fields=frozenset({"slow", "fast"}))
     m = to_device(collate_runs(maps.__getitems__(list(range(len(maps))))), "cpu")
-    want = recompute_actor_features(m["slow"], m["fast"], batch["boxes"], batch["box_clip"], m["image_hw"], False)
+    want = actor_features(m["slow"], m["fast"], batch["boxes"], batch["box_clip"], m["image_hw"], False)
     torch.testing.assert_close(batch["actor"], want)
 
 
@@ -369,8 +425,10 @@ def test_split_manifest_commit(tmp_path):
 def test_extract_video_writes_what_the_backbone_computes(tmp_path):
     import pandas as pd
 
+    from torchvision.ops import roi_align
+
     from pipeline.ava.proposals import groundtruth_proposals
-    from pipeline.features.backbone import PRESETS, actor_features, build_backbone, pool_maps
+    from pipeline.features.backbone import PRESETS, build_backbone, pool_maps
     from pipeline.features.extract import extract_video
 
     cfg = PRESETS["mini"]
@@ -399,7 +457,7 @@ def test_extract_video_writes_what_the_backbone_computes(tmp_path):
         Fs, Ff = backbone([torch.stack([clips[s][0] for s in (902, 903, 904)]), torch.stack([clips[s][1] for s in (902, 903, 904)])])
         slow, fast, fast_seq = pool_maps(Fs, Ff)
         rois = torch.tensor([[0, 0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h], [2, 0.5 * w, 0.0, 1.0 * w, 0.7 * h]])
-        actor = actor_features(slow, fast, rois, cfg.aligned)
+        actor = roi_align(torch.cat([slow, fast], dim=1), rois, 7, spatial_scale=1 / 16, sampling_ratio=0, aligned=cfg.aligned)
     for name, want in dict(slow=slow, fast=fast, fast_seq=fast_seq, actor=actor).items():
         torch.testing.assert_close(batch[name], want, rtol=2e-3, atol=2e-3 * float(want.abs().max()), msg=name)
     assert batch["box_clip"].tolist() == [0, 2] and batch["person_id"].tolist() == [0, 1]

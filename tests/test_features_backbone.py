@@ -1,4 +1,5 @@
-"""SlowFast backbone: structure, parity with pytorchvideo's detection model, RoIAlign geometry, checkpoints."""
+"""SlowFast backbone: structure, parity with pytorchvideo's detection model, checkpoints (RoIAlign geometry:
+test_cache_roi.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.features.backbone import PRESETS, BackboneConfig, _pytorchvideo_kwargs, actor_features, boxes_to_rois, build_backbone, pool_maps
+from cache.roi import actor_features, box_clip_index
+from pipeline.features.backbone import PRESETS, BackboneConfig, _pytorchvideo_kwargs, build_backbone, pool_maps
 from pipeline.features.checkpoints import backbone_from_checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from pipeline.errors import InputError
 
@@ -110,56 +112,21 @@ def test_pooled_actor_feature_equals_pytorchvideo_detection_head(preset, tmp_pat
     assert info["format"] == "ava-detection"
 
     x = _clip(cfg, height=64, width=80)
-    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.9]]), torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.4, 0.8]])]
-    rois = boxes_to_rois(boxes, height=64, width=80)
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.9], [0.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.4, 0.8]])
+    box_clip = box_clip_index([1, 2])
+    image_hw = torch.tensor([[64, 80], [64, 80]])
+    rois = torch.cat([box_clip[:, None].float(), boxes * torch.tensor([80.0, 64, 80, 64])], dim=1)  # pixels
     with torch.no_grad():
         head = det.detection_head
         expected = head.pool_spatial(head.roi_layer(det.model([t.clone() for t in x]).squeeze(2), rois)).flatten(1)
         slow, fast, _ = pool_maps(*ours(x))
-        got = actor_features(slow, fast, rois, aligned=cfg.aligned).amax((2, 3))  # (N, C_s+C_f)
+        got = actor_features(slow, fast, boxes, box_clip, image_hw, cfg.aligned).amax((2, 3))  # (N, C_s+C_f)
     assert got.shape == (3, cfg.actor_channels)
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
     # and the head's projection comes back for the baseline
     assert info["head_state"]["proj.weight"].shape == (80, cfg.actor_channels)
     torch.testing.assert_close(info["head_state"]["proj.weight"], head.proj.weight)
-
-
-# ----------------------------------------------------------------------------------------------- geometry
-
-
-@pytest.mark.parametrize("aligned", [False, True])
-def test_roi_align_known_answer_on_arange_map(aligned):
-    """A map whose value is x + 100 y: bilinear sampling is exact, so each bin equals its centre's x + 100 y.
-
-    Frame 128x192 px -> map 8x12 at stride 16. The normalised box (0.25, 0.25, 0.75, 0.75) is (48, 32, 144, 96)
-    px, i.e. (3, 2, 9, 6) on the map; aligned=True shifts it by -0.5 map pixels (pixel centres)."""
-    h, w = 8, 12
-    grid = torch.arange(w, dtype=torch.float32)[None, :] + 100 * torch.arange(h, dtype=torch.float32)[:, None]
-    slow = grid.expand(1, 2, h, w)  # (B=1, C_s=2, h, w)
-    fast = grid.expand(1, 1, h, w) * 2  # (B=1, C_f=1, h, w)
-    rois = boxes_to_rois([torch.tensor([[0.25, 0.25, 0.75, 0.75]])], height=128, width=192)
-    torch.testing.assert_close(rois, torch.tensor([[0.0, 48.0, 32.0, 144.0, 96.0]]))
-    out = actor_features(slow, fast, rois, aligned=aligned)
-    assert out.shape == (1, 3, 7, 7)
-    shift = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = 3 - shift, 2 - shift, 9 - shift, 6 - shift
-    cx = x1 + (torch.arange(7) + 0.5) * (x2 - x1) / 7
-    cy = y1 + (torch.arange(7) + 0.5) * (y2 - y1) / 7
-    expected = cx[None, :] + 100 * cy[:, None]  # (7, 7)
-    torch.testing.assert_close(out[0, 0], expected)
-    torch.testing.assert_close(out[0, 1], expected)
-    torch.testing.assert_close(out[0, 2], 2 * expected)
-
-
-def test_rois_as_list_or_tensor_agree():
-    g = torch.Generator().manual_seed(0)
-    slow, fast = torch.rand(2, 4, 6, 8, generator=g), torch.rand(2, 2, 6, 8, generator=g)
-    boxes = [torch.tensor([[0.1, 0.2, 0.6, 0.9]]), torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.7, 0.6]])]
-    as_tensor = actor_features(slow, fast, boxes_to_rois(boxes, 96, 128), aligned=True)
-    as_list = actor_features(slow, fast, [b * torch.tensor([128.0, 96, 128, 96]) for b in boxes], aligned=True)
-    torch.testing.assert_close(as_tensor, as_list)
-    assert as_tensor.shape == (3, 6, 7, 7)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

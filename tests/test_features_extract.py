@@ -41,3 +41,21 @@ def test_extract_video_timings_cover_the_call_and_change_nothing(tmp_path):
     plain, timed = (s.video("v") for s in stores)
     for name in ("slow", "fast", "fast_seq", "actor"):
         np.testing.assert_array_equal(plain[name][...], timed[name][...], err_msg=name)
+
+
+def test_extract_split_video_leaves_torch_global_state_alone(tiny_ava, tiny_backbone, tmp_path):
+    """One CPU thread and the backbone's random initialisation hold for the call only."""
+    from pipeline.ava import splits
+    from pipeline.features import extract
+
+    extraction = extract.ExtractionConfig(dtype="float32")
+    spec = extract.cache_spec(tiny_backbone, extraction)
+    video = splits.split_videos(tiny_ava, "val")[0]
+    torch.set_num_threads(2)
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    out = extract.extract_split_video(tiny_ava, "val", video, tiny_backbone, extract.store_url(tmp_path, spec), spec,
+                                      extraction, device="cpu", cpu_threads=1)
+    assert not out.get("skipped") and FeatureStore.open(extract.store_url(tmp_path, spec)).is_complete(video)
+    assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -10,8 +10,8 @@ import torch
 
 from heads import (
     ABLATION,
+    FROM_FEATURES,
     PAPER_MAP,
-    SIZES,
     VARIANTS,
     HeadConfig,
     HeadInputs,
@@ -23,7 +23,7 @@ from heads import (
 
 torch.set_num_threads(1)
 
-TINY = {"C_s": 6, "C_f": 4, "K": 5, "width": 8, "n_heads": 2, "max_positions": 16}
+TINY = {"C_s": 6, "C_f": 4, "K": 5, "width": 8, "n_heads": 2, "query_grid": 7, "max_positions": 16}
 # Two clips with different map sizes: clip 0 is 3x5 (the batch size, no padding), clip 1 is 2x4 and padded.
 SIZES_HW = ((3, 5), (2, 4))
 T_F = 4
@@ -188,17 +188,68 @@ def test_registry():
     assert VARIANTS["spatial"].needs == {"slow", "fast"}
     assert VARIANTS["st-sa"].needs == {"slow", "fast_seq"}
     assert len({cfg.digest() for cfg in VARIANTS.values()}) == len(VARIANTS)
-    mini = variant("st-sa", "mini")
-    assert (mini.C_s, mini.C_f, mini.K) == (SIZES["mini"]["C_s"], SIZES["mini"]["C_f"], 80)
-    assert variant("st", "mini", width=16).width == 16
+    mini = variant("st-sa").resolve(MINI_FEATURES)
+    assert (mini.C_s, mini.C_f, mini.K) == (128, 32, 80)
+    assert variant("st", width=16).resolve(MINI_FEATURES).width == 16
 
 
-def test_sizes_match_backbone_presets():
+# What the stores of the two backbone presets record: the mini-AVA's 90x160 and 90x120 frames give 6x10 and 6x8
+# maps, AVA's frames at short side 256 about 16x29.
+MINI_FEATURES = {"C_s": 128, "C_f": 32, "T_f": 32, "map_hw": [[6, 8], [6, 10]]}
+R50_FEATURES = {"C_s": 2048, "C_f": 256, "T_f": 32, "map_hw": [[16, 29]]}
+
+
+@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("preset, features, sizes", [
+    ("mini", MINI_FEATURES, {"C_s": 128, "C_f": 32, "width": 128, "n_heads": 4, "query_grid": 3}),
+    ("r50", R50_FEATURES, {"C_s": 2048, "C_f": 256, "width": 256, "n_heads": 8, "query_grid": 7}),
+])
+def test_sizes_follow_from_the_backbone_presets_features(name, preset, features, sizes):
+    """Resolved against what a store of each backbone preset records, every variant gets the sizes Table 1 was
+    measured with, and nothing else changes."""
     from pipeline.features.backbone import PRESETS
 
-    assert set(SIZES) <= set(PRESETS)
-    for name, sizes in SIZES.items():
-        assert (sizes["C_s"], sizes["C_f"]) == (PRESETS[name].slow_channels, PRESETS[name].fast_channels)
+    cfg = PRESETS[preset]
+    assert (features["C_s"], features["C_f"], features["T_f"]) == (cfg.slow_channels, cfg.fast_channels, cfg.t_fast)
+    assert VARIANTS[name].unresolved == FROM_FEATURES  # every size is left to the features
+    resolved = VARIANTS[name].resolve(features)
+    assert resolved.unresolved == ()
+    assert resolved == dataclasses.replace(VARIANTS[name], **sizes)
+    build_head(resolved)
+
+
+def test_explicit_sizes_are_kept_and_checked_against_the_features():
+    cfg = variant("st-sa", width=64, n_heads=2, query_grid=5, C_f=32).resolve(MINI_FEATURES)
+    assert (cfg.C_s, cfg.C_f, cfg.width, cfg.n_heads, cfg.query_grid) == (128, 32, 64, 2, 5)
+    assert variant("st-sa", roi_size=2).resolve(MINI_FEATURES).query_grid == 2  # never above the RoI side
+    with pytest.raises(ValueError, match="C_s=2048, but the features have C_s=128"):
+        variant("st", C_s=2048).resolve(MINI_FEATURES)
+    with pytest.raises(ValueError, match="C_f=16, but the features have C_f=32"):
+        variant("baseline", C_f=16).resolve(MINI_FEATURES)
+    with pytest.raises(ValueError, match="T_f=65 fast frames, more than max_positions=64"):
+        variant("st").resolve({**MINI_FEATURES, "T_f": 65})
+    assert variant("spatial").resolve({**MINI_FEATURES, "T_f": 65}).C_f == 32  # no fast sequence, no limit
+    with pytest.raises(ValueError, match="map_hw"):
+        variant("st").resolve({"C_s": 128, "C_f": 32, "T_f": 32})
+    # a resolved config is a fixed point
+    assert cfg.resolve(MINI_FEATURES) == cfg
+
+
+def test_unresolved_config_is_refused_by_build_head():
+    with pytest.raises(ValueError, match="C_s, C_f, width, n_heads, query_grid unset"):
+        build_head(VARIANTS["st"])
+    with pytest.raises(ValueError, match="width unset"):
+        build_head(dataclasses.replace(tiny("st"), width=None))
+
+
+def test_registry_imports_without_torch():
+    """tasks.py reads the registry at import time; only building a head needs torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from heads.config import ABLATION, PAPER_MAP, VARIANTS; import heads; heads.HeadConfig; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def test_layout_is_read_by_the_ava_readers(tiny):
             files = sorted(p.name for p in (paths.frames / vid).iterdir())
             assert files == [f"{vid}_{k:06d}.jpg" for k in range(1, n + 1)]
             sizes.add(Image.open(paths.frame_path(vid, 1)).size)
-        gt = ava.read_groundtruth(paths.groundtruth(split))
+        gt = ava.read_groundtruth(paths.groundtruth(split)).frame()
         assert set(gt["video_id"]) == set(videos)
         assert sorted(set(gt["timestamp"])) == [902 + 3 * e for e in range(config.keyframes_per_video)]
         assert set(gt["action_id"]) <= set(m.ACTIONS)
@@ -72,7 +72,7 @@ def test_layout_is_read_by_the_ava_readers(tiny):
         assert postures.size().eq(1).all() and len(postures) == len(gt.groupby(["video_id", "timestamp", "person_id"]))
         for line in paths.groundtruth(split).read_text().splitlines():
             assert re.fullmatch(r"[A-Za-z0-9_-]{11},\d{4},(\d\.\d{3},){4}\d+,\d+", line), line
-        det = ava.read_detections(paths.detections(split))
+        det = ava.read_detections(paths.detections(split)).frame()
         assert det["score"].between(0, 1).all() and (det["score"] >= 0.8).any() and (det["score"] < 0.8).any()
         assert ((det["action_id"] == -1).all()) == (split == "val")
         excluded = ava.read_exclusions(paths.exclusions(split))
@@ -109,7 +109,7 @@ def test_pytorchvideo_reads_the_folder(tiny):
     for split in ("train", "val"):
         clips = pv_ava.AvaLabeledVideoFramePaths.from_csv(
             str(paths.frame_list(split)), str(paths.groundtruth(split)), str(paths.frames), str(paths.labelmap))
-        gt = ava.read_groundtruth(paths.groundtruth(split))
+        gt = ava.read_groundtruth(paths.groundtruth(split)).frame()
         assert len(clips) == len(gt.groupby(["video_id", "timestamp"]))
         for frame_dir, labels in clips:
             assert len(labels["boxes"]) == len(labels["labels"]) > 0

@@ -14,7 +14,7 @@ from pipeline.ava.proposals import training_proposals
 from pipeline.features.backbone import PRESETS, build_backbone
 from pipeline.features.checkpoints import backbone_from_checkpoint, save_checkpoint
 from pipeline.features.clips import KeyframeClips
-from pipeline.training.finetune import ActorClassifier, FinetuneConfig, _flip, finetune_backbone
+from pipeline.training.finetune import FinetuneConfig, _flip, baseline_head, finetune_backbone
 
 torch.set_num_threads(1)
 SECONDS = (901, 902, 903, 904)
@@ -73,11 +73,34 @@ def test_finetuning_is_deterministic_on_cpu_for_a_seed(data, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_finetuning_leaves_torch_global_state_alone(data, tmp_path):
+    """The seed drives the fine-tune's own random stream; the caller's random state, thread count and
+    deterministic flag are what they were."""
+    clips, proposals, _ = data
+    torch.manual_seed(7)
+    threads, deterministic, rng = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
+    finetune_backbone(CFG, clips, proposals, tmp_path / "a.pt", dataclasses.replace(FT, epochs=1), log=None)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+
+
+def test_baseline_head_is_the_heads_baseline_with_the_detection_head_layout():
+    from heads import VARIANTS, BaselineHead
+
+    head = baseline_head(CFG, dropout=0.3)
+    assert isinstance(head, BaselineHead) and head.dropout.p == 0.3
+    assert head.config.C_s + head.config.C_f == CFG.actor_channels and head.config.K == 80
+    assert head.config.context == VARIANTS["baseline"].context and head.config.queries == VARIANTS["baseline"].queries
+    # pytorchvideo's AVA detection head projection and our checkpoints' head_state
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {
+        "proj.weight": (80, CFG.actor_channels), "proj.bias": (80,)}
+
+
 def test_init_from_a_checkpoint_starts_from_its_weights(data, tmp_path):
     clips, proposals, _ = data
     torch.manual_seed(123)
     start = build_backbone(CFG)
-    head = ActorClassifier(CFG.actor_channels)
+    head = baseline_head(CFG)
     init = save_checkpoint(start, CFG, tmp_path / "init.pt", head=head)
     ft = dataclasses.replace(FT, epochs=1, lr=1e-9, warmup_steps=1, dropout=0.0, freeze_bn=True)
     metrics = finetune_backbone(CFG, clips, proposals, tmp_path / "out.pt", ft, init=init, log=None)

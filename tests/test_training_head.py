@@ -7,13 +7,25 @@ import pytest
 import torch
 
 from cache.reader import CacheDataset
+from cache.store import FeatureStore
 from heads import ABLATION, HeadInputs, build_head, variant
 from pipeline.ava import files as ava
 from pipeline.ava import splits
-from pipeline.features.backbone import actor_features, boxes_to_rois, pool_maps
+from cache.roi import actor_features
+from pipeline.features.backbone import pool_maps
 from pipeline.features.checkpoints import backbone_from_checkpoint
 from pipeline.features.clips import KeyframeClips, collate_clips
-from pipeline.training.head import ResidentSplit, TrainConfig, box_map, head_inputs, load_head, make_optimizer, train_head, train_step
+from pipeline.training.head import (
+    ResidentSplit,
+    TrainConfig,
+    box_map,
+    feature_spec,
+    head_inputs,
+    load_head,
+    make_optimizer,
+    train_head,
+    train_step,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -21,11 +33,16 @@ def _threads():
     torch.set_num_threads(1)
 
 
+def resolved(name: str, cache, **overrides):
+    """The variant at the sizes the tiny cache records (what ``train_head`` trains)."""
+    return variant(name, **overrides).resolve(feature_spec(FeatureStore.open(cache)))
+
+
 @pytest.mark.parametrize("name", ABLATION)
 def test_cache_then_head_equals_head_on_live_backbone(name, tiny_ava, tiny_backbone, tiny_cache):
     """The two-stage invariant: features read from the cache give the logits of live backbone features."""
     torch.manual_seed(1)
-    head = build_head(variant(name, "mini")).eval()
+    head = build_head(resolved(name, tiny_cache)).eval()
     split = ResidentSplit(CacheDataset(tiny_cache, split="val", fields=frozenset({"actor", "slow", "fast", "fast_seq"})),
                           torch.device("cpu"), frozenset())
     cached = split.batch(torch.arange(len(split)))
@@ -41,10 +58,8 @@ def test_cache_then_head_equals_head_on_live_backbone(name, tiny_ava, tiny_backb
     batch = collate_clips([clips[i] for i in range(len(clips))])
     with torch.no_grad():
         slow, fast, fast_seq = pool_maps(*backbone([batch["slow"], batch["fast"]]))
-        per_clip = [cached["boxes"][cached["box_clip"] == b] for b in range(len(clips))]
-        actor = actor_features(slow, fast, boxes_to_rois(per_clip, int(batch["height"]), int(batch["width"])),
-                               backbone.cfg.aligned)
         frame_hw = torch.tensor([[int(batch["height"]), int(batch["width"])]]).expand(len(clips), 2)
+        actor = actor_features(slow, fast, cached["boxes"], cached["box_clip"], frame_hw, backbone.cfg.aligned)
         live = head(HeadInputs(actor=actor, box_clip=cached["box_clip"], slow=slow, fast=fast, fast_seq=fast_seq,
                                box_map=box_map(cached["boxes"], frame_hw, cached["box_clip"])))
     assert video and from_cache.shape == live.shape == (len(cached["box_clip"]), 80)
@@ -53,7 +68,7 @@ def test_cache_then_head_equals_head_on_live_backbone(name, tiny_ava, tiny_backb
 
 def _train(tiny_ava, cache, out, seed=0, name="st-sa"):
     val = splits.annotations(tiny_ava, "val")
-    return train_head(variant(name, "mini"), cache, out, groundtruth=val["groundtruth"], labelmap=val["labelmap"],
+    return train_head(variant(name), cache, out, groundtruth=val["groundtruth"], labelmap=val["labelmap"],
                       exclusions=val["exclusions"], train=TrainConfig(epochs=3, batch_size=2), seed=seed,
                       device="cpu", progress=False)
 
@@ -84,7 +99,7 @@ def test_checkpoint_rebuilds_the_head(tiny_ava, tiny_cache, tmp_path):
 
 def test_training_with_box_jitter_recomputes_actor_features(tiny_ava, tiny_cache, tmp_path):
     val = splits.annotations(tiny_ava, "val")
-    metrics = train_head(variant("baseline", "mini"), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
+    metrics = train_head(variant("baseline"), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
                          labelmap=val["labelmap"], exclusions=val["exclusions"],
                          train=TrainConfig(epochs=2, batch_size=2, box_jitter=0.1), device="cpu", progress=False)
     assert np.isfinite(metrics["final_loss"])
@@ -92,12 +107,47 @@ def test_training_with_box_jitter_recomputes_actor_features(tiny_ava, tiny_cache
 
 def test_head_size_must_match_the_cache(tiny_ava, tiny_cache, tmp_path):
     val = splits.annotations(tiny_ava, "val")
-    with pytest.raises(ValueError, match="C_s"):
-        train_head(variant("st", "r50"), tiny_cache, tmp_path, groundtruth=val["groundtruth"], labelmap=val["labelmap"])
+    with pytest.raises(ValueError, match="C_s=2048, but the features have C_s=128"):
+        train_head(variant("st", C_s=2048, C_f=256), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
+                   labelmap=val["labelmap"])
+
+
+def test_sizes_come_from_the_store_and_are_recorded(tiny_ava, tiny_cache, tmp_path):
+    """The cache records the mini backbone's channels and 6x8 / 6x10 maps: the head gets the mini sizes, an
+    explicit field is kept, and the resolved config is the one in metrics.json and head.pt."""
+    spec = feature_spec(FeatureStore.open(tiny_cache))
+    assert (spec["C_s"], spec["C_f"], spec["T_f"], spec["map_hw"]) == (128, 32, 32, [[6, 8], [6, 10]])
+    mini = resolved("st", tiny_cache)
+    assert (mini.C_s, mini.C_f, mini.width, mini.n_heads, mini.query_grid) == (128, 32, 128, 4, 3)
+    val = splits.annotations(tiny_ava, "val")
+    metrics = train_head(variant("st", width=64), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
+                         labelmap=val["labelmap"], train=TrainConfig(epochs=1, batch_size=4), device="cpu",
+                         progress=False)
+    want = resolved("st", tiny_cache, width=64)
+    assert want.width == 64 and want.n_heads == 4
+    assert metrics["head_config"] == want.to_dict() and metrics["features"] == spec
+    assert json.loads((tmp_path / "metrics.json").read_text())["head_config"] == want.to_dict()
+    model, info = load_head(tmp_path / "head.pt")
+    assert model.config == want and info["head_config"] == want.to_dict()
+
+
+def test_training_leaves_torch_global_state_alone(tiny_ava, tiny_cache, tmp_path):
+    """Seed, deterministic algorithms and one CPU thread hold for the run only."""
+    torch.set_num_threads(2)
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    assert not torch.are_deterministic_algorithms_enabled()
+    val = splits.annotations(tiny_ava, "val")
+    metrics = train_head(variant("baseline"), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
+                         labelmap=val["labelmap"], train=TrainConfig(epochs=1, batch_size=4, cpu_threads=1),
+                         device="cpu", progress=False)
+    assert np.isfinite(metrics["final_loss"])
+    assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_train_step_updates_the_head_on_the_schedule(tiny_cache):
-    config = variant("baseline", "mini")
+    config = resolved("baseline", tiny_cache)
     split = ResidentSplit(CacheDataset(tiny_cache, split="train", fields=frozenset({"actor"})), torch.device("cpu"),
                           frozenset({"actor"}))
     torch.manual_seed(0)

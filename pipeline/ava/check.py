@@ -1,8 +1,9 @@
 """``stctx ava check AVA_DIR``: validate an AVA v2.2 folder before any GPU time is spent.
 
 Reports counts per split (videos, keyframes, boxes) and every problem found, each with its file and line:
-rows that fail to parse, unknown action ids, boxes outside [0, 1] or degenerate, timestamps out of range,
-missing frame lists, frame folders or frames that keyframe windows need. Exit code 1 when there are errors.
+rows that break the readers' rules (``pipeline.ava.files``: rows that fail to parse, ground-truth boxes outside
+[0, 1] or degenerate), unknown action ids, timestamps out of range, missing frame lists, frame folders or frames
+that keyframe windows need. Exit code 1 when there are errors.
 """
 
 from __future__ import annotations
@@ -114,12 +115,20 @@ def _check_labelmap(paths: ava.AvaPaths, report: CheckReport) -> dict[int, str]:
     return labelmap
 
 
-def _check_rows(path: Path, columns, report: CheckReport):
-    """The parsable rows, with their ``line``; every unparsable row goes into the report."""
-    frame, problems = ava.scan_csv(path, columns, with_lines=True)
+def _report_rows(problems: list[ava.RowProblem], report: CheckReport) -> None:
     for p in problems:
-        report.add("unparsable rows", f"{p.path}:{p.line}", p.message)
-    return frame
+        report.add(p.kind, f"{p.path}:{p.line}", p.message)
+
+
+def _check_boxes(path: Path, kind: ava.Kind, report: CheckReport) -> tuple[ava.BoxRows, np.ndarray]:
+    """(the rows the reader accepts, their lines (N,)); every row breaking the reader's rules goes into the report."""
+    rows, lines, problems = ava.scan_boxes(path, kind)
+    _report_rows(problems, report)
+    return rows, lines
+
+
+def _distinct_boxes(rows: ava.BoxRows) -> int:
+    return len(rows.frame().drop_duplicates(["video_id", "timestamp", "x1", "y1", "x2", "y2"]))
 
 
 def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_frames: bool) -> SplitCounts:
@@ -133,22 +142,24 @@ def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_fra
         if not path.exists():
             report.add("missing files", str(path), f"{split} {what} not found", severity="warning")
 
-    gt = _check_rows(paths.groundtruth(split), ava.GROUNDTRUTH, report) if paths.groundtruth(split).exists() else None
-    det = _check_rows(paths.detections(split), ava.DETECTIONS, report) if paths.detections(split).exists() else None
+    gt = _check_boxes(paths.groundtruth(split), "groundtruth", report) if paths.groundtruth(split).exists() else None
+    det = _check_boxes(paths.detections(split), "detections", report) if paths.detections(split).exists() else None
     if paths.exclusions(split).exists():
-        excl = _check_rows(paths.exclusions(split), ava.EXCLUSIONS, report)
-        counts.excluded = len(excl)
+        excluded, _, problems = ava.scan_exclusions(paths.exclusions(split))
+        _report_rows(problems, report)
+        counts.excluded = len(excluded)
     keyframes: set[tuple[str, int]] = set()
-    for frame, path in ((gt, paths.groundtruth(split)), (det, paths.detections(split))):
-        if frame is None or frame.empty:
+    for found, path in ((gt, paths.groundtruth(split)), (det, paths.detections(split))):
+        if found is None or not len(found[0]):
             continue
-        _check_values(frame, path, report)
-        keyframes |= set(zip(frame["video_id"], frame["timestamp"].astype(int)))
-    if gt is not None and not gt.empty:
-        counts.gt_rows = len(gt)
-        counts.gt_boxes = len(gt.drop_duplicates(["video_id", "timestamp", "x1", "y1", "x2", "y2"]))
+        rows, lines = found
+        _check_values(rows, lines, path, report)
+        keyframes |= set(zip(rows.video_ids[rows.video].tolist(), rows.timestamp.tolist()))
+    if gt is not None and len(gt[0]):
+        counts.gt_rows = len(gt[0])
+        counts.gt_boxes = _distinct_boxes(gt[0])
     if det is not None:
-        counts.det_boxes = len(det.drop_duplicates(["video_id", "timestamp", "x1", "y1", "x2", "y2"]))
+        counts.det_boxes = _distinct_boxes(det[0])
     counts.keyframes = len(keyframes)
     videos = sorted({v for v, _ in keyframes})
     counts.videos = len(videos)
@@ -164,18 +175,13 @@ def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_fra
     return counts
 
 
-def _check_values(frame, path: Path, report: CheckReport) -> None:
-    """Report boxes outside [0, 1] or degenerate, timestamps out of range and unknown action ids, by line."""
-    x1, y1, x2, y2 = (frame[c].to_numpy() for c in ("x1", "y1", "x2", "y2"))
-    degenerate, outside = ava.bad_boxes(frame)
-    ts = frame["timestamp"].to_numpy()
+def _check_values(rows: ava.BoxRows, lines: np.ndarray, path: Path, report: CheckReport) -> None:
+    """Report timestamps outside AVA's keyframe seconds and action ids outside 1..80, by line."""
+    ts = rows.timestamp
     out_of_range = (ts < ava.FIRST_KEYFRAME) | (ts > ava.LAST_KEYFRAME)
-    actions = frame["action_id"].to_numpy()
+    actions = rows.action_id
     unknown = (actions != -1) & ((actions < 1) | (actions > ava.NUM_CLASSES))
-    lines = frame["line"].to_numpy()
     checks = (
-        ("boxes outside [0,1]", outside, lambda i: f"box {x1[i]} {y1[i]} {x2[i]} {y2[i]} is outside [0, 1]"),
-        ("degenerate boxes", degenerate, lambda i: f"box {x1[i]} {y1[i]} {x2[i]} {y2[i]} has zero or negative size"),
         ("timestamps out of range", out_of_range,
          lambda i: f"timestamp {ts[i]} outside {ava.FIRST_KEYFRAME}..{ava.LAST_KEYFRAME}"),
         ("unknown action ids", unknown, lambda i: f"action id {actions[i]} outside 1..{ava.NUM_CLASSES}"),

@@ -54,8 +54,7 @@ from typing import Iterable, Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.ava.csvio import BoxRows, Kind, read_boxes
-from pipeline.errors import InputError
+from pipeline.ava.files import BoxRows, Kind, read_boxes, read_exclusions, read_labelmap
 
 IOU_THRESHOLD = 0.5
 CATEGORIES: dict[str, tuple[int, int]] = {  # AVA's three action categories, inclusive id ranges
@@ -124,12 +123,14 @@ def _rows(value, kind: Kind) -> BoxRows:
     return read_boxes(value, kind)
 
 
-def _labelmap(value) -> dict[int, str]:
+def load_labelmap(value: str | Path | dict[int, str]) -> dict[int, str]:
+    """The evaluated classes, ``{action_id: name}`` in ascending id order, from a label map path or a dict.
+
+    Refuses an empty map and ids below 1 (``ValueError``); a bad file raises ``InputError`` naming its line.
+    """
     if isinstance(value, dict):
         labelmap = {int(k): str(v) for k, v in value.items()}
     else:
-        from pipeline.ava.files import read_labelmap
-
         labelmap = read_labelmap(value)
     if not labelmap:
         raise ValueError("the label map is empty")
@@ -145,8 +146,6 @@ def _exclusions(value) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(value, pd.DataFrame):
         return value["video_id"].to_numpy(str), value["timestamp"].to_numpy(np.int64)
     if isinstance(value, (str, Path)):
-        from pipeline.ava.files import read_exclusions
-
         value = read_exclusions(value)
     keys = [str(k).rsplit(",", 1) for k in value]
     if any(len(k) != 2 or not k[1].strip().isdigit() for k in keys):
@@ -403,8 +402,9 @@ def evaluate_frame_map(
     """Frame-mAP@0.5 of ``detections`` against ``groundtruth`` (the official AVA 2019 protocol by default).
 
     ``groundtruth``/``detections``: a CSV path, a DataFrame (columns video_id, timestamp, x1, y1, x2, y2,
-    action_id and person_id / score) or ``BoxRows`` (``pipeline.ava.csvio``; ``detections_from_scores`` builds
-    them from a head's (B, C) scores without a file). ``labelmap``: a path or ``{action_id: name}``.
+    action_id and person_id / score) or ``BoxRows`` (``pipeline.ava.files``; ``detections_from_scores`` builds
+    them from a head's (B, C) scores without a file); all obey ``pipeline.ava.files.box_rule``.
+    ``labelmap``: a path or ``{action_id: name}``.
     ``exclusions``: a path, an iterable of ``"video_id,%04d"`` keys, a DataFrame (video_id, timestamp) or None.
     ``protocol``: a key of ``PROTOCOLS``. ``ties``: order of equal scores within a class (module docstring).
     """
@@ -413,7 +413,7 @@ def evaluate_frame_map(
     if ties not in ("input", "fp_first", "tp_first"):
         raise ValueError(f"ties must be 'input', 'fp_first' or 'tp_first', got {ties!r}")
     rules = PROTOCOLS[protocol]
-    labelmap = _labelmap(labelmap)
+    labelmap = load_labelmap(labelmap)
     class_ids = np.array(list(labelmap), dtype=np.int64)  # (K,) ascending
     K = len(class_ids)
     gt = _rows(groundtruth, "groundtruth")
@@ -540,8 +540,6 @@ def _select_detections(
     ``det_key`` (N,) is overwritten (rows that step 1 drops get the key id ``dropped``); ``excluded``
     and ``has_gt`` are (n_keys + 1,) bool.
     """
-    if len(det) and not np.isfinite(det.score).all():
-        raise InputError(det.source, None, "detection scores must be finite")
     det_cls = _class_index(det.action_id, class_ids)
     drop = det_cls < 0
     if excluded.any():

@@ -100,9 +100,9 @@ def video_splits(paths: ava.AvaPaths) -> dict[str, str]:
     """Video id -> split, from whichever annotation files exist."""
     splits: dict[str, str] = {}
     for split in ava.SPLITS:
-        for path in (paths.groundtruth(split), paths.detections(split)):
+        for path, kind in ((paths.groundtruth(split), "groundtruth"), (paths.detections(split), "detections")):
             if path.exists():
-                for video_id in ava.read_csv(path, ava.DETECTIONS if "detection" in path.name else ava.GROUNDTRUTH)["video_id"]:
+                for video_id in ava.read_boxes(path, kind).video_ids.tolist():
                     splits.setdefault(video_id, split)
     return splits
 

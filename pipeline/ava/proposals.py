@@ -1,66 +1,21 @@
 """Proposals: the boxes of each keyframe that the pipeline extracts features for, from AVA box files.
 
 Training proposals are ground truth plus detector boxes with score >= a threshold (boxes that repeat merge their
-labels); evaluation proposals are detector boxes only (AVA.md, "Proposals"). Box convention: see
-``cache/schema.py``.
+labels); evaluation proposals are detector boxes only (AVA.md, "Proposals"). Each function returns the boxes of
+every keyframe as one ``cache.boxes.KeyframeBoxes`` (flat with offsets, sorted by video and second), the container
+that extraction and the cache writer take. Box convention: see ``cache/schema.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
-from pipeline.ava.files import NUM_CLASSES, make_key
+from cache.boxes import SOURCE_DET, SOURCE_GT, KeyframeBoxes
+from pipeline.ava.files import NUM_CLASSES
 
 
-@dataclass
-class Proposals:
-    """Boxes per keyframe, flat with offsets.
-
-    K keyframes, M boxes: ``video_ids``/``timestamps`` (K,), ``offsets`` (K+1,) so keyframe k owns boxes
-    ``offsets[k]:offsets[k+1]``; ``boxes`` (M, 4) float32 normalised x1 y1 x2 y2; ``source`` (M,) uint8
-    (0 ground truth, 1 detector); ``score`` (M,) float32 (1.0 for ground truth); ``person_id`` (M,) int32 (-1 for
-    detector boxes); ``labels`` (M, 80) uint8 multi-hot of action ids 1..80 (column ``id - 1``).
-    """
-
-    video_ids: np.ndarray
-    timestamps: np.ndarray
-    offsets: np.ndarray
-    boxes: np.ndarray
-    source: np.ndarray
-    score: np.ndarray
-    person_id: np.ndarray
-    labels: np.ndarray
-
-    SOURCE_GT = 0
-    SOURCE_DET = 1
-
-    def __len__(self) -> int:
-        return len(self.video_ids)
-
-    @property
-    def keys(self) -> list[str]:
-        return [make_key(v, t) for v, t in zip(self.video_ids, self.timestamps)]
-
-    def select(self, keyframes: np.ndarray) -> "Proposals":
-        """The proposals of keyframe positions ``keyframes`` (K',), in that order."""
-        keyframes = np.asarray(keyframes, dtype=np.int64)
-        starts, ends = self.offsets[keyframes], self.offsets[keyframes + 1]
-        rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(keyframes) else np.zeros(0, np.int64)
-        return Proposals(
-            video_ids=self.video_ids[keyframes], timestamps=self.timestamps[keyframes],
-            offsets=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
-            boxes=self.boxes[rows], source=self.source[rows], score=self.score[rows],
-            person_id=self.person_id[rows], labels=self.labels[rows],
-        )
-
-    def for_video(self, video_id: str) -> "Proposals":
-        return self.select(np.flatnonzero(self.video_ids == video_id))
-
-
-def _proposals_from_rows(rows: pd.DataFrame) -> Proposals:
+def _proposals_from_rows(rows: pd.DataFrame) -> KeyframeBoxes:
     """Merge rows that repeat a box on a keyframe (same coordinates) into one box with the union of labels."""
     rows = rows.reset_index(drop=True)
     box_cols = ["video_id", "timestamp", "x1", "y1", "x2", "y2"]
@@ -81,7 +36,7 @@ def _proposals_from_rows(rows: pd.DataFrame) -> Proposals:
     vids, ts = first["video_id"].to_numpy(), first["timestamp"].to_numpy()
     key_change[1:] = (vids[1:] != vids[:-1]) | (ts[1:] != ts[:-1])
     starts = np.flatnonzero(key_change)
-    return Proposals(
+    return KeyframeBoxes(
         video_ids=vids[starts].astype(object), timestamps=ts[starts].astype(np.int64),
         offsets=np.append(starts, len(first)).astype(np.int64),
         boxes=first[["x1", "y1", "x2", "y2"]].to_numpy(np.float32),
@@ -90,23 +45,23 @@ def _proposals_from_rows(rows: pd.DataFrame) -> Proposals:
     )
 
 
-def training_proposals(groundtruth: pd.DataFrame, detections: pd.DataFrame, threshold: float = 0.8) -> Proposals:
+def training_proposals(groundtruth: pd.DataFrame, detections: pd.DataFrame, threshold: float = 0.8) -> KeyframeBoxes:
     """Ground truth boxes plus detector boxes with score >= ``threshold``; repeated boxes merge their labels.
 
     Detector boxes keep the action ids their file gives (the train detections file labels its boxes); boxes
     without any label are negatives (all-zero targets).
     """
-    gt = groundtruth.assign(source=Proposals.SOURCE_GT, score=1.0)
-    det = detections[detections["score"] >= threshold].assign(source=Proposals.SOURCE_DET, person_id=-1)
+    gt = groundtruth.assign(source=SOURCE_GT, score=1.0)
+    det = detections[detections["score"] >= threshold].assign(source=SOURCE_DET, person_id=-1)
     return _proposals_from_rows(pd.concat([gt, det[gt.columns]], ignore_index=True))
 
 
-def eval_proposals(detections: pd.DataFrame, threshold: float = 0.0) -> Proposals:
+def eval_proposals(detections: pd.DataFrame, threshold: float = 0.0) -> KeyframeBoxes:
     """Detector boxes only (optionally above a score), labels from the file where it gives any."""
-    det = detections[detections["score"] >= threshold].assign(source=Proposals.SOURCE_DET, person_id=-1)
+    det = detections[detections["score"] >= threshold].assign(source=SOURCE_DET, person_id=-1)
     return _proposals_from_rows(det)
 
 
-def groundtruth_proposals(groundtruth: pd.DataFrame) -> Proposals:
+def groundtruth_proposals(groundtruth: pd.DataFrame) -> KeyframeBoxes:
     """Ground truth boxes alone, rows of one box merged into its multi-hot labels."""
-    return _proposals_from_rows(groundtruth.assign(source=Proposals.SOURCE_GT, score=1.0))
+    return _proposals_from_rows(groundtruth.assign(source=SOURCE_GT, score=1.0))

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.boxes import KeyframeBoxes
 from pipeline.ava import files as ava
-from pipeline.ava.proposals import Proposals, eval_proposals, training_proposals
+from pipeline.ava.proposals import eval_proposals, training_proposals
 
 
 def annotations(data_root: str | Path, split: str) -> dict[str, Path | None]:
@@ -26,14 +27,14 @@ def annotations(data_root: str | Path, split: str) -> dict[str, Path | None]:
 
 
 def split_annotations(data_root: str | Path, split: str, threshold: float = 0.8,
-                      ) -> tuple[Proposals, list[tuple[str, int]]]:
+                      ) -> tuple[KeyframeBoxes, list[tuple[str, int]]]:
     """(``split_proposals``, ``split_keyframes``) from one read of the split's ground truth and detections."""
     paths = ava.AvaPaths(data_root)
-    gt, det = ava.read_groundtruth(paths.groundtruth(split)), ava.read_detections(paths.detections(split))
+    gt, det = ava.read_groundtruth(paths.groundtruth(split)).frame(), ava.read_detections(paths.detections(split)).frame()
     return _proposals(split, gt, det, threshold), _keyframes(gt, det)
 
 
-def split_proposals(data_root: str | Path, split: str, threshold: float = 0.8) -> Proposals:
+def split_proposals(data_root: str | Path, split: str, threshold: float = 0.8) -> KeyframeBoxes:
     """Training proposals for ``train`` (ground truth + detector boxes >= threshold), detector boxes for the rest."""
     return split_annotations(data_root, split, threshold)[0]
 
@@ -43,7 +44,7 @@ def split_keyframes(data_root: str | Path, split: str) -> list[tuple[str, int]]:
     return split_annotations(data_root, split)[1]
 
 
-def _proposals(split: str, gt, det, threshold: float) -> Proposals:
+def _proposals(split: str, gt, det, threshold: float) -> KeyframeBoxes:
     return training_proposals(gt, det, threshold) if split == "train" else eval_proposals(det)
 
 
@@ -56,9 +57,6 @@ def _keyframes(gt, det) -> list[tuple[str, int]]:
 
 def split_videos(data_root: str | Path, split: str) -> list[str]:
     return sorted({v for v, _ in split_keyframes(data_root, split)})
-
-
-_PROPOSAL_FIELDS = ("video_ids", "timestamps", "offsets", "boxes", "source", "score", "person_id", "labels")
 
 
 class CanonicalFrames(Mapping):
@@ -99,9 +97,7 @@ def write_split_index(data_root: str | Path, split: str, threshold: float, out: 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    arrays = {f: getattr(proposals, f) for f in _PROPOSAL_FIELDS}
-    arrays["video_ids"] = arrays["video_ids"].astype(str)
-    np.savez(tmp / "proposals.npz", **arrays, kf_video=np.array([v for v, _ in keyframes], dtype=str),
+    np.savez(tmp / "proposals.npz", **proposals.columns(), kf_video=np.array([v for v, _ in keyframes], dtype=str),
              kf_sec=np.array([s for _, s in keyframes], dtype=np.int64))
     (tmp / "frames.json").write_text(json.dumps({"counts": counts, "irregular": irregular}))
     shutil.rmtree(out, ignore_errors=True)
@@ -109,12 +105,11 @@ def write_split_index(data_root: str | Path, split: str, threshold: float, out: 
     return out
 
 
-def read_split_index(index: str | Path) -> tuple[Proposals, list[tuple[str, int]], Mapping[str, list[str]]]:
+def read_split_index(index: str | Path) -> tuple[KeyframeBoxes, list[tuple[str, int]], Mapping[str, list[str]]]:
     """(proposals, annotated keyframes, video id -> frame paths) of a ``write_split_index`` folder."""
     index = Path(index)
     with np.load(index / "proposals.npz") as z:
-        fields = {f: z[f] for f in _PROPOSAL_FIELDS}
-        fields["video_ids"] = fields["video_ids"].astype(object)
+        proposals = KeyframeBoxes.from_columns(z)
         keyframes = list(zip(z["kf_video"].tolist(), z["kf_sec"].tolist()))
     frames = json.loads((index / "frames.json").read_text())
-    return Proposals(**fields), keyframes, CanonicalFrames(frames["counts"], frames["irregular"])
+    return proposals, keyframes, CanonicalFrames(frames["counts"], frames["irregular"])

@@ -1,4 +1,4 @@
-"""SlowFast backbone (res5 maps) and actor RoI features.
+"""SlowFast backbone (res5 maps) and their pooling; the actor RoI features of the pooled maps: ``cache.roi``.
 
 Shape legend: B clips, N boxes, T_s/T_f slow/fast time, H W input frame, h w res5 map (H/16, W/16),
 C_s/C_f res5 channels of the slow/fast pathway, R RoIAlign resolution (7).
@@ -8,8 +8,8 @@ dilation 2, so output stride 16), stripped of its head: ``forward([slow, fast]) 
 parameter names equal those of pytorchvideo's models (``blocks.<i>....``), so checkpoints load without
 renaming beyond dropping a prefix.
 
-Box convention: see ``cache/schema.py``. Here: normalised x1 y1 x2 y2 are scaled to pixel coordinates of
-the frame the network saw (after the short-side resize), and RoIAlign maps pixels to the res5 map with
+Box convention: see ``cache/schema.py``; ``cache.roi.actor_features`` scales normalised boxes to pixels of
+the frame the network saw (after the short-side resize) and RoIAligns them on the res5 maps with
 ``spatial_scale = 1 / output_stride``. ``aligned`` follows the checkpoint: pytorchvideo's AVA checkpoint
 was trained with torchvision's default ``aligned=False``; PySlowFast's AVA configs use ``aligned=True``
 (pixel centres shifted by -0.5).
@@ -26,7 +26,6 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from torchvision.ops import roi_align
 
 # pytorchvideo's depth -> blocks per stage (res2..res5); create_slowfast accepts exactly these.
 STAGE_DEPTHS = {18: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -167,39 +166,3 @@ def pool_maps(Fs: torch.Tensor, Ff: torch.Tensor) -> tuple[torch.Tensor, torch.T
     fast_seq (B,C_f,T_f) pooled over space.
     """
     return Fs.mean(2), Ff.mean(2), Ff.mean((3, 4))
-
-
-def boxes_to_rois(boxes: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:
-    """Per-clip normalised x1 y1 x2 y2 boxes [(N_b,4)] of frames of size (height, width) -> (N,5) rois.
-
-    Each roi is (clip index, x1, y1, x2, y2) in pixels of the network's input frame.
-    """
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    rois = []
-    for b, bx in enumerate(boxes):
-        bx = torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 4)
-        idx = torch.full((len(bx), 1), float(b))
-        rois.append(torch.cat([idx, bx * scale], dim=1))  # (N_b, 5)
-    return torch.cat(rois) if rois else torch.zeros(0, 5)
-
-
-def actor_features(
-    slow: torch.Tensor,
-    fast: torch.Tensor,
-    rois: torch.Tensor | Sequence[torch.Tensor],
-    aligned: bool,
-    output_size: int = 7,
-    spatial_scale: float = 1.0 / 16,
-) -> torch.Tensor:
-    """RoIAlign of the time-pooled maps concatenated over channels.
-
-    slow (B,C_s,h,w), fast (B,C_f,h,w); ``rois`` either (N,5) (clip index, x1, y1, x2, y2) or a list of B
-    (N_b,4) boxes, in pixels of the input frame -> (N, C_s+C_f, R, R). Sampling ratio 0 (adaptive), as
-    pytorchvideo's detection head.
-    """
-    x = torch.cat([slow, fast], dim=1)  # (B, C_s+C_f, h, w)
-    if isinstance(rois, torch.Tensor):
-        rois = rois.to(device=x.device, dtype=x.dtype)
-    else:
-        rois = [r.to(device=x.device, dtype=x.dtype) for r in rois]
-    return roi_align(x, rois, output_size, spatial_scale=spatial_scale, sampling_ratio=0, aligned=aligned)

@@ -22,16 +22,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cache.schema import SOURCE_DET, SOURCE_GT, StorageConfig
+from cache.boxes import KeyframeBoxes
+from cache.roi import actor_features, box_clip_index
+from cache.schema import Compressor, StorageConfig, StorageDtype
 from cache.store import CacheSpec, FeatureStore
-from cache.writer import BoxTable
+from cache.writer import VideoWriter
 from pipeline.ava import files as ava
 from pipeline.ava.files import make_key
-from pipeline.ava.proposals import Proposals
 from pipeline.ava.splits import read_split_index, split_annotations
-from pipeline.features.backbone import PRESETS, BackboneConfig, actor_features, boxes_to_rois, pool_maps
+from pipeline.features.backbone import PRESETS, BackboneConfig, pool_maps
 from pipeline.features.checkpoints import backbone_from_checkpoint, file_sha256
 from pipeline.features.clips import KeyframeClips, clip_loader
+from pipeline.features.runtime import torch_settings
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,9 @@ class ExtractionConfig:
     """
 
     threshold: float = 0.8
-    dtype: str = "float16"
-    compressor: str = "zstd"
-    level: int = 3
+    dtype: StorageDtype = StorageConfig.dtype  # the storage fields and their defaults: cache.schema.StorageConfig
+    compressor: Compressor = StorageConfig.compressor
+    level: int = StorageConfig.level
     batch_size: int = 8
 
     def storage(self) -> StorageConfig:
@@ -75,6 +77,7 @@ def store_url(root: str | Path, spec: CacheSpec) -> Path:
     return Path(root) / "cache" / f"{spec.name}.zarr"
 
 
+@torch_settings()  # the thread count set below, and the random draws of building the backbone, end with the call
 def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
                         spec: CacheSpec, extraction: ExtractionConfig = ExtractionConfig(),
                         device: str | None = None, num_workers: int = 0, index: str | Path | None = None,
@@ -84,7 +87,8 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     ``index``: the split's index folder (``write_split_index``); without it the annotation files and the frame list
     are read here, which on AVA costs seconds per video. ``cpu_threads``: torch threads on a CPU device; one per
     task lets Luigi's parallel workers share the cores (two workers with two threads each ran the mini-AVA train
-    split 3x slower than one worker), None keeps torch's default.
+    split 3x slower than one worker), None keeps the caller's count. torch's thread count and random state are the
+    caller's again on return.
     """
     paths = ava.AvaPaths(data_root)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -107,26 +111,6 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
     return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
                          device=device)
-
-
-def box_table(proposals: Proposals, video_id: str, secs: Sequence[int]) -> BoxTable:
-    """The boxes of ``video_id``'s keyframes ``secs`` (in that order; a keyframe without proposals has none)."""
-    mine = proposals.for_video(video_id)
-    where = {int(t): k for k, t in enumerate(mine.timestamps)}
-    rows = []
-    for sec in secs:
-        k = where.get(int(sec))
-        a, b = (mine.offsets[k], mine.offsets[k + 1]) if k is not None else (0, 0)
-        rows.append(
-            dict(
-                boxes=mine.boxes[a:b],
-                labels=mine.labels[a:b],
-                source=np.where(mine.source[a:b] == Proposals.SOURCE_GT, SOURCE_GT, SOURCE_DET),
-                score=mine.score[a:b],
-                person_id=mine.person_id[a:b],
-            )
-        )
-    return BoxTable.from_keyframes(rows)
 
 
 class StageClock:
@@ -177,7 +161,7 @@ def extract_video(
     backbone: nn.Module,
     backbone_cfg: BackboneConfig,
     clips_loader: Iterable[dict],
-    proposals: Proposals,
+    proposals: KeyframeBoxes,
     store: FeatureStore,
     video_id: str,
     *,
@@ -209,7 +193,7 @@ def extract_video(
     if store.aligned != backbone_cfg.aligned:
         raise ValueError(f"{store.url}: the store's RoIAlign aligned={store.aligned}, the backbone's {backbone_cfg.aligned}")
     secs = sorted(int(s) for s in (secs if secs is not None else _video_secs(clips_loader, video_id)))
-    table = box_table(proposals, video_id, secs)
+    table = proposals.for_keyframes(video_id, secs)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else contextlib.nullcontext()
     # float16 storage: cast on the device (half the copy to the host, no slow numpy conversion)
@@ -240,21 +224,19 @@ def extract_video(
             clock.lap("backbone")
             slow, fast, fast_seq = (x.float() for x in pool_maps(Fs.float(), Ff.float()))  # (B,C_s,h,w) (B,C_f,h,w) (B,C_f,T_f)
             a, b = table.offsets[done], table.offsets[done + len(batch_secs)]
-            per_clip = [
-                torch.from_numpy(table.boxes[table.offsets[done + k] : table.offsets[done + k + 1]])
-                for k in range(len(batch_secs))
-            ]
-            rois = boxes_to_rois(per_clip, h, w).to(device)  # (N, 5) pixels of the resized frame
-            actor = actor_features(slow, fast, rois, backbone_cfg.aligned)  # (N, C_s + C_f, R, R)
+            box_clip = box_clip_index(np.diff(table.offsets[done : done + len(batch_secs) + 1]))  # (N,)
+            image_hw = torch.tensor([(h, w)] * len(batch_secs))  # (B, 2) the resized frame
+            actor = actor_features(slow, fast, torch.from_numpy(table.boxes[a:b]), box_clip, image_hw,
+                                   backbone_cfg.aligned)  # (N, C_s + C_f, R, R)
             if actor.shape[0] != b - a:
                 raise AssertionError(f"{video_id}: {actor.shape[0]} actor features for {b - a} boxes")
             clock.lap("pool_roi")
             host = [x.to(to_host).cpu() for x in (slow, fast, fast_seq, actor)]
             clock.lap("to_host")
             if writer is None:
-                writer = store.begin_video(
+                writer = VideoWriter(
+                    store,
                     video_id,
-                    secs=secs,
                     boxes=table,
                     image_hw=(h, w),
                     map_hw=tuple(slow.shape[-2:]),

@@ -29,7 +29,7 @@ def run_cli(args) -> int:
         print(f"stctx mini-ava: error: {err}", file=sys.stderr)
         return 2
     out = generate_mini_ava(args.out, config.videos, config.seconds, config.seed, config.tiny, args.workers)
-    n = {s: len(ava.read_groundtruth(ava.AvaPaths(out).groundtruth(s)).groupby(["video_id", "timestamp"]))
+    n = {s: len(ava.read_groundtruth(ava.AvaPaths(out).groundtruth(s)).frame().groupby(["video_id", "timestamp"]))
          for s in ava.SPLITS}
     print(f"{out}: {config.videos} videos x {config.seconds} s, {n['train']} train / {n['val']} val keyframes")
     if args.contact_sheet is not None:

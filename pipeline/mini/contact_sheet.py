@@ -24,7 +24,7 @@ def contact_sheet(root: str | Path, out_png: str | Path, split: str = "val", til
     strip of a give/take clip into ``out_png``; returns its path."""
     paths = ava.AvaPaths(root)
     names = ava.read_labelmap(paths.labelmap)
-    gt = ava.read_groundtruth(paths.groundtruth(split))
+    gt = ava.read_groundtruth(paths.groundtruth(split)).frame()
     keys = list(gt.groupby(["video_id", "timestamp"], sort=False))
     chosen = _cover(keys, tiles)
     font = _font(14)

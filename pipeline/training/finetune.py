@@ -2,14 +2,15 @@
 
 Shape legend: B clips, N boxes, C = C_s + C_f actor channels, R RoI side (7), K classes (80).
 
-The baseline (Table 1 row 1) on live features: actor features (``pipeline.features.backbone.actor_features``),
-spatial max pooling over the RxR bins, dropout, Linear(C, K), sigmoid BCE against the 80-way multi-hot
+The baseline (Table 1 row 1) on live features: actor features (``cache.roi.actor_features``),
+spatial max pooling over the RxR bins, dropout, Linear(C, K) (``heads.BaselineHead``), sigmoid BCE against the 80-way multi-hot
 labels of the training proposals (ground truth + detector boxes >= 0.8, ``pipeline.ava.proposals.training_proposals``).
 Its Linear has the layout of pytorchvideo's detection head projection, so an AVA detection checkpoint
 initialises both the backbone and this head.
 
 A plain loop: per-video batches of clips (``pipeline.features.clips.clip_loader``), optional horizontal flips, SGD or
-AdamW with a cosine schedule, bf16 autocast on CUDA. It writes our self-describing checkpoint (backbone config,
+AdamW with head training's weight-decay groups and warm-up + cosine schedule (``pipeline.training.optim``), bf16
+autocast on CUDA. It writes our self-describing checkpoint (backbone config,
 backbone and head weights, the fine-tuning config and losses) atomically and returns the metrics.
 Deterministic on CPU for a seed.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +39,15 @@ from pipeline.ava.files import (
     read_frame_list,
     read_groundtruth,
 )
-from pipeline.ava.proposals import Proposals, training_proposals
-from pipeline.features.backbone import PRESETS, BackboneConfig, actor_features, boxes_to_rois, build_backbone, pool_maps
+from cache.boxes import KeyframeBoxes
+from cache.roi import actor_features, box_clip_index
+from heads import BaselineHead, HeadInputs, variant
+from pipeline.ava.proposals import training_proposals
+from pipeline.features.backbone import PRESETS, BackboneConfig, build_backbone, pool_maps
 from pipeline.features.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from pipeline.features.clips import KeyframeClips, clip_loader
+from pipeline.features.runtime import torch_settings
+from pipeline.training.optim import param_groups, warmup_cosine_schedule
 
 
 @dataclass(frozen=True)
@@ -74,32 +79,32 @@ class FinetuneConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
 
 
-class ActorClassifier(nn.Module):
-    """The baseline head: (N, C, R, R) actor features -> spatial max -> dropout -> Linear -> (N, K) logits."""
+def baseline_head(backbone_cfg: BackboneConfig, dropout: float = 0.5) -> BaselineHead:
+    """Table 1's baseline (``heads.BaselineHead``: spatial max, dropout, Linear(C, K)) at the backbone's channels.
 
-    def __init__(self, channels: int, num_classes: int = NUM_CLASSES, dropout: float = 0.5):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(channels, num_classes)
-
-    def forward(self, actor: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.dropout(actor.amax(dim=(2, 3))))  # (N, K)
+    Only C_s, C_f, K and ``cls_dropout`` shape it; the attention sizes it does not use stay unset."""
+    config = variant("baseline", C_s=backbone_cfg.slow_channels, C_f=backbone_cfg.fast_channels, K=NUM_CLASSES,
+                     cls_dropout=dropout)
+    return BaselineHead(config)
 
 
 class ActionDetector(nn.Module):
     """Backbone + baseline head on clips and boxes (the end-to-end model)."""
 
-    def __init__(self, backbone: nn.Module, head: ActorClassifier):
+    def __init__(self, backbone: nn.Module, head: BaselineHead):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, slow: torch.Tensor, fast: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """slow (B,3,T_s,H,W), fast (B,3,T_f,H,W), rois (N,5) in input pixels -> (N, K) logits."""
+    def forward(self, slow: torch.Tensor, fast: torch.Tensor, boxes: torch.Tensor, box_clip: torch.Tensor,
+                image_hw: torch.Tensor) -> torch.Tensor:
+        """slow (B,3,T_s,H,W), fast (B,3,T_f,H,W), boxes (N,4) normalised, box_clip (N,), image_hw (B,2) the
+        clips' frame size -> (N, K) logits."""
         s, f, _ = pool_maps(*self.backbone([slow, fast]))
-        return self.head(actor_features(s, f, rois, aligned=self.backbone.cfg.aligned))
+        actor = actor_features(s, f, boxes, box_clip, image_hw, self.backbone.cfg.aligned)  # (N, C, R, R)
+        return self.head(HeadInputs(actor=actor, box_clip=box_clip))
 
 
-def _boxes_of(batch: dict, lookup: dict[str, int], proposals: Proposals) -> tuple[list[np.ndarray], np.ndarray]:
+def _boxes_of(batch: dict, lookup: dict[str, int], proposals: KeyframeBoxes) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-clip normalised boxes [(N_b, 4)] and their labels (N, K) for a batch of clips."""
     boxes, labels = [], []
     for vid, sec in zip(batch["video_id"], batch["sec"]):
@@ -117,12 +122,6 @@ def _flip(batch: dict, boxes: list[np.ndarray], flips: torch.Tensor) -> list[np.
     return [b[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0] if f else b for b, f in zip(boxes, flips.tolist())]
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
 def _set_bn_eval(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -132,7 +131,7 @@ def _set_bn_eval(model: nn.Module) -> None:
 def finetune_backbone(
     backbone_cfg: BackboneConfig,
     clips: KeyframeClips,
-    proposals: Proposals,
+    proposals: KeyframeBoxes,
     out_path: str | Path,
     cfg: FinetuneConfig = FinetuneConfig(),
     init: str | Path | None = None,
@@ -144,13 +143,20 @@ def finetune_backbone(
     ``proposals`` holds each training keyframe's boxes (normalised x1 y1 x2 y2) and 80-way multi-hot labels;
     clips whose keyframe has no proposal are skipped. ``init``: a checkpoint (AVA detection, Kinetics or ours)
     for the backbone, and for the head where it carries a (K, C) projection; without it the weights are random
-    (seeded). Returns dict(train_loss per epoch, step_loss, steps, clips, boxes, seconds, clips_per_s,
-    checkpoint, sha256).
+    (seeded by ``cfg.seed``, as are dropout and the flips; torch's random state is the caller's again on return).
+    Returns dict(train_loss per epoch, step_loss, steps, clips, boxes, seconds, clips_per_s, checkpoint, sha256).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.seed)
+    with torch_settings(seed=cfg.seed, device=device):
+        return _finetune(backbone_cfg, clips, proposals, out_path, cfg, init, device, log)
+
+
+def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: KeyframeBoxes, out_path: str | Path,
+              cfg: FinetuneConfig, init: str | Path | None, device: torch.device, log: Callable[[str], None] | None,
+              ) -> dict:
+    """The loop of ``finetune_backbone``, run inside its seeded ``torch_settings``."""
     backbone = build_backbone(backbone_cfg)
-    head = ActorClassifier(backbone_cfg.actor_channels, NUM_CLASSES, cfg.dropout)
+    head = baseline_head(backbone_cfg, cfg.dropout)
     init_info = None
     if init is not None:
         init_info = load_checkpoint(backbone, init)
@@ -166,15 +172,13 @@ def finetune_backbone(
     train_clips = clips.subset(keep)
     loader = clip_loader(train_clips, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr)
     total = cfg.epochs * len(loader.batch_sampler)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, cfg.warmup_steps))
+    sched = warmup_cosine_schedule(opt, total, cfg.warmup_steps)
     flip_rng = torch.Generator().manual_seed(cfg.seed)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -189,11 +193,12 @@ def finetune_backbone(
             boxes, labels = _boxes_of(batch, lookup, proposals)
             if cfg.flip:
                 boxes = _flip(batch, boxes, torch.rand(len(boxes), generator=flip_rng) < 0.5)
-            rois = boxes_to_rois([torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)) for b in boxes],
-                                 batch["height"], batch["width"])
+            flat = torch.from_numpy(np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]))  # (N, 4)
+            box_clip = box_clip_index([len(b) for b in boxes])  # (N,)
+            image_hw = torch.tensor([(batch["height"], batch["width"])] * len(boxes))  # (B, 2)
             slow, fast = (batch[k].to(device, non_blocking=True) for k in ("slow", "fast"))
             with torch.autocast(**amp):
-                logits = model(slow, fast, rois.to(device))
+                logits = model(slow, fast, flat, box_clip, image_hw)
             loss = F.binary_cross_entropy_with_logits(logits.float(), torch.from_numpy(labels).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,7 +249,7 @@ def finetune_on_ava(
     detector boxes >= ``threshold``), excluded keyframes left out, frames located through the frame list."""
     paths = AvaPaths(ava_root)
     proposals = training_proposals(
-        read_groundtruth(paths.groundtruth(split)), read_detections(paths.detections(split)), threshold
+        read_groundtruth(paths.groundtruth(split)).frame(), read_detections(paths.detections(split)).frame(), threshold
     )
     excluded = read_exclusions(paths.exclusions(split)) if paths.exclusions(split).exists() else set()
     proposals = proposals.select(np.array([i for i, k in enumerate(proposals.keys) if k not in excluded], dtype=np.int64))

@@ -10,7 +10,8 @@ H W map (padded), T_f fast frames, K classes (80). Box convention: see ``cache/s
 - optional box jitter: boxes move by up to ``box_jitter`` of their size, and the actor features are recomputed by
   RoIAlign from the cached maps on the head's device;
 - BCE over the 80 classes; AdamW with linear warm-up and cosine decay to zero; bf16 autocast on CUDA;
-- deterministic on CPU for a seed (seeded init, seeded shuffling, no nondeterministic kernels);
+- deterministic on CPU for a seed (seeded init, seeded shuffling, no nondeterministic kernels), inside
+  ``torch_settings``: the caller's thread count, deterministic flag and random state are back on return;
 - a split that fits in ``memory_budget`` bytes is read once and kept on the device (the mini-AVA, or AVA's actor
   features on a big GPU); otherwise batches stream from the store through the shard-aligned loader.
 
@@ -27,17 +28,20 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cache.reader import CacheDataset, box_pixels, collate_runs, make_loader, recompute_actor_features, to_device
+from cache.reader import CacheDataset, collate_runs, make_loader, to_device
+from cache.roi import actor_features as recompute_actor_features, box_pixels
 from cache.schema import BOX_FIELDS, SCHEMA_VERSION, SPATIAL_SCALE
-from cache.store import FeatureStore
+from cache.store import CacheError, FeatureStore
 from heads import HeadConfig, HeadInputs, build_head
+from pipeline.features.runtime import torch_settings
+from pipeline.training.optim import param_groups, warmup_cosine_schedule
 
 CHECKPOINT_FORMAT = "stctx-head"
 CHECKPOINT_VERSION = 1
@@ -56,7 +60,7 @@ class TrainConfig:
     - ``cpu_threads``: torch threads when training on the CPU. A mini head's operations are too small to gain
       from intra-op threads, and on a busy machine extra threads spin (measured: 13x slower for ``st`` at a load
       of 5 with 2 threads than with 1), so one thread per run and several runs in parallel (Luigi workers) is the
-      fast setting. None keeps torch's default.
+      fast setting. None keeps the caller's count.
     """
 
     epochs: int = 15
@@ -193,27 +197,13 @@ def jitter_boxes(boxes: torch.Tensor, amount: float, generator: torch.Generator)
 # ----------------------------------------------------------------------------------------------- training
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "pos" in name or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, total_steps: int,
                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (weight decay on weight matrices only) and its schedule: linear warm-up over ``train.warmup`` of
-    ``total_steps``, then cosine decay to zero; step the scheduler once per optimiser step."""
-    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _schedule(s, total_steps, max(1, int(train.warmup * total_steps))))
-    return optimizer, scheduler
+    ``total_steps``, then cosine decay to zero (``pipeline.training.optim``, shared with the backbone fine-tune);
+    step the scheduler once per optimiser step."""
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr)
+    return optimizer, warmup_cosine_schedule(optimizer, total_steps, max(1, int(train.warmup * total_steps)))
 
 
 def train_step(model: torch.nn.Module, batch: Mapping, needs: frozenset[str], optimizer: torch.optim.Optimizer,
@@ -235,12 +225,33 @@ def train_step(model: torch.nn.Module, batch: Mapping, needs: frozenset[str], op
     return loss.detach()
 
 
-def feature_spec(store: FeatureStore) -> dict:
-    """What a head trained on this store expects of its inputs (goes into the checkpoint)."""
-    video = store.video(store.video_ids()[0])
+def feature_spec(store: FeatureStore, splits: Sequence[str] = ("train", "val")) -> dict:
+    """What a head trained on the committed ``splits`` of this store expects of its inputs (goes into the checkpoint;
+    ``HeadConfig.resolve`` takes a head's sizes from it).
+
+    From the attributes the writer records on the splits' video groups (``channels``, ``map_hw``): the store's
+    name, schema version and RoIAlign alignment, ``C_s``/``C_f`` channels and ``T_f`` fast frames (one value for all
+    videos) and ``map_hw``, the distinct (H, W) of the maps, sorted. Refuses a split without a manifest, and videos
+    that record different channels.
+    """
+    videos: set[str] = set()
+    for split in splits:
+        manifest = store.manifest(split)
+        if manifest is None:
+            raise CacheError(f"{store.url}: split {split!r} has no manifest (not committed)")
+        videos |= set(manifest["videos"])
+    channels, map_hw = {}, set()
+    for vid in sorted(videos):
+        attrs = store.video(vid).attrs.asdict()
+        channels.setdefault(tuple(int(attrs["channels"][k]) for k in ("slow", "fast", "time_fast")), vid)
+        map_hw.add(tuple(int(v) for v in attrs["map_hw"]))
+    if len(channels) != 1:
+        raise CacheError(f"{store.url}: the videos of splits {list(splits)} record channels (slow, fast, time_fast) "
+                         f"{channels or 'none'}; expected one value")
+    (c_s, c_f, t_f), = channels
     return {
         "store": Path(str(store.url)).name, "schema_version": SCHEMA_VERSION, "aligned": store.aligned,
-        "C_s": int(video["slow"].shape[1]), "C_f": int(video["fast"].shape[1]), "T_f": int(video["fast_seq"].shape[2]),
+        "C_s": c_s, "C_f": c_f, "T_f": t_f, "map_hw": [list(hw) for hw in sorted(map_hw)],
     }
 
 
@@ -261,57 +272,54 @@ def train_head(
 ) -> dict:
     """Train ``config`` on the cache ``store`` and evaluate it; writes ``metrics.json`` and ``head.pt`` in ``out_dir``.
 
-    ``groundtruth``/``labelmap``/``exclusions``: the validation annotations (paths or what
-    ``evaluate_frame_map`` takes). Returns the metrics dict (also in ``metrics.json``): variant, seed, mAP
-    (a fraction), per-class AP, category means, train time, train keyframes/s.
+    ``config`` is resolved against the sizes the store's splits record (``HeadConfig.resolve`` of ``feature_spec``);
+    the resolved config is the one trained and recorded. ``groundtruth``/``labelmap``/``exclusions``: the
+    validation annotations (paths or what ``evaluate_frame_map`` takes). Returns the metrics dict (also in
+    ``metrics.json``): variant, seed, mAP (a fraction), per-class AP, category means, train time, train keyframes/s.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    opened = FeatureStore.open(store)
-    spec = feature_spec(opened)
-    if (config.C_s, config.C_f) != (spec["C_s"], spec["C_f"]):
-        raise ValueError(f"head {config.name}: C_s={config.C_s}, C_f={config.C_f}, but the cache {spec['store']} "
-                         f"holds C_s={spec['C_s']}, C_f={spec['C_f']}")
-    torch.manual_seed(seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        if train.cpu_threads is not None:
-            torch.set_num_threads(train.cpu_threads)
-    model = build_head(config).to(device)
-    jitter = train.box_jitter > 0
-    train_data = open_split(store, train_split, config.needs, device, train.memory_budget, jitter=jitter)
-    steps_per_epoch = math.ceil(len(train_data) / train.batch_size)
-    total = steps_per_epoch * train.epochs
-    optimizer, scheduler = make_optimizer(model, train, total)
-    shuffle = torch.Generator().manual_seed(seed)
-    jitter_rng = torch.Generator().manual_seed(seed + 1)
+    spec = feature_spec(FeatureStore.open(store), (train_split, val_split))
+    config = config.resolve(spec)
+    cpu = device.type == "cpu"
+    with torch_settings(seed=seed, device=device, deterministic=True if cpu else None,
+                        threads=train.cpu_threads if cpu else None):
+        model = build_head(config).to(device)
+        jitter = train.box_jitter > 0
+        train_data = open_split(store, train_split, config.needs, device, train.memory_budget, jitter=jitter)
+        steps_per_epoch = math.ceil(len(train_data) / train.batch_size)
+        total = steps_per_epoch * train.epochs
+        optimizer, scheduler = make_optimizer(model, train, total)
+        shuffle = torch.Generator().manual_seed(seed)
+        jitter_rng = torch.Generator().manual_seed(seed + 1)
 
-    losses: list[float] = []
-    seen = 0
-    start = time.perf_counter()
-    # a bar on a terminal only (disable=None): in a log file every refresh would be another line
-    bar = tqdm(total=total, desc=f"train {config.name} seed {seed}", unit="step", leave=False, mininterval=0.5,
-               disable=None if progress else True)
-    model.train()
-    for epoch in range(train.epochs):
-        for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers):
-            if jitter:
-                boxes = batch["boxes"] = jitter_boxes(batch["boxes"], train.box_jitter, jitter_rng)  # box_map follows
-                batch["actor"] = recompute_actor_features(batch["slow"], batch["fast"], boxes, batch["box_clip"],
-                                                          batch["image_hw"], train_data.aligned, batch["map_hw"])
-            loss = train_step(model, batch, config.needs, optimizer, scheduler, train.grad_clip)
-            losses.append(loss.item())
-            seen += len(batch["sec"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", kf_s=f"{seen / (time.perf_counter() - start):.0f}")
-    bar.close()
-    train_time = time.perf_counter() - start
-    del train_data
+        losses: list[float] = []
+        seen = 0
+        start = time.perf_counter()
+        # a bar on a terminal only (disable=None): in a log file every refresh would be another line
+        bar = tqdm(total=total, desc=f"train {config.name} seed {seed}", unit="step", leave=False, mininterval=0.5,
+                   disable=None if progress else True)
+        model.train()
+        for epoch in range(train.epochs):
+            for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers):
+                if jitter:
+                    # box_map follows the jittered boxes
+                    boxes = batch["boxes"] = jitter_boxes(batch["boxes"], train.box_jitter, jitter_rng)
+                    batch["actor"] = recompute_actor_features(batch["slow"], batch["fast"], boxes, batch["box_clip"],
+                                                              batch["image_hw"], train_data.aligned, batch["map_hw"])
+                loss = train_step(model, batch, config.needs, optimizer, scheduler, train.grad_clip)
+                losses.append(loss.item())
+                seen += len(batch["sec"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", kf_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.close()
+        train_time = time.perf_counter() - start
+        del train_data
 
-    result, eval_time = evaluate_head(model, store, val_split, groundtruth=groundtruth, labelmap=labelmap,
-                                      exclusions=exclusions, device=device, batch_size=train.eval_batch_size,
-                                      budget=train.memory_budget)
+        result, eval_time = evaluate_head(model, store, val_split, groundtruth=groundtruth, labelmap=labelmap,
+                                          exclusions=exclusions, device=device, batch_size=train.eval_batch_size,
+                                          budget=train.memory_budget)
     metrics = {
         "variant": config.name, "seed": seed, "mAP": result.mAP,
         "per_class": {str(k): v for k, v in result.per_class.items()},
@@ -353,13 +361,13 @@ def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torc
 def evaluate_head(model, store, split: str, *, groundtruth, labelmap, exclusions, device, batch_size: int = 64,
                   budget: int = 2 << 30):
     """Frame-mAP@0.5 of the head on a split's stored proposals; returns (FrameMapResult, seconds)."""
-    from pipeline.ava.evaluation import _labelmap, detections_from_scores, evaluate_frame_map
+    from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
 
     start = time.perf_counter()
     config = model.config
     data = open_split(store, split, config.needs, torch.device(device), budget)
     videos, secs, boxes, scores = predict(model, data, config, torch.device(device), batch_size)
-    labels = _labelmap(labelmap)
+    labels = load_labelmap(labelmap)
     class_ids = np.array(sorted(labels), dtype=np.int64)
     detections = detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
     result = evaluate_frame_map(groundtruth, detections, labels, exclusions)

@@ -1,0 +1,55 @@
+"""torch's process-wide settings for one block of work, restored after it (extraction and the training loops).
+
+torch keeps the intra-op thread count, the deterministic-algorithms flag and the default random generators per
+process; a library function that set them would change every later computation of its caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def _cuda_indices(device: str | torch.device | None) -> list[int]:
+    """The CUDA generators a block may draw from: ``device``'s, or without one those already initialised."""
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        return [torch.cuda.current_device() if index is None else index]
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+@contextlib.contextmanager
+def torch_settings(*, threads: int | None = None, deterministic: bool | None = None, seed: int | None = None,
+                   device: str | torch.device | None = None) -> Iterator[None]:
+    """Apply torch's process-wide settings inside the block and restore the caller's on exit, error or not.
+
+    - ``threads``: intra-op threads (``torch.set_num_threads``); None keeps the caller's count.
+    - ``deterministic``: ``torch.use_deterministic_algorithms(deterministic, warn_only=True)``; None keeps the flag.
+    - ``seed``: seed the default generators of the CPU and, on a CUDA ``device``, of that GPU, as
+      ``torch.manual_seed`` does; None leaves them as they are.
+    - The states of those generators (the CPU's, and ``device``'s or every initialised GPU's) are saved and restored
+      (``torch.random.fork_rng``) whether or not ``seed`` is given: random draws inside the block, a model's
+      initialisation say, do not move the caller's random stream.
+
+    Also a decorator: ``@torch_settings()`` restores everything a call changes.
+    """
+    cuda = _cuda_indices(device)
+    saved_threads = torch.get_num_threads()
+    saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                           torch.is_deterministic_algorithms_warn_only_enabled())
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            if seed is not None:
+                torch.random.default_generator.manual_seed(seed)
+                for index in cuda:
+                    torch.cuda.default_generators[index].manual_seed(seed)
+            if deterministic is not None:
+                torch.use_deterministic_algorithms(deterministic, warn_only=True)
+            if threads is not None:
+                torch.set_num_threads(threads)
+            yield
+        finally:
+            torch.set_num_threads(saved_threads)
+            torch.use_deterministic_algorithms(saved_deterministic[0], warn_only=saved_deterministic[1])
