@@ -180,7 +180,7 @@ def test_options(name, overrides):
 
 
 def test_registry():
-    assert set(ABLATION) == set(VARIANTS) == set(PAPER_MAP)
+    assert set(ABLATION) <= set(VARIANTS) and set(PAPER_MAP) <= set(VARIANTS)  # a new variant needs no paper number
     assert len(ABLATION) == len(set(ABLATION))
     for name, cfg in VARIANTS.items():
         assert cfg.slug == name and cfg.name == name

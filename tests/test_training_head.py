@@ -161,3 +161,21 @@ def test_train_step_updates_the_head_on_the_schedule(tiny_cache):
         assert loss.dim() == 0 and not loss.requires_grad and torch.isfinite(loss)
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # linear warm-up over 2 steps, then cosine towards zero
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.dim() == 2)
+
+
+def test_a_variant_added_from_outside_trains_from_a_tiny_cache(tiny_ava, tiny_cache, tmp_path, monkeypatch):
+    """Adding a variant is one registry entry in heads/: no paper number, no edit of pipeline/ or tasks.py."""
+    import dataclasses
+
+    import heads.config
+
+    entry = dataclasses.replace(heads.config.VARIANTS["spatial"], name="throwaway", width=16, n_heads=2)
+    monkeypatch.setitem(heads.config.VARIANTS, "throwaway", entry)
+    val = splits.annotations(tiny_ava, "val")
+    metrics = train_head(heads.config.variant("throwaway"), tiny_cache, tmp_path, groundtruth=val["groundtruth"],
+                         labelmap=val["labelmap"], exclusions=val["exclusions"], train=TrainConfig(epochs=1, batch_size=2),
+                         device="cpu", progress=False)
+    assert metrics["variant"] == "throwaway" and metrics["epochs"] == 1 and 0.0 <= metrics["mAP"] <= 1.0
+    assert metrics["head_config"]["width"] == 16 and metrics["head_config"]["C_s"] == 128  # explicit kept, rest resolved
+    model, info = load_head(tmp_path / "head.pt")
+    assert info["variant"] == "throwaway" and model.config.width == 16
