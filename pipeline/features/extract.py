@@ -92,25 +92,24 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     """
     paths = ava.AvaPaths(data_root)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
-    store = FeatureStore.create(url, spec)
-    if store.is_complete(video_id):
-        return {"video_id": video_id, "skipped": True}
-    if index is None:
-        proposals, keyframes = split_annotations(data_root, split, extraction.threshold)
-        frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
-    else:
-        proposals, keyframes, frame_lists = read_split_index(index)
-    secs = [s for v, s in keyframes if v == video_id]
-    if not secs:
-        raise ValueError(f"{paths.root}: video {video_id!r} has no keyframe in the {split} annotations")
-    model, _ = backbone_from_checkpoint(checkpoint)
-    model = model.to(device).eval()
-    clips = KeyframeClips.from_config(paths.frames, [(video_id, s) for s in secs], model.cfg, frame_lists)
-    loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
-    return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
-                         device=device)
+    threads = cpu_threads if device.type == "cpu" else None
+    with torch_settings(threads=threads):
+        store = FeatureStore.create(url, spec)
+        if index is None:
+            proposals, keyframes = split_annotations(data_root, split, extraction.threshold)
+            frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
+        else:
+            proposals, keyframes, frame_lists = read_split_index(index)
+        secs = [s for v, s in keyframes if v == video_id]
+        if not secs:
+            raise ValueError(f"{paths.root}: video {video_id!r} has no keyframe in the {split} annotations")
+        model, _ = backbone_from_checkpoint(checkpoint)
+        model = model.to(device).eval()
+        clips = KeyframeClips.from_config(paths.frames, [(video_id, s) for s in secs], model.cfg, frame_lists)
+        loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
+        # extract_video is the one place that finds a complete video and skips it
+        return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
+                             device=device)
 
 
 class StageClock:
