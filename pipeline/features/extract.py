@@ -77,7 +77,6 @@ def store_url(root: str | Path, spec: CacheSpec) -> Path:
     return Path(root) / "cache" / f"{spec.name}.zarr"
 
 
-@torch_settings()  # the thread count set below, and the random draws of building the backbone, end with the call
 def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
                         spec: CacheSpec, extraction: ExtractionConfig = ExtractionConfig(),
                         device: str | None = None, num_workers: int = 0, index: str | Path | None = None,
