@@ -20,7 +20,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/luigi --module tasks FullAblation
-	@echo "Result table: $$($(BIN)/python -c 'import tasks; print(tasks.ablation_dir())')/table1.md"
+	@echo "Result table: $$($(BIN)/python -c 'import tasks; print(tasks.FullAblation().latest_dir() / "table1.md")')"
 
 clean-runs:
 	rm -rf runs

@@ -3,19 +3,93 @@
     luigi --module tasks PrepareData          # the mini-AVA (or, with [stctx] dataset = ava, checks the AVA folder)
 
 Every output lives under ``[stctx] root`` of luigi.cfg (default ``runs/``). Paths, devices and worker counts are
-not significant parameters; output names are ``<readable slug>-<short hash>`` of the significant ones.
+not significant parameters; output names are ``<readable slug>-<short hash>`` of the significant ones and of the
+content of the data they depend on (``pipeline.ava.fingerprint``): new annotations, detector boxes or frames under
+the same folder rerun exactly the tasks that read them.
+
+What a run says: each task that ran ends with one line on stderr (what it made and where); Luigi's execution
+summary follows (what ran, what was found done, what failed). Errors in the input (a file, a parameter, a store)
+are one line, not a traceback; a failed or incomplete run exits non-zero (luigi.cfg ``[retcode]``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
+import sys
 from pathlib import Path
 
 import luigi
 
 from cache.schema import COMPRESSORS, STORAGE_DTYPES, StorageConfig
+from cache.store import CacheError
 from heads.config import ABLATION, PAPER_MAP
+from pipeline.ava import fingerprint
+from pipeline.ava.files import AvaPaths
+from pipeline.errors import InputError
+from pipeline.outputs import OutputError, write_json
+
+log = logging.getLogger("stctx")
+
+
+class ParameterError(ValueError):
+    """A task parameter that cannot work (an unknown variant, an override of no field, an unset path)."""
+
+
+# Errors in what the user gave: reported as one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (InputError, OutputError, CacheError, ParameterError)
+
+
+class _LuigiOutput(logging.Filter):
+    """Luigi's own log as stctx users need it (installed on the ``luigi-interface`` logger).
+
+    At ``log_level = INFO`` (luigi.cfg) only the execution summary of Luigi's INFO records passes, not its per-task
+    chatter; ``DEBUG`` shows everything. A task failing with one of ``USER_ERRORS`` is one line, not a traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and logging.getLogger("luigi-interface").getEffectiveLevel() == logging.INFO:
+            return "Luigi Execution Summary" in str(record.msg)
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            task = record.args[-1] if isinstance(record.args, tuple) and record.args else "task"
+            record.msg, record.args = "%s failed: %s", (task, record.exc_info[1])
+            record.exc_info = record.exc_text = None
+        elif record.levelno >= logging.WARNING and "error in complete() method" in str(record.msg):
+            head, _, tb = record.getMessage().partition("\n")
+            last = tb.strip().splitlines()[-1] if tb.strip() else ""
+            if any(last.startswith(f"{e.__module__}.{e.__name__}:") or last.startswith(f"{e.__name__}:")
+                   for e in USER_ERRORS):
+                record.msg, record.args = "%s %s", (head.replace(" due to error in complete() method:", ":"),
+                                                    last.partition(": ")[2])
+        return True
+
+
+def _install_logging() -> None:
+    luigi_log = logging.getLogger("luigi-interface")
+    if not any(isinstance(f, _LuigiOutput) for f in luigi_log.filters):
+        luigi_log.addFilter(_LuigiOutput())
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+_install_logging()
+
+
+@luigi.Task.event_handler(luigi.Event.SUCCESS)
+def _result_line(task: luigi.Task) -> None:
+    """One line per task that ran: what it made and where."""
+    describe = getattr(task, "result_line", None)
+    if describe is not None:
+        try:
+            log.info("%s", describe())
+        except Exception as err:  # a report line must never turn a finished task into a failure
+            log.info("%s done (no summary: %s)", task.task_family, err)
 
 
 class stctx(luigi.Config):  # noqa: N801 - the section name of luigi.cfg
@@ -84,9 +158,26 @@ class PrepareData(luigi.Task):
             return Path(stctx().ava_root)
         return root() / "data" / f"mini-{short_hash(self.generator_identity())}"
 
+    def ready(self) -> bool:
+        """Whether the folder's files can be read: the mini-AVA once generated; an AVA folder always (it is the
+        input; what it lacks, the check reports)."""
+        return self.dataset == "ava" or (self.data_root() / ".complete").exists()
+
+    def fingerprint(self) -> dict | None:
+        """``pipeline.ava.fingerprint.dataset_fingerprint`` of the folder, None while the mini-AVA is not generated."""
+        return fingerprint.dataset_fingerprint(self.data_root()) if self.ready() else None
+
+    def data_id(self) -> str:
+        """A readable name of the data: the mini-AVA's folder name (a hash of its generator), or ``ava-<hash of the
+        folder's content>``; tables and stores of other data never share it."""
+        if self.dataset == "mini":
+            return self.data_root().name
+        return f"ava-{fingerprint.digest(self.fingerprint())[:10]}"
+
     def output(self):
         if self.dataset == "ava":
-            return luigi.LocalTarget(root() / "data" / f"ava-check-{short_hash(str(self.data_root().resolve()))}.json")
+            # the check is remembered per content of the folder, not per path: edits inside it check again
+            return luigi.LocalTarget(root() / "data" / f"{self.data_id()}-check.json")
         return luigi.LocalTarget(self.data_root() / ".complete")
 
     def run(self):
@@ -97,11 +188,18 @@ class PrepareData(luigi.Task):
             return
         from pipeline.ava.check import check_ava
 
-        report = check_ava(self.data_root())
+        folder = self.data_root()
+        if not folder.is_dir():
+            raise InputError(folder, None, "[stctx] ava_root: no such folder (set it in luigi.cfg or --stctx-ava-root)")
+        report = check_ava(folder)
         if not report.ok:
-            raise RuntimeError(f"AVA folder check failed:\n{report.format()}")
-        with self.output().temporary_path() as tmp:
-            Path(tmp).write_text(json.dumps(report.to_dict(), indent=1))
+            first = "; ".join(str(p) for p in report.errors[:3])
+            raise InputError(folder, None, f"AVA folder check failed with {len(report.errors)} error(s) (all of them: "
+                                           f"`stctx ava check {folder}`): {first}")
+        write_json(self.output().path, {"fingerprint": self.fingerprint(), "report": report.to_dict()})
+
+    def result_line(self) -> str:
+        return f"PrepareData {self.dataset}: {self.data_root()} ({self.data_id()})"
 
 
 # ----------------------------------------------------------------------------------------------- backbone
@@ -125,8 +223,10 @@ class Backbone(luigi.Task):
     """The SlowFast checkpoint that extraction uses.
 
     mini: the ``mini`` SlowFast trained end to end with the baseline head on the mini-AVA training split (the
-    minimal step this project runs until the end-to-end fine-tuning task exists). ava: ``[Backbone] checkpoint``,
-    an AVA-fine-tuned SlowFast on disk (pytorchvideo's detection checkpoint or ours); nothing is downloaded.
+    minimal step this project runs until the end-to-end fine-tuning task exists); its checkpoint ``<slug>.pt`` is
+    written first, its training record ``<slug>.json`` (the task's output) last, both atomically. ava:
+    ``[Backbone] checkpoint``, an AVA-fine-tuned SlowFast on disk (pytorchvideo's detection checkpoint or ours);
+    nothing is downloaded.
     """
 
     dataset = DatasetParameter()
@@ -139,24 +239,33 @@ class Backbone(luigi.Task):
     def requires(self):
         return PrepareData(dataset=self.dataset) if self.dataset == "mini" else []
 
-    def output(self):
+    def checkpoint_path(self) -> Path:
         if self.dataset == "ava":
-            if self.checkpoint is None:
-                raise ValueError("dataset = ava needs [Backbone] checkpoint = <SlowFast checkpoint> in luigi.cfg")
-            return luigi.LocalTarget(self.checkpoint)
+            return Path(self.checkpoint) if self.checkpoint is not None else root() / "backbone" / "(checkpoint not set)"
         data = self.requires()
         slug = f"mini-{short_hash({'data': data.data_root().name, 'epochs': self.epochs, 'seed': self.seed})}"
-        return luigi.LocalTarget(root() / "backbone" / f"{slug}.pt")
+        return root() / "backbone" / f"{slug}.pt"
+
+    def output(self):
+        path = self.checkpoint_path()
+        return luigi.LocalTarget(path if self.dataset == "ava" else path.with_suffix(".json"))
 
     def run(self):
         if self.dataset == "ava":
-            raise FileNotFoundError(f"backbone checkpoint {self.checkpoint} not found")
+            if self.checkpoint is None:
+                raise ParameterError("dataset = ava needs [Backbone] checkpoint = <SlowFast checkpoint> in luigi.cfg")
+            raise InputError(self.checkpoint, None, "[Backbone] checkpoint: no such file")
+        if self.epochs < 1:
+            raise ParameterError(f"Backbone --epochs {self.epochs}: expected at least 1")
         from pipeline.training.finetune import train_mini_backbone
 
-        out = Path(self.output().path)
+        out = self.checkpoint_path()
         metrics = train_mini_backbone(self.requires().data_root(), out, epochs=self.epochs, seed=self.seed,
                                       device=self.device)
-        out.with_suffix(".json").write_text(json.dumps(metrics, indent=1, default=str))
+        write_json(self.output().path, metrics, default=str)
+
+    def result_line(self) -> str:
+        return f"Backbone {self.dataset}: {self.epochs} epochs -> {self.checkpoint_path()}"
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -181,21 +290,55 @@ class _CacheTask(luigi.Task):
     def data(self) -> PrepareData:
         return PrepareData(dataset=self.dataset)
 
+    def indexes(self) -> dict[str, SplitIndex]:
+        return {split: self.clone(SplitIndex, split=split) for split in ("train", "val")}
+
     def extraction(self):
         from pipeline.features.extract import ExtractionConfig
 
         return ExtractionConfig(threshold=self.threshold, dtype=self.dtype, compressor=self.compressor)
 
+    def data_identity(self) -> dict | None:
+        """What the store's features depend on in the data, by content: each split's index (proposals with their
+        labels, keyframes, frame counts) and frames (``pipeline.ava.fingerprint.frames_digest``); None until both
+        split indexes exist. Exclusions, the label map and the val labels are not in it: they change evaluation
+        (``TrainHead``), not features."""
+        indexes = self.indexes()
+        if not all(index.complete() for index in indexes.values()):
+            return None
+        data_root = self.data().data_root()
+        return {"dataset": self.dataset,
+                **{split: {"index": cached_index_digest(index.folder()),
+                           "frames": fingerprint.frames_digest(data_root, split)} for split, index in indexes.items()}}
+
     def spec(self):
-        """The store's identity, or None while the backbone checkpoint does not exist yet."""
-        ckpt = Path(self.backbone().output().path)
-        return cached_cache_spec(ckpt, self.extraction()) if ckpt.exists() else None
+        """The store's identity (backbone checkpoint, extraction config, data), or None while the backbone checkpoint
+        or the split indexes do not exist yet."""
+        backbone = self.backbone()
+        data = self.data_identity()
+        if data is None or not backbone.complete():
+            return None
+        spec = cached_cache_spec(backbone.checkpoint_path(), self.extraction())
+        return dataclasses.replace(spec, extraction={"dataset": self.dataset, **spec.extraction, "data": data})
 
     def store_url(self) -> Path | None:
         from pipeline.features.extract import store_url
 
         spec = self.spec()
         return None if spec is None else store_url(root(), spec)
+
+
+_INDEX_DIGESTS: dict[tuple, str] = {}
+
+
+def cached_index_digest(folder: Path) -> str:
+    """``pipeline.ava.splits.index_digest``, remembered per folder and file times (an index is rewritten whole)."""
+    from pipeline.ava.splits import index_digest
+
+    key = (str(folder), *((folder / n).stat().st_mtime_ns for n in ("proposals.npz", "frames.json")))
+    if key not in _INDEX_DIGESTS:
+        _INDEX_DIGESTS[key] = index_digest(folder)
+    return _INDEX_DIGESTS[key]
 
 
 class StoreTarget(luigi.Target):
@@ -205,7 +348,7 @@ class StoreTarget(luigi.Target):
         self.task, self.video, self.split = task, video, split
 
     def exists(self) -> bool:
-        from cache.store import CacheError, FeatureStore
+        from cache.store import FeatureStore
 
         url = self.task.store_url()
         if url is None or not url.exists():
@@ -218,7 +361,9 @@ class StoreTarget(luigi.Target):
 
 
 class SplitIndex(luigi.Task):
-    """A split's proposals, annotated keyframes and frame counts, read once for all its extraction tasks."""
+    """A split's proposals, annotated keyframes and frame counts, read once for all its extraction tasks.
+
+    Named by the content of the files it reads (ground truth, detector boxes, frame list), not by their folder."""
 
     dataset = DatasetParameter()
     split = luigi.ChoiceParameter(choices=["train", "val"])
@@ -227,8 +372,15 @@ class SplitIndex(luigi.Task):
     def requires(self):
         return PrepareData(dataset=self.dataset)
 
+    def inputs(self) -> dict | str:
+        data = self.requires()
+        if not data.ready():
+            return ["pending", data.task_id]
+        digests = fingerprint.split_fingerprint(data.data_root(), self.split, frames=False)
+        return {k: digests[k] for k in ("groundtruth", "detections", "frame_list")}
+
     def folder(self) -> Path:
-        ident = {"data": self.requires().task_id, "data_root": str(self.requires().data_root().resolve())}
+        ident = {"data": self.requires().task_id, "inputs": self.inputs()}
         return root() / "index" / f"{self.dataset}-{self.split}-t{self.threshold:g}-{short_hash(ident)}"
 
     def output(self):
@@ -239,6 +391,13 @@ class SplitIndex(luigi.Task):
 
         write_split_index(self.requires().data_root(), self.split, self.threshold, self.folder())
 
+    def result_line(self) -> str:
+        from pipeline.ava.splits import read_split_index
+
+        proposals, keyframes, _ = read_split_index(self.folder())
+        return (f"SplitIndex {self.dataset} {self.split}: {len(keyframes)} keyframes, {proposals.num_boxes} proposals "
+                f"-> {self.folder()}")
+
 
 class ExtractVideo(_CacheTask):
     """One video's features in the split's cache store (one Zarr group, its completion marker written last)."""
@@ -247,8 +406,7 @@ class ExtractVideo(_CacheTask):
     video = luigi.Parameter()
 
     def requires(self):
-        index = self.clone(SplitIndex)
-        return [self.data(), self.backbone(), index]
+        return [self.data(), self.backbone(), *self.indexes().values()]
 
     def output(self):
         return StoreTarget(self, video=self.video)
@@ -256,9 +414,12 @@ class ExtractVideo(_CacheTask):
     def run(self):
         from pipeline.features.extract import extract_split_video
 
-        extract_split_video(self.data().data_root(), self.split, self.video, self.backbone().output().path,
+        extract_split_video(self.data().data_root(), self.split, self.video, self.backbone().checkpoint_path(),
                             self.store_url(), self.spec(), self.extraction(), device=self.device,
-                            num_workers=self.decode_workers, index=self.requires()[2].folder())
+                            num_workers=self.decode_workers, index=self.indexes()[self.split].folder())
+
+    def result_line(self) -> str:
+        return f"ExtractVideo {self.split} {self.video} -> {self.store_url()}"
 
 
 class FeatureCache(_CacheTask):
@@ -267,7 +428,7 @@ class FeatureCache(_CacheTask):
     split = luigi.ChoiceParameter(choices=["train", "val"], default="val")
 
     def requires(self):
-        return [self.data(), self.backbone(), self.clone(SplitIndex)]
+        return [self.data(), self.backbone(), *self.indexes().values()]
 
     def output(self):
         return StoreTarget(self, split=self.split)
@@ -276,10 +437,13 @@ class FeatureCache(_CacheTask):
         from pipeline.ava.splits import read_split_index
         from pipeline.features.extract import commit_split
 
-        _, keyframes, _ = read_split_index(self.requires()[2].folder())
+        _, keyframes, _ = read_split_index(self.indexes()[self.split].folder())
         videos = sorted({v for v, _ in keyframes})
         yield [self.clone(ExtractVideo, video=v) for v in videos]
         commit_split(self.store_url(), self.spec(), self.split, videos)
+
+    def result_line(self) -> str:
+        return f"FeatureCache {self.dataset} {self.split}: committed in {self.store_url()}"
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -288,10 +452,11 @@ class FeatureCache(_CacheTask):
 class TrainHead(_CacheTask):
     """One Table 1 variant trained from the cache with one seed, evaluated on the validation split.
 
-    Output: ``<root>/heads/<variant>-<hash>/seed-<k>/metrics.json`` and ``head.pt``; the hash covers the head
-    config (the registry entry plus overrides, at the sizes the store records), the training config and the
-    upstream data, backbone and cache parameters, and the feature store's name (so a new backbone checkpoint
-    retrains every head); editing one variant's config reruns that variant only.
+    Output: ``<root>/heads/<variant>-<hash>/seed-<k>/metrics.json`` and ``head.pt`` (the folder appears whole, when
+    the run has finished). The hash covers the head config (the registry entry plus overrides, at the sizes the store
+    records), the training config, the feature store's name (backbone checkpoint, extraction config and the data the
+    features come from) and the content of the evaluation files (val ground truth, exclusions, label map): a new
+    backbone or new data retrains every head, an edit of one variant's config reruns that variant only.
     """
 
     variant = luigi.Parameter(default="st-sa")
@@ -307,7 +472,7 @@ class TrainHead(_CacheTask):
     def store_features(self) -> dict | None:
         """What the store records of its features (``pipeline.training.head.feature_spec``), None until both splits
         are committed; read once per store."""
-        from cache.store import CacheError, FeatureStore
+        from cache.store import FeatureStore
         from pipeline.training.head import feature_spec
 
         url = self.store_url()
@@ -327,7 +492,13 @@ class TrainHead(_CacheTask):
         records (``HeadConfig.resolve``); still unresolved while the store is not committed."""
         from heads import variant
 
-        cfg = variant(self.variant, **dict(self.overrides))
+        try:
+            cfg = variant(self.variant, **dict(self.overrides))
+        except KeyError as err:
+            raise ParameterError(f"TrainHead --variant {self.variant}: {err.args[0]}") from None
+        except (TypeError, ValueError) as err:
+            raise ParameterError(f"TrainHead --variant {self.variant} --overrides "
+                                 f"{json.dumps(dict(self.overrides))}: {err}") from None
         features = self.store_features()
         return cfg if features is None else cfg.resolve(features)
 
@@ -335,17 +506,30 @@ class TrainHead(_CacheTask):
         from pipeline.training.head import TrainConfig
 
         given = {"epochs": self.epochs, "lr": self.lr, "box_jitter": self.box_jitter}
-        return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        try:
+            return TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        except (TypeError, ValueError) as err:
+            raise ParameterError(f"TrainHead: {err}") from None
+
+    def eval_inputs(self) -> dict | list:
+        """Digests of the val split's evaluation files (ground truth, exclusions, label map)."""
+        data = self.data()
+        if not data.ready():
+            return ["pending", data.task_id]
+        digests = fingerprint.split_fingerprint(data.data_root(), "val", frames=False)
+        return {"groundtruth": digests["groundtruth"], "exclusions": digests["exclusions"],
+                "labelmap": fingerprint.file_digest(AvaPaths(data.data_root()).labelmap)}
 
     def run_dir(self) -> Path:
         cfg = self.head_config()
-        # the store's name carries the backbone checkpoint's sha256 and the store's features the head's sizes; until
-        # the backbone exists and the store is committed the run is pending (and cannot be complete), so the path then
-        # names the upstream tasks instead
+        # the store's name carries the backbone checkpoint's sha256 and the data, and the store's features the head's
+        # sizes; until the backbone exists and the store is committed the run is pending (and cannot be complete), so
+        # the path then names the upstream tasks instead
         store = self.store_url()
         pending = store is None or bool(cfg.unresolved)
         ident = {"head": cfg.to_dict(), "train": self.train_config().identity(),
-                 "cache": ["pending", self.requires()["train"].task_id] if pending else store.name}
+                 "cache": ["pending", self.requires()["train"].task_id] if pending else store.name,
+                 "eval": self.eval_inputs()}
         return root() / "heads" / f"{cfg.slug}-{short_hash(ident)}" / f"seed-{self.seed}"
 
     def output(self):
@@ -360,26 +544,56 @@ class TrainHead(_CacheTask):
                    labelmap=val["labelmap"], exclusions=val["exclusions"], train=self.train_config(),
                    seed=self.seed, device=self.device)
 
+    def label(self) -> str:
+        """The run's name in tables: the variant, with its overrides when there are any."""
+        extra = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(dict(self.overrides).items()))
+        return f"{self.variant} ({extra})" if extra else self.variant
+
+    def result_line(self) -> str:
+        metrics = json.loads(Path(self.output().path).read_text())
+        return (f"TrainHead {self.label()} seed {self.seed}: frame-mAP {100 * metrics['mAP']:.2f} "
+                f"-> {self.run_dir()}")
+
 
 class FullAblation(_CacheTask):
-    """Table 1: every variant over several seeds -> ``<root>/ablation/table1.{md,csv,png}``.
+    """Table 1: every variant over several seeds -> ``<root>/ablation/<dataset>/table1.{md,csv,png}``.
 
-    The table of a given set of runs is written to ``<root>/ablation/<hash>/`` (the task's output) and copied to
-    ``<root>/ablation/`` as the latest.
+    The table of a given set of runs is written to ``<root>/ablation/<dataset>/<data id>/<hash>/`` (the task's
+    output) and copied to ``<root>/ablation/<dataset>/<data id>/`` (the latest of that data) and
+    ``<root>/ablation/<dataset>/`` (the latest of that dataset). ``overrides``: HeadConfig fields for every variant
+    (``{"width": 64}``) or per variant (``{"st-sa": {"width": 64}}``); overridden rows are named so in the table.
     """
 
     seeds = luigi.ListParameter(default=[0, 1, 2])
     variants = luigi.ListParameter(default=list(ABLATION), description="head variants (default: heads.ABLATION)")
     epochs = luigi.OptionalIntParameter(default=None,
                                         description="head epochs of every run (default: [TrainHead] epochs, else TrainConfig's)")
+    overrides = luigi.DictParameter(default={}, description='HeadConfig overrides: {"width": 64} or {"st-sa": {...}}')
+
+    def overrides_of(self, name: str) -> dict:
+        given = dict(self.overrides)
+        per_variant = {k for k in given if k in self.variants}
+        if per_variant and len(per_variant) != len(given):
+            raise ParameterError(f"FullAblation --overrides {json.dumps(given)}: give fields for every variant or a "
+                                 f"mapping from variant names ({', '.join(self.variants)}), not both")
+        if per_variant:
+            for k in per_variant:
+                if not isinstance(given[k], dict):
+                    raise ParameterError(f"FullAblation --overrides: {k!r} must map to a dict of HeadConfig fields")
+            return dict(given.get(name, {}))
+        return given
 
     def requires(self):
         # clone() copies epochs=None over a [TrainHead] epochs of luigi.cfg; pass that setting on instead
         epochs = self.epochs if self.epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
-        return [self.clone(TrainHead, variant=v, seed=s, epochs=epochs) for v in self.variants for s in self.seeds]
+        return [self.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides=self.overrides_of(v))
+                for v in self.variants for s in self.seeds]
+
+    def latest_dir(self) -> Path:
+        return ablation_dir() / self.dataset
 
     def table_dir(self) -> Path:
-        return ablation_dir() / short_hash([t.output().path for t in self.requires()])
+        return self.latest_dir() / self.data().data_id() / short_hash([t.output().path for t in self.requires()])
 
     def output(self):
         return luigi.LocalTarget(self.table_dir() / "table1.md")
@@ -387,9 +601,16 @@ class FullAblation(_CacheTask):
     def run(self):
         from pipeline.report import publish_ablation
 
-        runs = [Path(t.output().path) for t in self.requires()]
+        runs = self.requires()
+        labels = {Path(t.output().path): t.label() for t in runs}
+        order = list(dict.fromkeys(t.label() for t in runs))
         title = f"Table 1 on {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} ({len(self.seeds)} seeds)"
-        publish_ablation(runs, self.table_dir(), ablation_dir(), PAPER_MAP, list(self.variants), title)
+        out = self.table_dir()
+        publish_ablation(list(labels), out, [out.parent, self.latest_dir()], PAPER_MAP, order, title, labels=labels)
+
+    def result_line(self) -> str:
+        return (f"FullAblation {self.dataset}: Table 1 of {len(self.requires())} runs -> "
+                f"{self.latest_dir() / 'table1.md'} (this data: {self.table_dir().parent / 'table1.md'})")
 
 
 def ablation_dir() -> Path:

@@ -126,11 +126,20 @@ def write_ablation(results: Sequence[Mapping], out_dir: str | Path, paper: Mappi
     return paths
 
 
-def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dir: Path, paper: Mapping[str, float],
-                     order: Sequence[str], title: str) -> dict[str, Path]:
+def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dirs: Path | Sequence[Path],
+                     paper: Mapping[str, float], order: Sequence[str], title: str,
+                     labels: Mapping[Path, str] | None = None) -> dict[str, Path]:
     """Table 1 of the runs whose ``metrics.json`` are given: written whole into ``out_dir`` (a temporary folder
-    renamed into place), then copied over ``latest_dir/table1.*`` one atomic rename at a time."""
-    results = [json.loads(Path(p).read_text()) for p in metrics_files]
+    renamed into place), then copied over ``table1.*`` of each of ``latest_dirs`` one atomic rename at a time.
+
+    ``labels``: a row name per metrics file (default: the run's variant), e.g. to tell an overridden run from the
+    registry's; ``order`` lists row names."""
+    results = []
+    for p in metrics_files:
+        result = json.loads(Path(p).read_text())
+        if labels is not None:
+            result["variant"] = labels[p]
+        results.append(result)
     notes = [f"Runs: {', '.join(sorted({Path(p).parent.parent.name for p in metrics_files}))}"]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -138,9 +147,10 @@ def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dir: P
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     latest = {}
-    for kind, name in (("md", "table1.md"), ("csv", "table1.csv"), ("png", "table1.png")):
-        staged = latest_dir / f".{name}.tmp"
-        shutil.copyfile(out_dir / name, staged)
-        staged.replace(latest_dir / name)
-        latest[kind] = latest_dir / name
+    for latest_dir in [latest_dirs] if isinstance(latest_dirs, Path) else latest_dirs:
+        for kind, name in (("md", "table1.md"), ("csv", "table1.csv"), ("png", "table1.png")):
+            staged = latest_dir / f".{name}.tmp"
+            shutil.copyfile(out_dir / name, staged)
+            staged.replace(latest_dir / name)
+            latest.setdefault(kind, latest_dir / name)
     return latest

@@ -47,10 +47,10 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, monkeypatch):
     assert sorted(set(ran)) == ["Backbone", "ExtractVideo", "FeatureCache", "FullAblation", "PrepareData", "SplitIndex",
                                 "TrainHead"]
     assert ran.count("TrainHead") == 4 and ran.count("ExtractVideo") == 3
-    table = pd.read_csv(luigi_config / "ablation" / "table1.csv")
+    table = pd.read_csv(luigi_config / "ablation" / "mini" / "table1.csv")
     assert list(table["variant"]) == ["baseline", "st"] and (table["n_seeds"] == 2).all()
     assert {"map_mean", "map_std", "paper_map"} <= set(table.columns)
-    assert (luigi_config / "ablation" / "table1.png").exists() and (luigi_config / "ablation" / "table1.md").exists()
+    assert (luigi_config / "ablation" / "mini" / "table1.png").exists() and (luigi_config / "ablation" / "mini" / "table1.md").exists()
 
     assert run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)) == []
 
@@ -77,9 +77,9 @@ def test_ava_mode_runs_on_an_ava_folder_with_a_given_checkpoint(luigi_config, ti
         config.remove_option("stctx", "ava_root")
         config.remove_option("Backbone", "checkpoint")
     assert "Backbone" not in ran and ran.count("PrepareData") == 1 and ran.count("TrainHead") == 1
-    assert any((luigi_config / "data").glob("ava-check-*.json"))
-    table = pd.read_csv(luigi_config / "ablation" / "table1.csv")
-    assert list(table["variant"]) == ["st"] and "AVA v2.2" in (luigi_config / "ablation" / "table1.md").read_text()
+    assert any((luigi_config / "data").glob("ava-*-check.json"))
+    table = pd.read_csv(luigi_config / "ablation" / "ava" / "table1.csv")
+    assert list(table["variant"]) == ["st"] and "AVA v2.2" in (luigi_config / "ablation" / "ava" / "table1.md").read_text()
 
 
 def test_full_ablation_passes_on_a_trainhead_setting(luigi_config):

@@ -6,6 +6,7 @@ the frame list alone is about 8M lines); ``read_split_index`` gives back what ea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -113,3 +114,18 @@ def read_split_index(index: str | Path) -> tuple[KeyframeBoxes, list[tuple[str, 
         keyframes = list(zip(z["kf_video"].tolist(), z["kf_sec"].tolist()))
     frames = json.loads((index / "frames.json").read_text())
     return proposals, keyframes, CanonicalFrames(frames["counts"], frames["irregular"])
+
+
+def index_digest(index: str | Path) -> str:
+    """sha256 of what a ``write_split_index`` folder holds (proposals with their labels, annotated keyframes, frame
+    counts), not of its file bytes: the extraction inputs of a split, so a new ground-truth file that leaves them as
+    they are (the val split's labels) keeps the features."""
+    index = Path(index)
+    h = hashlib.sha256()
+    with np.load(index / "proposals.npz") as z:
+        for name in sorted(z.files):
+            array = z[name]
+            h.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+    h.update((index / "frames.json").read_bytes())
+    return h.hexdigest()
