@@ -15,6 +15,7 @@ are one line, not a traceback; a failed or incomplete run exits non-zero (luigi.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -490,8 +491,13 @@ class TrainHead(_CacheTask):
     def head_config(self):
         """The variant with its overrides, the sizes it leaves to the features resolved against what the store
         records (``HeadConfig.resolve``); still unresolved while the store is not committed."""
-        from heads import variant
+        from heads import HeadConfig, variant
 
+        fields = [f.name for f in dataclasses.fields(HeadConfig)]
+        for name in sorted(set(self.overrides) - set(fields)):
+            near = difflib.get_close_matches(name, fields, n=1)
+            raise ParameterError(f"TrainHead --overrides {json.dumps(dict(self.overrides))}: no HeadConfig field "
+                                 f"{name}" + (f" (did you mean {near[0]}?)" if near else " (see heads/config.py)"))
         try:
             cfg = variant(self.variant, **dict(self.overrides))
         except KeyError as err:

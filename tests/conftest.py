@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny mini-AVA and, on top of it, a random-weight mini backbone and its feature cache."""
+"""Shared fixtures: a tiny mini-AVA and, on top of it, a random-weight mini backbone and its feature cache; a Luigi
+configuration whose root is the test's own folder, and a build that says which tasks ran."""
 
 from pathlib import Path
 
+import luigi
 import pytest
 import torch
 
@@ -40,3 +42,57 @@ def tiny_cache(tiny_ava, tiny_backbone, tmp_path_factory):
             extract.extract_split_video(tiny_ava, split, video, tiny_backbone, url, spec, extraction, device="cpu")
         extract.commit_split(url, spec, split, videos)
     return url
+
+
+@pytest.fixture
+def luigi_config(tmp_path):
+    """luigi.cfg settings for a test: its own root, the tiny mini-AVA, a 1-epoch backbone; restored afterwards."""
+    config = luigi.configuration.get_config()
+    settings = {("stctx", "root"): str(tmp_path / "runs"), ("PrepareData", "tiny"): "true",
+                ("Backbone", "epochs"): "1"}
+    saved = {k: config.get(*k, None) for k in settings}
+    for (section, option), value in settings.items():
+        config.set(section, option, value)
+    yield tmp_path / "runs"
+    for (section, option), value in saved.items():
+        if value is None:
+            config.remove_option(section, option)
+        else:
+            config.set(section, option, value)
+
+
+@pytest.fixture
+def luigi_run():
+    return build
+
+
+@pytest.fixture
+def luigi_set():
+    """``luigi_set(section, option, value)``: a luigi.cfg setting for this test only."""
+    config = luigi.configuration.get_config()
+    saved = {}
+
+    def set_option(section: str, option: str, value: str) -> None:
+        saved.setdefault((section, option), config.get(section, option, None))
+        config.set(section, option, value)
+
+    yield set_option
+    for (section, option), value in saved.items():
+        if value is None:
+            config.remove_option(section, option)
+        else:
+            config.set(section, option, value)
+
+
+def build(task) -> list[str]:
+    """Build ``task`` with the local scheduler; returns the families of the tasks that ran."""
+    ran = []
+    handler = lambda t: ran.append(t.task_family)  # noqa: E731
+    luigi.Task.event_handler(luigi.Event.SUCCESS)(handler)
+    try:
+        # one worker: success events of tasks run in worker processes would not reach this process
+        result = luigi.build([task], local_scheduler=True, workers=1, detailed_summary=True, log_level="WARNING")
+    finally:
+        luigi.Task._event_callbacks[luigi.Task][luigi.Event.SUCCESS].discard(handler)
+    assert result.scheduling_succeeded, result.summary_text
+    return ran

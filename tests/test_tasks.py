@@ -5,45 +5,14 @@ import dataclasses
 
 import luigi
 import pandas as pd
-import pytest
 
 import heads.config
 import tasks
 
 
-@pytest.fixture
-def luigi_config(tmp_path):
-    config = luigi.configuration.get_config()
-    settings = {("stctx", "root"): str(tmp_path / "runs"), ("PrepareData", "tiny"): "true",
-                ("Backbone", "epochs"): "1"}
-    saved = {k: config.get(*k, None) for k in settings}
-    for (section, option), value in settings.items():
-        config.set(section, option, value)
-    yield tmp_path / "runs"
-    for (section, option), value in saved.items():
-        if value is None:
-            config.remove_option(section, option)
-        else:
-            config.set(section, option, value)
-
-
-def run(task) -> list[str]:
-    """Build ``task`` with the local scheduler; returns the families of the tasks that ran."""
-    ran = []
-    handler = lambda t: ran.append(t.task_family)  # noqa: E731
-    luigi.Task.event_handler(luigi.Event.SUCCESS)(handler)
-    try:
-        # one worker: success events of tasks run in worker processes would not reach this process
-        result = luigi.build([task], local_scheduler=True, workers=1, detailed_summary=True, log_level="WARNING")
-    finally:
-        luigi.Task._event_callbacks[luigi.Task][luigi.Event.SUCCESS].discard(handler)
-    assert result.scheduling_succeeded, result.summary_text
-    return ran
-
-
-def test_full_ablation_then_rerun_does_nothing(luigi_config, monkeypatch):
+def test_full_ablation_then_rerun_does_nothing(luigi_config, luigi_run, monkeypatch):
     ablation = tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)
-    ran = run(ablation)
+    ran = luigi_run(ablation)
     assert sorted(set(ran)) == ["Backbone", "ExtractVideo", "FeatureCache", "FullAblation", "PrepareData", "SplitIndex",
                                 "TrainHead"]
     assert ran.count("TrainHead") == 4 and ran.count("ExtractVideo") == 3
@@ -52,27 +21,27 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, monkeypatch):
     assert {"map_mean", "map_std", "paper_map"} <= set(table.columns)
     assert (luigi_config / "ablation" / "mini" / "table1.png").exists() and (luigi_config / "ablation" / "mini" / "table1.md").exists()
 
-    assert run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)) == []
+    assert luigi_run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)) == []
 
     edited = dict(heads.config.VARIANTS, st=dataclasses.replace(heads.config.VARIANTS["st"], dropout=0.2))
     monkeypatch.setattr(heads.config, "VARIANTS", edited)
-    ran = run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
+    ran = luigi_run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
     assert sorted(ran) == ["FullAblation", "TrainHead", "TrainHead"]
 
     # another backbone checkpoint: new store, every head retrained, the data kept
     luigi.configuration.get_config().set("Backbone", "epochs", "2")
-    ran = run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
+    ran = luigi_run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
     assert "PrepareData" not in ran and ran.count("Backbone") == 1 and ran.count("TrainHead") == 4
 
 
-def test_ava_mode_runs_on_an_ava_folder_with_a_given_checkpoint(luigi_config, tiny_ava, tiny_backbone):
+def test_ava_mode_runs_on_an_ava_folder_with_a_given_checkpoint(luigi_config, luigi_run, tiny_ava, tiny_backbone):
     """dataset = ava: the folder is checked, the given checkpoint is used as is (no backbone training), the heads
     take their sizes from it; the tiny mini-AVA stands in for an AVA folder."""
     config = luigi.configuration.get_config()
     config.set("stctx", "ava_root", str(tiny_ava))
     config.set("Backbone", "checkpoint", str(tiny_backbone))
     try:
-        ran = run(tasks.FullAblation(dataset="ava", seeds=[0], variants=["st"], epochs=1))
+        ran = luigi_run(tasks.FullAblation(dataset="ava", seeds=[0], variants=["st"], epochs=1))
     finally:
         config.remove_option("stctx", "ava_root")
         config.remove_option("Backbone", "checkpoint")
