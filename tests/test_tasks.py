@@ -2,9 +2,11 @@
 variant that reruns alone."""
 
 import dataclasses
+import math
 
 import luigi
 import pandas as pd
+import pytest
 
 import heads.config
 import tasks
@@ -76,3 +78,16 @@ def test_mini_data_folder_follows_the_generator(luigi_config, monkeypatch):
         lambda cls, videos=None, seconds=None, seed=0, tiny=False: cls(videos=videos or 20, seconds=seconds or 75,
                                                                        seed=seed, tiny=tiny)))
     assert tasks.PrepareData().data_root() != before
+
+
+def test_full_ablation_overrides_reach_the_runs_and_name_their_rows(luigi_config, luigi_run):
+    flat = tasks.FullAblation(seeds=[0], variants=["baseline", "st"], overrides={"dropout": 0.2})
+    assert [dict(t.overrides) for t in flat.requires()] == [{"dropout": 0.2}] * 2
+    with pytest.raises(tasks.ParameterError, match="not both"):
+        tasks.FullAblation(variants=["st"], overrides={"st": {"dropout": 0.2}, "width": 8}).requires()
+
+    luigi_run(tasks.FullAblation(seeds=[0], variants=["baseline", "st"], epochs=1, overrides={"st": {"dropout": 0.2}}))
+    table = pd.read_csv(luigi_config / "ablation" / "mini" / "table1.csv")
+    assert list(table["variant"]) == ["baseline", "st (dropout=0.2)"]
+    # the paper has no number for an overridden run
+    assert table["paper_map"][0] == 24.80 and math.isnan(table["paper_map"][1])

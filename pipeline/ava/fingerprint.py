@@ -16,7 +16,8 @@ under two folder names) has the same fingerprint and a team's content-addressed 
 Cost: reading the annotation files (a few hundred MB on real AVA, ~1 s per 500 MB) and one ``stat`` per frame file
 (8 M on AVA: tens of seconds on a local disk). Results are remembered per process, keyed by each file's size,
 mtime and inode and each frame folder's mtime and inode, so Luigi asking for the same output many times costs one
-pass.
+pass (``forget()`` starts over, for a process that outlives a change of the data; each ``luigi`` run starts empty).
+Measured: ``benchmarks/bench_fingerprint.py``, docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ from pipeline.ava import files as ava
 
 _MEMO: dict[tuple, str | None] = {}
 _CHUNK = 1 << 20
+
+
+def forget() -> None:
+    """Drop what this process remembered: for a long-lived process that expects files to change in place (a frame
+    rewritten inside its folder leaves the folder's mtime, the memo's key, as it was)."""
+    _MEMO.clear()
 
 
 def digest(obj) -> str:
