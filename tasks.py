@@ -115,6 +115,11 @@ class DatasetParameter(luigi.ChoiceParameter):
         return super().normalize(stctx().dataset if x is None else x)
 
 
+def plain(value: object) -> dict:
+    """A DictParameter's value as plain JSON data (Luigi freezes nested dicts and lists)."""
+    return json.loads(luigi.DictParameter().serialize(value))
+
+
 def root() -> Path:
     return Path(stctx().root)
 
@@ -496,7 +501,7 @@ class TrainHead(_CacheTask):
         fields = [f.name for f in dataclasses.fields(HeadConfig)]
         for name in sorted(set(self.overrides) - set(fields)):
             near = difflib.get_close_matches(name, fields, n=1)
-            raise ParameterError(f"TrainHead --overrides {json.dumps(dict(self.overrides))}: no HeadConfig field "
+            raise ParameterError(f"TrainHead --overrides {json.dumps(plain(self.overrides))}: no HeadConfig field "
                                  f"{name}" + (f" (did you mean {near[0]}?)" if near else " (see heads/config.py)"))
         try:
             cfg = variant(self.variant, **dict(self.overrides))
@@ -504,7 +509,7 @@ class TrainHead(_CacheTask):
             raise ParameterError(f"TrainHead --variant {self.variant}: {err.args[0]}") from None
         except (TypeError, ValueError) as err:
             raise ParameterError(f"TrainHead --variant {self.variant} --overrides "
-                                 f"{json.dumps(dict(self.overrides))}: {err}") from None
+                                 f"{json.dumps(plain(self.overrides))}: {err}") from None
         features = self.store_features()
         return cfg if features is None else cfg.resolve(features)
 
@@ -552,7 +557,7 @@ class TrainHead(_CacheTask):
 
     def label(self) -> str:
         """The run's name in tables: the variant, with its overrides when there are any."""
-        extra = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(dict(self.overrides).items()))
+        extra = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(plain(self.overrides).items()))
         return f"{self.variant} ({extra})" if extra else self.variant
 
     def result_line(self) -> str:
@@ -577,7 +582,7 @@ class FullAblation(_CacheTask):
     overrides = luigi.DictParameter(default={}, description='HeadConfig overrides: {"width": 64} or {"st-sa": {...}}')
 
     def overrides_of(self, name: str) -> dict:
-        given = dict(self.overrides)
+        given = plain(self.overrides)
         per_variant = {k for k in given if k in self.variants}
         if per_variant and len(per_variant) != len(given):
             raise ParameterError(f"FullAblation --overrides {json.dumps(given)}: give fields for every variant or a "
