@@ -28,6 +28,8 @@ _EXPORTS = {
     "CacheSpec": "cache.store",
     "FeatureStore": "cache.store",
     "IncompleteVideoError": "cache.store",
+    "MissingChunkError": "cache.store",
+    "NotAFeatureStoreError": "cache.store",
     "SchemaVersionError": "cache.store",
     "StoreMismatchError": "cache.store",
     "store_name": "cache.store",

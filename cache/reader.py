@@ -57,6 +57,9 @@ class CacheDataset(Dataset):
       boxes; for heads that read the maps anyway this skips reading about 0.2 MB per box (RoIAlign is
       linear, so the result equals the stored features up to the storage precision).
     - Keyframes without boxes are skipped unless ``keep_empty``.
+
+    Opening lists the chunk files of every video and refuses one that lacks a file of its arrays
+    (``FeatureStore.check_chunks``: a missing chunk would read as zeros).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class CacheDataset(Dataset):
             attrs = group.attrs.asdict()
             if expected is not None and attrs[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
                 raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
+            store.check_chunks(vid)  # zarr and the shard reader would read a missing file as zeros
             meta = {
                 "sec": group["sec"][...],
                 "offsets": group["box_offsets"][...],

@@ -9,7 +9,8 @@ Layout of a store (a directory or an fsspec URL, Zarr v3)::
     <store>/videos/<video_id>/        one group per video, written by one task
         sec, box_offsets, boxes, box_source, box_score, labels, person_id, slow, fast, fast_seq, actor
         [slow_scale, slow_offset, fast_scale, fast_offset]      only with uint8 storage
-        attrs: video_id, image_hw, map_hw, keyframes, boxes, provenance, and ``complete`` (the marker)
+        attrs: video_id, image_hw, map_hw, keyframes, boxes, provenance, ``complete`` (the marker), and
+        ``committed_to`` (the splits whose manifests list the video, added by each commit)
     <store>/manifests/<split>/        attrs: the committed list of videos of a split, counts, checksums
 
 Box convention (stated here once; everything else refers to it):
@@ -26,12 +27,15 @@ for a detector box (``SOURCE_GT``/``SOURCE_DET``; in memory: ``cache.boxes.Keyfr
 ground truth; ``person_id`` is -1 when unknown; ``labels`` is 80-way multi-hot.
 
 A video group is valid only once its ``complete`` attribute exists: it is written last, after every
-chunk, and holds the counts and a CRC-32 of every array's stored bytes in index order.
+chunk, and holds the counts and a CRC-32 of every array's stored bytes in index order. Every chunk and
+shard file of the grid is stored, fill values included, so an absent file is always a loss (zarr would
+read it as zeros): readers refuse it (``FeatureStore.check_chunks``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Literal, Mapping, get_args
 
@@ -45,6 +49,8 @@ SAMPLING_RATIO = 0
 VIDEOS_GROUP = "videos"
 MANIFESTS_GROUP = "manifests"
 COMPLETE_ATTR = "complete"
+COMMITTED_ATTR = "committed_to"
+CHUNK_KEY_PREFIX = "c"  # zarr v3's "default" chunk key encoding with "/": c/<i>/<j>/...
 
 SOURCE_GT = 0
 SOURCE_DET = 1
@@ -126,6 +132,12 @@ def array_shapes(keyframes: int, boxes: int, channels: tuple[int, int, int], map
     return {spec.name: tuple(size[d] for d in spec.dims) for spec in ARRAYS.values()}
 
 
+def group_shapes(attrs: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every array's shape from the counts and sizes that a video group's attributes record."""
+    channels = tuple(attrs["channels"][k] for k in ("slow", "fast", "time_fast"))
+    return array_shapes(attrs["keyframes"], attrs["boxes"], channels, attrs["map_hw"])
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """How maps are stored: part of the extraction config (it changes the store's name).
@@ -162,6 +174,22 @@ class StorageConfig:
     def arrays(self) -> tuple[ArraySpec, ...]:
         """The arrays a video group of this storage holds."""
         return tuple(s for s in ARRAYS.values() if self.quantised or not s.quantised_only)
+
+    def chunking(self, spec: ArraySpec, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """(chunks, shards) of an array: sharded ones one row per chunk and ``*_per_shard`` rows per shard, the
+        others one chunk (at least one row, so that zarr accepts an empty array)."""
+        if not spec.sharded:
+            return tuple(max(n, 1) for n in shape), None
+        per_shard = self.keyframes_per_shard if spec.per == PER_KEYFRAME else self.boxes_per_shard
+        return (1, *shape[1:]), (per_shard, *shape[1:])
+
+    def file_keys(self, spec: ArraySpec, shape: tuple[int, ...]) -> list[str]:
+        """The key (``CHUNK_KEY_PREFIX/3/0/0/0``) of every chunk or shard file of the array's grid: the writer
+        stores each one, fill values included, so any absent one was lost."""
+        chunks, shards = self.chunking(spec, shape)
+        outer = shards or chunks
+        grid = [0 if n == 0 else 1 + (n - 1) // c for n, c in zip(shape, outer)]
+        return ["/".join((CHUNK_KEY_PREFIX, *map(str, idx))) for idx in itertools.product(*map(range, grid))]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

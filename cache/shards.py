@@ -7,7 +7,9 @@ This module reads the zarr v3 sharding format directly (zarr-specs, "sharding_in
 shard's chunk index at its end (``(offset, nbytes)`` uint64 pairs, then a CRC-32C), then each chunk
 (its codec output, then a CRC-32C). For uncompressed chunks one ``preadv`` per contiguous span puts
 the bytes straight into the caller's rows; compressed chunks are decompressed into them. Every CRC is
-checked, as zarr does. Missing chunks (never written, or all fill value) read as the fill value.
+checked, as zarr does. A chunk whose index entry is empty reads as the fill value (zarr's convention;
+the cache writer stores every chunk), but a missing shard file raises: the writer stores every shard, so
+it was deleted, and reading it as zeros would train a head on zeros.
 
 ``RowReader.of(array)`` returns None for any layout it does not know (another store than a local
 folder, chunks that are not whole rows, other codecs, big-endian data): the caller then reads with
@@ -30,12 +32,14 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
+from cache.store import CacheError
+
 _EMPTY = 2**64 - 1  # index entry of a chunk that is not stored
 _DECOMPRESS = {ZstdCodec: numcodecs.zstd.decompress, BloscCodec: numcodecs.blosc.decompress}
 
 
-class ShardReadError(ValueError):
-    """A shard file that does not match its array (checksum, size): names the file."""
+class ShardReadError(CacheError):
+    """A shard file that is missing or does not match its array (checksum, size): names the file."""
 
 
 def _crc_ok(data, stored: bytes) -> bool:
@@ -120,9 +124,10 @@ class RowReader:
         path = self.folder / self.key.encode_chunk_key((shard,) + (0,) * (self.ndim - 1))
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # a shard that holds only fill values is not written
-            rows[...] = self.fill_value
-            return
+        except FileNotFoundError as e:
+            raise ShardReadError(
+                f"{path}: shard missing (deleted or never written); run `stctx cache verify` and re-extract the video"
+            ) from e
         try:
             size = os.fstat(fd).st_size
             index_nbytes = 16 * self.rows_per_shard + 4

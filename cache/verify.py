@@ -1,10 +1,12 @@
 """``stctx cache info STORE`` and ``stctx cache verify STORE``.
 
 verify: every video group complete, array names/dtypes/shapes as the schema and the group's counts
-say, no NaN or Inf, boxes valid, every array's CRC-32 equal to the marker's (and each chunk's
-CRC-32C, which zarr checks while decoding), committed manifests consistent. Videos are checked in
-parallel with Dask. Exit status 0 when all is well, 1 when a problem was found, 2 when the store
-cannot be opened.
+say, every chunk file present, no NaN or Inf, boxes valid, every array's CRC-32 equal to the marker's
+(and each chunk's CRC-32C, which zarr checks while decoding), committed manifests consistent and
+present (``manifests/`` exists, and every split a video was committed to still has its manifest).
+Complete videos in no committed split are noted, not counted as problems: extraction may be under
+way. Videos are checked in parallel with Dask. Exit status 0 when all is well, 1 when a problem was
+found, 2 when the store cannot be opened (one line on stderr).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from zarr.core.sync import sync
 
-from cache.schema import COMPLETE_ATTR, SCHEMA_VERSION, array_shapes
+from cache.schema import COMMITTED_ATTR, COMPLETE_ATTR, MANIFESTS_GROUP, SCHEMA_VERSION, group_shapes
 from cache.store import CacheError, FeatureStore
 
 
@@ -29,16 +31,11 @@ class VerifyReport:
     keyframes: int = 0
     boxes: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _expected_shapes(attrs: dict) -> dict[str, tuple[int, ...]]:
-    """Every array's shape from the counts and sizes a video group's attributes record."""
-    channels = tuple(attrs["channels"][k] for k in ("slow", "fast", "time_fast"))
-    return array_shapes(attrs["keyframes"], attrs["boxes"], channels, attrs["map_hw"])
 
 
 def verify_video(store: FeatureStore, video_id: str, *, check_data: bool = True) -> list[str]:
@@ -53,12 +50,13 @@ def verify_video(store: FeatureStore, video_id: str, *, check_data: bool = True)
     problems = []
     group = store.video(video_id)
     try:
-        shapes = _expected_shapes(attrs)
+        shapes = group_shapes(attrs)
     except (KeyError, TypeError, ValueError) as e:
         return [f"{where}: group attributes lack {e}"]
     if (marker.get("keyframes"), marker.get("boxes")) != (attrs["keyframes"], attrs["boxes"]):
         problems.append(f"{where}: marker counts {marker.get('keyframes')}, {marker.get('boxes')} != group {attrs['keyframes']}, {attrs['boxes']}")
     checksums = marker.get("checksums", {})
+    missing = store.missing_chunks(video_id)
     data: dict[str, np.ndarray] = {}
     for spec in store.storage.arrays():
         name = spec.name
@@ -72,6 +70,12 @@ def verify_video(store: FeatureStore, video_id: str, *, check_data: bool = True)
             problems.append(f"{where}: {name} has dtype {array.dtype}, schema says {want_dtype}")
         if tuple(array.shape) != shapes[name]:
             problems.append(f"{where}: {name} has shape {tuple(array.shape)}, expected {shapes[name]}")
+            continue
+        if name in missing:  # zarr would read them as zeros: the checksum below would only repeat this
+            keys = missing[name]
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            what = "shards" if spec.sharded else "chunks"
+            problems.append(f"{where}: array {name!r} misses {what} {', '.join(keys[:3])}{more} (deleted or never written)")
             continue
         if not check_data:
             continue
@@ -139,15 +143,46 @@ def verify_store(url: str, *, check_data: bool = True, workers: int | None = Non
             channels.setdefault(json.dumps(attrs.get("channels"), sort_keys=True), []).append(vid)
     if len(channels) > 1:
         report.problems.append(f"videos disagree on channel counts: {sorted(channels)}")
-    for split in store.splits():
-        manifest = store.manifest(split) or {}
+    _verify_manifests(store, attrs_of, report)
+    return report
+
+
+def _verify_manifests(store: FeatureStore, attrs_of: dict[str, dict | None], report: VerifyReport) -> None:
+    """Each manifest against the videos; a manifest (or ``manifests/``) that is gone though videos were committed."""
+    complete = sorted(v for v, a in attrs_of.items() if a and COMPLETE_ATTR in a)
+    if not store.has_manifests_group():
+        report.problems.append(f"{MANIFESTS_GROUP}/zarr.json is missing (the folder deleted?): commit the splits again")
+    listed: set[str] = set()
+    splits = store.splits()
+    for split in splits:
+        try:
+            manifest = store.manifest(split) or {}
+        except CacheError as e:
+            report.problems.append(str(e))
+            continue
         for vid, entry in (manifest.get("videos") or {}).items():
+            listed.add(vid)
             attrs = attrs_of.get(vid)
             if not attrs or COMPLETE_ATTR not in attrs:
                 report.problems.append(f"manifest {split!r}: video {vid!r} is missing or incomplete")
             elif attrs[COMPLETE_ATTR].get("checksums") != entry.get("checksums"):
                 report.problems.append(f"manifest {split!r}: video {vid!r} changed since the commit")
-    return report
+    lost: dict[str, list[str]] = {}
+    for vid in complete:
+        for split in attrs_of[vid].get(COMMITTED_ATTR, ()):
+            if split not in splits:
+                lost.setdefault(split, []).append(vid)
+    for split, vids in sorted(lost.items()):
+        report.problems.append(
+            f"split {split!r}: no manifest, but {len(vids)} complete videos were committed to it "
+            f"({', '.join(vids[:5])}{', ...' if len(vids) > 5 else ''}); commit the split again"
+        )
+    uncommitted = [v for v in complete if v not in listed and not attrs_of[v].get(COMMITTED_ATTR)]
+    if uncommitted:
+        report.notes.append(
+            f"{len(uncommitted)} complete videos are in no committed split "
+            f"({', '.join(uncommitted[:5])}{', ...' if len(uncommitted) > 5 else ''}): not readable by split until committed"
+        )
 
 
 def store_bytes(store: FeatureStore, prefix: str = "") -> int:
@@ -246,6 +281,8 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     for p in report.problems:
         print(f"PROBLEM {p}")
+    for n in report.notes:
+        print(f"NOTE {n}")
     print(f"{report.url}: {report.videos} complete videos, {report.keyframes} keyframes, {report.boxes} boxes, "
           f"{len(report.problems)} problems")
     return 0 if report.ok else 1

@@ -196,12 +196,7 @@ class VideoWriter:
 
     def _create(self, spec: ArraySpec, shape: tuple[int, ...]) -> zarr.Array:
         dtype = self.storage.dtype_of(spec)
-        if spec.sharded:
-            per_shard = self.storage.keyframes_per_shard if spec.per == "keyframe" else self.storage.boxes_per_shard
-            chunks = (1, *shape[1:])
-            shards = (per_shard, *shape[1:])
-        else:
-            chunks, shards = tuple(max(n, 1) for n in shape), None
+        chunks, shards = self.storage.chunking(spec, shape)
         return self.group.create_array(
             spec.name,
             shape=shape,
@@ -210,7 +205,9 @@ class VideoWriter:
             shards=shards,
             compressors=compressors(self.storage, dtype),
             dimension_names=spec.dims,
+            chunk_key_encoding={"name": "default", "separator": "/"},  # keys as StorageConfig.file_keys says
             fill_value=0,
+            config={"write_empty_chunks": True},  # every file of the grid exists: a missing one is a loss
         )
 
     def append(self, slow, fast, fast_seq, actor) -> None:

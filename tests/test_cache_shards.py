@@ -52,21 +52,24 @@ def test_rows_equal_zarr(tmp_path, storage):
         np.testing.assert_array_equal(out, array[...])
 
 
-def test_missing_chunks_and_shards_read_as_fill_value(tmp_path):
-    """zarr does not store chunks that hold only the fill value, nor shards made only of them."""
+def test_empty_chunk_reads_as_fill_value_but_a_missing_shard_raises(tmp_path):
+    """zarr leaves out chunks that hold only the fill value (an empty index entry: read as zeros, as zarr does)
+    and shards made only of them; the cache writer stores both, so a missing shard file was lost: refused."""
     array = zarr.create_array(
         tmp_path / "a.zarr", shape=(10, 3, 5), dtype="float16", chunks=(1, 3, 5), shards=(4, 3, 5),
         compressors=[zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()], fill_value=0,
     )
     data = np.random.default_rng(0).random((10, 3, 5)).astype(np.float16)
-    data[1] = 0  # a missing chunk inside a stored shard
+    data[1] = 0  # an empty chunk inside a stored shard
     data[4:8] = 0  # a shard that is never written
     array[...] = data
     assert not (tmp_path / "a.zarr" / "c" / "1" / "0" / "0").exists()
     reader = RowReader.of(array)
     assert reader is not None
-    np.testing.assert_array_equal(reader.read(0, 10), data)
-    np.testing.assert_array_equal(reader.read(3, 9), data[3:9])
+    np.testing.assert_array_equal(reader.read(0, 4), data[:4])
+    np.testing.assert_array_equal(reader.read(8, 10), data[8:])
+    with pytest.raises(ShardReadError, match=r"a\.zarr/c/1/0/0: shard missing \(deleted or never written\)"):
+        reader.read(3, 9)
 
 
 @pytest.mark.parametrize("compressor", ["zstd", "none"])
