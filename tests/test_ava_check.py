@@ -9,6 +9,7 @@ from PIL import Image
 from pipeline.ava import files as ava
 from pipeline.ava import check
 import pipeline.cli as cli
+from pipeline.errors import InputError
 
 VIDEO = "-x000000001"
 
@@ -108,12 +109,100 @@ def test_prepare_data_ava_validates_the_configured_folder(ava_dir, tmp_path):
     config.set("stctx", "root", str(tmp_path / "runs"))
     try:
         assert luigi.build([tasks.PrepareData(dataset="ava")], local_scheduler=True, workers=1, log_level="WARNING")
-        report = json.loads(open(tasks.PrepareData(dataset="ava").output().path).read())
+        report = json.loads(open(tasks.PrepareData(dataset="ava").output().path).read())["report"]
         assert report["ok"] and report["splits"]["val"]["keyframes"] == 2
         path = ava_dir.groundtruth("val")
         path.write_text(path.read_text() + f"{VIDEO[:-1]}1,0902,0.1,0.1,0.5,0.9,95,0\n")
-        with pytest.raises(RuntimeError, match="unknown action ids"):
+        with pytest.raises(InputError, match="action id 95 outside 1..80"):
             tasks.PrepareData(dataset="ava").run()
     finally:
         config.remove_option("stctx", "ava_root")
         config.set("stctx", "root", "runs")
+
+
+def every_file(paths):
+    return [paths.labelmap, *(f(s) for s in ava.SPLITS for f in (paths.groundtruth, paths.detections,
+                                                                   paths.exclusions, paths.frame_list))]
+
+
+def test_a_byte_order_mark_is_accepted_as_the_readers_accept_it(ava_dir):
+    expected = check.check_ava(ava_dir.root).to_dict()
+    for path in every_file(ava_dir):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    report = check.check_ava(ava_dir.root)
+    assert report.to_dict() == expected and report.ok, report.format()
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_a_file_that_is_not_utf8_is_an_error_of_that_file(ava_dir, capsys, index):
+    path = every_file(ava_dir)[index]
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + "# café\n".encode("latin-1") + b"".join(lines[1:]))
+    report = check.check_ava(ava_dir.root)
+    found = [p for p in report.errors if p.where == f"{path}:2"]
+    assert len(found) == 1 and found[0].message.startswith("not UTF-8 text (byte 0xe9 at column 6"), report.format()
+    assert cli.main(["ava", "check", str(ava_dir.root)]) == 1
+    assert f"{path}:2: not UTF-8 text" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["", "\n"])
+def test_val_without_ground_truth_boxes_is_an_error(ava_dir, text):
+    ava_dir.groundtruth("val").write_text(text)
+    ava_dir.groundtruth("train").write_text(text)
+    report = check.check_ava(ava_dir.root)
+    found = [(p.kind, p.where, p.message) for p in report.errors if p.kind == "no ground truth"]
+    assert found == [("no ground truth", str(ava_dir.groundtruth("val")), ava.NO_GROUNDTRUTH)], report.format()
+
+
+def test_detector_boxes_outside_or_degenerate_are_warnings_with_lines_and_counts(ava_dir):
+    video = f"{VIDEO[:-1]}1"
+    det = ava_dir.detections("val")
+    det.write_text(det.read_text() + "".join(f"{video},0903,-0.1,0.1,0.5,0.9,,0.3\n" for _ in range(7))
+                   + f"{video},0903,0.5,0.1,0.5,0.9,,0.3\n{video},0903,0.5,0.9,0.6,0.1,,0.3\n")
+    report = check.check_ava(ava_dir.root)
+    assert report.ok, report.format()
+    found = {p.kind: p for p in report.problems if "detector" in p.kind}
+    outside, degenerate = found["detector boxes outside [0,1]"], found["degenerate detector boxes"]
+    assert (outside.severity, outside.where) == ("warning", f"{det}:3")
+    assert outside.message == "7 detector boxes outside [0, 1], at lines 3, 4, 5, 6, 7, ..."
+    assert (degenerate.severity, degenerate.where) == ("warning", f"{det}:10")
+    assert degenerate.message == "2 degenerate detector boxes (x2 <= x1 or y2 <= y1), at lines 10, 11"
+    assert "warnings: detector boxes outside [0,1] (1)" in report.format()
+
+
+def test_deep_check_finds_frames_that_do_not_decode(ava_dir, monkeypatch, capsys):
+    from PIL import ImageFile
+
+    video = f"{VIDEO[:-1]}0"
+    truncated, garbage, unread = (ava_dir.frame_path(video, k) for k in (61, 122, 1))  # index 0: in no window
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(truncated)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # the end of the scan data is missing
+    garbage.write_bytes(b"not a jpeg")
+    unread.write_bytes(b"not a jpeg either")
+    assert check.check_ava(ava_dir.root).ok  # decoding is the deep check's
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries set it
+    report = check.check_ava(ava_dir.root, deep=True)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    found = {p.where: p.message for p in report.errors}
+    assert found.keys() == {str(truncated), str(garbage)}, report.format()
+    assert "truncated" in found[str(truncated)]
+    assert cli.main(["ava", "check", str(ava_dir.root), "--deep", "--split", "val"]) == 0
+    assert cli.main(["ava", "check", str(ava_dir.root), "--deep"]) == 1
+    assert f"{truncated}: not a readable image" in capsys.readouterr().out
+
+
+def test_window_frames_are_every_frame_of_every_annotated_window():
+    frames = {"v": [f"v/{i}.jpg" for i in range(200)]}
+    needed = check._window_frames(frames, {("v", 902), ("v", 903), ("w", 902)})  # w: not in the frame list
+    assert needed == {"v": [f"v/{i}.jpg" for i in range(28, 122)]}
+
+
+def test_partial_frame_folders_are_a_warning_to_rerun_frames(ava_dir):
+    (ava_dir.frames / "-killedvideo.partial").mkdir()
+    report = check.check_ava(ava_dir.root)
+    found = [p for p in report.problems if p.kind == "partial frame folders"]
+    assert report.ok and len(found) == 1 and found[0].severity == "warning"
+    assert found[0].where == str(ava_dir.frames / "-killedvideo.partial")
+    assert "rerun `stctx ava frames`" in found[0].message

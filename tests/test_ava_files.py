@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline.ava import files as ava
 from pipeline.ava.proposals import eval_proposals, training_proposals
@@ -246,3 +247,75 @@ def test_reads_the_shared_reference_case():
     det = ava.read_detections(SHARED_CASE / "detections.csv")
     assert len(gt) == 1190 and len(det) == 2582
     assert len(ava.read_exclusions(SHARED_CASE / "exclusions.csv")) == 8
+
+
+# ----------------------------------------------------------------------------------------------- encodings
+
+BOM = b"\xef\xbb\xbf"
+GT_ROWS = b"-vid0000001,0902,0.1,0.1,0.5,0.9,12,0\n-vid0000001,0903,0.1,0.1,0.5,0.9,80,1\n"
+DET_ROWS = b"-vid0000001,0902,0.1,0.1,0.5,0.9,,0.9\n-vid0000001,0903,0.2,0.1,0.5,0.9,,0.3\n"
+EXCLUSION_ROWS = b"-vid0000001,0902\n-vid0000001,0904\n"
+FRAME_LIST = b"original_vido_id video_id frame_id path labels\n" + b"".join(
+    f'-vid0000001 0 {i} -vid0000001/-vid0000001_{i + 1:06d}.jpg ""\n'.encode() for i in range(2))
+READERS = {  # name: (content, every reader of that file type, the rows it gives as comparable data)
+    "groundtruth": (GT_ROWS, [ava.read_groundtruth, lambda p: ava.scan_boxes(p, "groundtruth")[0]],
+                    lambda r: r.frame().values.tolist()),
+    "detections": (DET_ROWS, [ava.read_detections, lambda p: ava.scan_boxes(p, "detections")[0]],
+                   lambda r: r.frame().values.tolist()),
+    "exclusions": (EXCLUSION_ROWS, [ava.read_exclusions, lambda p: set(ava.scan_exclusions(p)[0])], sorted),
+    "frame list": (FRAME_LIST, [ava.read_frame_list, ava._read_frame_list_rows],
+                   lambda r: r.astype(str).values.tolist()),
+    "label map": (LABELMAP_V22.encode(), [ava.read_labelmap], lambda r: r),
+}
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_a_leading_byte_order_mark_is_read_like_none(tmp_path, name):
+    content, readers, data = READERS[name]
+    plain, marked = tmp_path / "plain", tmp_path / "bom"
+    plain.write_bytes(content)
+    marked.write_bytes(BOM + content)
+    expected = data(readers[0](plain))
+    assert "\ufeff" not in repr(expected)
+    for read in readers:  # the fast path and the row-by-row pass `stctx ava check` uses
+        assert data(read(marked)) == expected
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_a_latin1_file_is_an_input_error_at_the_bad_line(tmp_path, name):
+    content, readers, _ = READERS[name]
+    lines = content.splitlines(keepends=True)
+    path = tmp_path / "latin1"
+    path.write_bytes(lines[0] + "# café\n".encode("latin-1") + b"".join(lines[1:]))
+    for read in readers:
+        with pytest.raises(InputError) as err:
+            read(path)
+        assert err.value.line == 2, err.value
+        assert err.value.message == "not UTF-8 text (byte 0xe9 at column 6; save the file as UTF-8)"
+
+
+def test_a_binary_file_is_an_input_error(tmp_path):
+    path = tmp_path / "frame.csv"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(path, format="JPEG")
+    for read in (ava.read_groundtruth, ava.read_detections, ava.read_exclusions, ava.read_frame_list,
+                 ava.read_labelmap):
+        with pytest.raises(InputError, match=r"^.*frame\.csv:1: not UTF-8 text \(byte 0xff at column 1"):
+            read(path)
+
+
+def test_the_bad_byte_line_counts_across_read_chunks(tmp_path):
+    row = b"-vid0000001,0902\n"
+    n = (1 << 24) // len(row) + 1000  # past the first 16 MiB chunk
+    path = tmp_path / "big.csv"
+    path.write_bytes(row * n + "\xe9\n".encode("latin-1"))
+    err = ava._not_utf8(path)
+    assert (err.line, err.message[:31]) == (n + 1, "not UTF-8 text (byte 0xe9 at co")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "\ufeff"])
+def test_evaluation_groundtruth_without_boxes_is_an_input_error(tmp_path, text):
+    path = write(tmp_path, "ava_val_v2.2.csv", text)
+    assert len(ava.read_groundtruth(path)) == 0  # a reader of the rows accepts an empty file ...
+    with pytest.raises(InputError, match="no ground-truth boxes: frame-mAP of the val split would be undefined"):
+        ava.read_eval_groundtruth(path)  # ... the split that is scored needs boxes
+    assert len(ava.read_eval_groundtruth(write(tmp_path, "gt.csv", GT_ROWS.decode()))) == 2

@@ -1,9 +1,13 @@
 """``stctx ava check AVA_DIR``: validate an AVA v2.2 folder before any GPU time is spent.
 
 Reports counts per split (videos, keyframes, boxes) and every problem found, each with its file and line:
-rows that break the readers' rules (``pipeline.ava.files``: rows that fail to parse, ground-truth boxes outside
-[0, 1] or degenerate), unknown action ids, timestamps out of range, missing frame lists, frame folders or frames
-that keyframe windows need. Exit code 1 when there are errors.
+files the readers refuse (not UTF-8; a leading byte order mark is fine), rows that break the readers' rules
+(``pipeline.ava.files``: rows that fail to parse, ground-truth boxes outside [0, 1] or degenerate), a val split
+without ground-truth boxes, unknown action ids, timestamps out of range, missing frame lists, frame folders or
+frames that keyframe windows need. Warnings: detector boxes outside [0, 1] or degenerate (the readers accept them),
+videos shorter than their last window, ``frames/<id>.partial/`` folders a killed ``stctx ava frames`` left.
+``--deep`` also decodes every frame of every annotated keyframe's 64-frame window and reports the JPEG files that
+do not decode (corrupt or truncated). Exit code 1 when there are errors.
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ import argparse
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.ava import files as ava
 from pipeline.errors import InputError
 
 MAX_SHOWN = 20  # problems printed per kind; the counts cover all of them
+FIRST_LINES = 5  # lines named in a warning that counts rows
 
 
 @dataclass
@@ -87,17 +95,28 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_ava(root: str | Path, splits: tuple[str, ...] = ava.SPLITS, check_frames: bool = True) -> CheckReport:
-    """Validate every file of an AVA folder; never raises on bad content, reports it."""
+def check_ava(root: str | Path, splits: tuple[str, ...] = ava.SPLITS, check_frames: bool = True,
+              deep: bool = False) -> CheckReport:
+    """Validate every file of an AVA folder; never raises on bad content, reports it.
+
+    ``deep``: also decode the frames of every annotated keyframe's window (minutes on real AVA; a progress bar on
+    stderr when it is a terminal).
+    """
     paths = ava.AvaPaths(root)
     report = CheckReport(root=str(paths.root))
     if not paths.root.is_dir():
         report.add("missing files", str(paths.root), "not a directory")
         return report
     _check_labelmap(paths, report)
+    if check_frames:
+        _check_partial_folders(paths, report)
     for split in splits:
-        report.splits[split] = _check_split(paths, split, report, check_frames)
+        report.splits[split] = _check_split(paths, split, report, check_frames, deep)
     return report
+
+
+def _where(err: InputError) -> str:
+    return f"{err.path}:{err.line}" if err.line is not None else str(err.path)
 
 
 def _check_labelmap(paths: ava.AvaPaths, report: CheckReport) -> dict[int, str]:
@@ -107,7 +126,7 @@ def _check_labelmap(paths: ava.AvaPaths, report: CheckReport) -> dict[int, str]:
     try:
         labelmap = ava.read_labelmap(paths.labelmap)
     except InputError as err:
-        report.add("unparsable rows", f"{err.path}:{err.line}" if err.line else str(err.path), err.message)
+        report.add("unparsable rows", _where(err), err.message)
         return {}
     outside = sorted(i for i in labelmap if not 1 <= i <= ava.NUM_CLASSES)
     if outside:
@@ -120,18 +139,41 @@ def _report_rows(problems: list[ava.RowProblem], report: CheckReport) -> None:
         report.add(p.kind, f"{p.path}:{p.line}", p.message)
 
 
-def _check_boxes(path: Path, kind: ava.Kind, report: CheckReport) -> tuple[ava.BoxRows, np.ndarray]:
-    """(the rows the reader accepts, their lines (N,)); every row breaking the reader's rules goes into the report."""
-    rows, lines, problems = ava.scan_boxes(path, kind)
+def _check_boxes(path: Path, kind: ava.Kind, report: CheckReport) -> tuple[ava.BoxRows, np.ndarray] | None:
+    """(the rows the reader accepts, their lines (N,)); every row breaking the reader's rules goes into the report,
+    a file the reader refuses as a whole (not UTF-8, unreadable) too, and gives None."""
+    try:
+        rows, lines, problems = ava.scan_boxes(path, kind)
+    except InputError as err:
+        report.add("unreadable files", _where(err), err.message)
+        return None
     _report_rows(problems, report)
     return rows, lines
+
+
+def _check_proposals(rows: ava.BoxRows, lines: np.ndarray, path: Path, report: CheckReport) -> None:
+    """Warn about detector boxes outside [0, 1] or degenerate: the readers accept them (the evaluator drops
+    degenerate ones after its per-frame cut), but they are likely a detector run gone wrong."""
+    x1, y1, x2, y2 = rows.x1, rows.y1, rows.x2, rows.y2
+    checks = (
+        ("detector boxes outside [0,1]", (np.minimum(np.minimum(x1, y1), np.minimum(x2, y2)) < 0)
+         | (np.maximum(np.maximum(x1, y1), np.maximum(x2, y2)) > 1), "{n} detector boxes outside [0, 1]"),
+        ("degenerate detector boxes", (x2 <= x1) | (y2 <= y1),
+         "{n} degenerate detector boxes (x2 <= x1 or y2 <= y1)"),
+    )
+    for kind, mask, what in checks:
+        bad = lines[mask]
+        if len(bad):
+            shown = ", ".join(map(str, bad[:FIRST_LINES])) + (", ..." if len(bad) > FIRST_LINES else "")
+            report.add(kind, f"{path}:{bad[0]}", f"{what.format(n=len(bad))}, at lines {shown}", severity="warning")
 
 
 def _distinct_boxes(rows: ava.BoxRows) -> int:
     return len(rows.frame().drop_duplicates(["video_id", "timestamp", "x1", "y1", "x2", "y2"]))
 
 
-def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_frames: bool) -> SplitCounts:
+def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_frames: bool, deep: bool
+                 ) -> SplitCounts:
     counts = SplitCounts()
     required = {"ground truth": paths.groundtruth(split), "frame list": paths.frame_list(split)}
     optional = {"exclusions": paths.exclusions(split), "detections": paths.detections(split)}
@@ -144,10 +186,18 @@ def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_fra
 
     gt = _check_boxes(paths.groundtruth(split), "groundtruth", report) if paths.groundtruth(split).exists() else None
     det = _check_boxes(paths.detections(split), "detections", report) if paths.detections(split).exists() else None
+    if gt is not None and split == "val" and not len(gt[0]):
+        report.add("no ground truth", str(paths.groundtruth(split)), ava.NO_GROUNDTRUTH)
+    if det is not None:
+        _check_proposals(*det, paths.detections(split), report)
     if paths.exclusions(split).exists():
-        excluded, _, problems = ava.scan_exclusions(paths.exclusions(split))
-        _report_rows(problems, report)
-        counts.excluded = len(excluded)
+        try:
+            excluded, _, problems = ava.scan_exclusions(paths.exclusions(split))
+        except InputError as err:
+            report.add("unreadable files", _where(err), err.message)
+        else:
+            _report_rows(problems, report)
+            counts.excluded = len(excluded)
     keyframes: set[tuple[str, int]] = set()
     for found, path in ((gt, paths.groundtruth(split)), (det, paths.detections(split))):
         if found is None or not len(found[0]):
@@ -169,9 +219,11 @@ def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_fra
         try:
             frames = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
         except InputError as err:
-            report.add("unparsable rows", f"{err.path}:{err.line}", err.message)
+            report.add("unparsable rows", _where(err), err.message)
     if check_frames and frames is not None:
         counts.frame_folders = _check_frames(paths, split, frames, keyframes, report)
+        if deep:
+            _check_decoding(paths, split, frames, keyframes, report)
     return counts
 
 
@@ -223,14 +275,84 @@ def _check_frames(paths: ava.AvaPaths, split: str, frames: dict[str, list[str]],
     return folders
 
 
+def _check_partial_folders(paths: ava.AvaPaths, report: CheckReport) -> None:
+    """``frames/<id>.partial/``: a video whose decoding was killed; its frames are not in the frame lists."""
+    if not paths.frames.is_dir():
+        return
+    for entry in sorted(os.scandir(paths.frames), key=lambda e: e.name):
+        if entry.name.endswith(".partial") and entry.is_dir():
+            report.add("partial frame folders", entry.path,
+                       "left by an interrupted `stctx ava frames`; rerun `stctx ava frames` to finish this video",
+                       severity="warning")
+
+
+def _window_frames(frames: dict[str, list[str]], keyframes) -> dict[str, list[str]]:
+    """Video id -> frame paths (relative to the frames folder) of its annotated keyframes' 64-frame windows, each
+    once, in frame order; videos not in the frame list are the frame check's."""
+    indices: dict[str, set[int]] = {}
+    for video_id, sec in keyframes:
+        listed = frames.get(video_id)
+        if listed:
+            window = ava.clip_frame_indices(ava.keyframe_frame_index(sec), len(listed))
+            indices.setdefault(video_id, set()).update(window.tolist())
+    return {v: [frames[v][i] for i in sorted(indices[v])] for v in sorted(indices)}
+
+
+@contextmanager
+def _truncated_images_refused():
+    """Pillow decodes a truncated JPEG without an error when ``LOAD_TRUNCATED_IMAGES`` is set (some libraries set
+    it globally); the deep check needs the error."""
+    from PIL import ImageFile
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _decode_error(path: Path) -> str | None:
+    """Why ``path`` does not decode as an image (None when it does); a missing file is the frame check's."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _check_decoding(paths: ava.AvaPaths, split: str, frames: dict[str, list[str]], keyframes, report) -> None:
+    """Decode every frame the keyframe windows read; each one that fails (corrupt, truncated) is an error."""
+    needed = _window_frames(frames, keyframes)
+    total = sum(map(len, needed.values()))
+    # Pillow decodes with the GIL released, so threads use every core; one video at a time bounds the pending
+    # work (AVA train: about 6M frames)
+    with (_truncated_images_refused(), ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+          tqdm(total=total, unit="frame", desc=f"decoding {split} frames", disable=None, leave=False) as bar):
+        for listed in needed.values():
+            files = [paths.frames / p for p in listed]
+            for path, error in zip(files, pool.map(_decode_error, files)):
+                bar.update()
+                if error is not None:
+                    report.add("undecodable frames", str(path), f"not a readable image ({error})")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ava_dir", metavar="AVA_DIR", help="folder with frames/, frame_lists/, annotations/")
     parser.add_argument("--split", choices=ava.SPLITS, action="append", help="check only this split (repeatable)")
-    parser.add_argument("--no-frames", action="store_true", help="skip the frame folder checks")
+    frames = parser.add_mutually_exclusive_group()
+    frames.add_argument("--no-frames", action="store_true", help="skip the frame folder checks")
+    frames.add_argument("--deep", action="store_true",
+                        help="also decode every frame of every annotated keyframe's window (slow: minutes on AVA)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def run_cli(args) -> int:
-    report = check_ava(args.ava_dir, tuple(args.split or ava.SPLITS), check_frames=not args.no_frames)
+    report = check_ava(args.ava_dir, tuple(args.split or ava.SPLITS), check_frames=not args.no_frames, deep=args.deep)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
     return 0 if report.ok else 1

@@ -659,6 +659,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        from pipeline.outputs import check_writable
+
+        check_writable(args.plot.parent)  # a missing or read-only folder fails now, not after the evaluation
     result = evaluate_frame_map(args.groundtruth, args.detections, args.labelmap, args.exclusions,
                                 protocol=args.protocol, ties=args.ties)
     if args.plot is not None:

@@ -120,9 +120,11 @@ def read_labelmap_entries(path: str | Path) -> dict[int, tuple[str, str | None]]
     """Action id -> (name, label_type or None) from either label map layout."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as err:
         raise InputError(path, None, f"cannot read label map: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     entries: dict[int, tuple[str, str | None]] = {}
     pos = 0
     for block in _BLOCK.finditer(text):
@@ -289,11 +291,40 @@ def scan_csv(
     return rows, lines, problems
 
 
+@contextmanager
 def _open(path: Path):
+    """The text of an AVA file: UTF-8, a leading byte order mark skipped (as pyarrow and pandas skip it), any other
+    encoding an ``InputError`` naming the line of its first bad byte."""
     try:
-        return open(path, newline="")
+        f = open(path, encoding="utf-8-sig", newline="")
     except OSError as err:
         raise InputError(path, None, f"cannot read: {err.strerror}") from None
+    with f:
+        try:
+            yield f
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> InputError:
+    """The error for a file that does not decode as UTF-8, at the line and column of its first bad byte."""
+    line, rest, size = 1, b"", 1 << 24
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(size)
+            data = rest + chunk
+            end = (data.rfind(b"\n") + 1 or len(data)) if chunk else len(data)  # whole lines: no split characters
+            try:
+                data[:end].decode("utf-8")
+            except UnicodeDecodeError as err:
+                line += data.count(b"\n", 0, err.start)
+                column = err.start - data.rfind(b"\n", 0, err.start)
+                return InputError(path, line, f"not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}; "
+                                              "save the file as UTF-8)")
+            if not chunk:
+                return InputError(path, None, "not UTF-8 text (save the file as UTF-8)")
+            line += data.count(b"\n", 0, end)
+            rest = data[end:]
 
 
 def box_rule(
@@ -460,6 +491,18 @@ def read_groundtruth(path: str | Path) -> BoxRows:
     ``.frame()`` gives the pandas frame. Boxes must be inside [0, 1] and non-degenerate (``box_rule``).
     """
     return read_boxes(path, "groundtruth")
+
+
+NO_GROUNDTRUTH = "no ground-truth boxes: frame-mAP of the val split would be undefined"
+
+
+def read_eval_groundtruth(path: str | Path) -> BoxRows:
+    """``read_groundtruth`` of the split that is scored: a file without any box (empty, or blank lines only) is an
+    ``InputError``, since frame-mAP over no ground truth is undefined; call it before training, not after."""
+    rows = read_groundtruth(path)
+    if not len(rows):
+        raise InputError(path, None, NO_GROUNDTRUTH)
+    return rows
 
 
 def read_detections(path: str | Path) -> BoxRows:

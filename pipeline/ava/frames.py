@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline.ava import files as ava
 from pipeline.errors import InputError
+from pipeline.progress import progress as progress_bar
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 JPEG_QUALITY = 95
@@ -142,7 +143,7 @@ def extract_frames(videos_dir: str | Path, ava_dir: str | Path, start: float = 9
     counts = {}
     todo = [v for v in videos if not (paths.frames / v.stem).is_dir()]
     total = int(round((end - start) * ava.FPS)) * len(todo)
-    with tqdm(total=total, unit="frame", desc=f"decoding {len(todo)} videos ({len(videos) - len(todo)} done)") as bar:
+    with progress_bar(total=total, unit="frame", desc=f"decoding {len(todo)} videos ({len(videos) - len(todo)} done)") as bar:
         for video in todo:
             bar.set_postfix_str(video.stem)
             counts[video.stem] = decode_video(video, paths.frames / video.stem, start, end, progress=bar)

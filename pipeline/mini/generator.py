@@ -69,7 +69,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -81,6 +80,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.ava import files as ava
 from pipeline.errors import InputError
+from pipeline.outputs import temporary_dir
 
 VERSION = 2  # bump whenever the bytes for the same arguments change
 JPEG_QUALITY = 90
@@ -133,6 +133,8 @@ class MiniAvaConfig:
     tiny: bool = False
 
     def __post_init__(self):
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (a numpy seed), got {self.seed}")
         if self.videos < 2:
             raise ValueError(f"videos must be >= 2 (one train and one val video at least), got {self.videos}")
         if not 4 <= self.seconds <= 900:
@@ -140,8 +142,10 @@ class MiniAvaConfig:
 
     @classmethod
     def make(cls, videos: int | None = None, seconds: int | None = None, seed: int = 0, tiny: bool = False):
-        """The defaults of the chosen size for the arguments left as ``None``."""
-        return cls(videos=videos or (3 if tiny else 64), seconds=seconds or (10 if tiny else 75), seed=seed, tiny=tiny)
+        """The defaults of the chosen size for the arguments left as ``None`` (only ``None``: 0 is refused, not
+        taken for the default)."""
+        return cls(videos=(3 if tiny else 64) if videos is None else videos,
+                   seconds=(10 if tiny else 75) if seconds is None else seconds, seed=seed, tiny=tiny)
 
     @property
     def split_videos(self) -> dict[str, int]:
@@ -802,6 +806,8 @@ def generate_mini_ava(out: str | Path, videos: int | None = None, seconds: int |
     default: the CPU count, 1 for ``tiny``) changes no byte of the result.
     """
     config = MiniAvaConfig.make(videos, seconds, seed, tiny)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     if is_complete(out, config):
         return out
@@ -809,12 +815,8 @@ def generate_mini_ava(out: str | Path, videos: int | None = None, seconds: int |
         what = ("a mini-AVA made with other arguments or another generator version" if (out / ".complete").exists()
                 else "other files")
         raise InputError(out, None, f"holds {what}; remove it or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp = temporary_dir(out)  # removes what killed runs left (0.5 GB each at the default size)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset is not
         _write(tmp, config, workers)
         if out.exists():
             out.rmdir()
