@@ -1,8 +1,9 @@
 """The ``stctx`` command: utilities around the pipeline (the pipeline itself runs through Luigi tasks).
 
 Each subcommand lives in the module that does the work, as a pair ``configure_parser(parser)`` /
-``run_cli(args) -> exit code``; this file only wires them up. Bad input ends in one clear line
-(``file:line: what was expected``), not a traceback.
+``run_cli(args) -> exit code``; this file only wires them up. Bad input, an output that cannot be written and a
+feature store that does not fit end in one clear line (``stctx CMD: error: file:line: what was expected``, exit 2),
+not a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import sys
 
 from pipeline.errors import InputError
+from pipeline.outputs import OutputError
 
 # (command path, module, help); modules import lazily so `stctx --help` stays fast.
 COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
@@ -58,12 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(_load(args._module).run_cli(args) or 0)
-    except InputError as err:
+    except _user_errors() as err:
         print(f"stctx {args._name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stctx {args._name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix: bad input, an unwritable output, a feature store that does not fit.
+
+    ``cache.store`` (zarr) is imported by the commands that use it; a ``CacheError`` can only come once it is loaded,
+    so it is looked up, not imported, to keep ``stctx --help`` fast."""
+    store = sys.modules.get("cache.store")
+    return (InputError, OutputError) + ((store.CacheError,) if store is not None else ())
 
 
 if __name__ == "__main__":

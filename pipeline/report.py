@@ -13,6 +13,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.outputs import OutputError, atomic_file, temporary_dir, write_text
+
 # Classes whose evidence lies outside the actor box or in the order of events (AVA action ids).
 CONTEXT_CLASSES: dict[int, str] = {
     65: "give/serve (an object) to (a person)",
@@ -103,26 +105,24 @@ def plot_table(table: pd.DataFrame, path: Path, title: str) -> None:
     ax2.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_ablation(results: Sequence[Mapping], out_dir: str | Path, paper: Mapping[str, float],
                    order: Sequence[str], title: str, notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write table1.md, table1.csv and table1.png into ``out_dir`` (each atomically); returns their paths."""
+    """Write table1.md, table1.csv and table1.png into ``out_dir`` (each atomically; a failed write is an
+    ``OutputError`` naming the file); returns their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = ablation_frame(results, paper, order)
     paths = {"md": out_dir / "table1.md", "csv": out_dir / "table1.csv", "png": out_dir / "table1.png"}
     plot_table(table, paths["png"], title)
-    tmp = out_dir / "table1.csv.tmp"
-    table.round(4).to_csv(tmp, index=False)
-    tmp.replace(paths["csv"])
-    tmp = out_dir / "table1.md.tmp"
-    tmp.write_text(format_markdown(table, title, notes))
-    tmp.replace(paths["md"])
+    with atomic_file(paths["csv"], "w") as f:
+        table.round(4).to_csv(f, index=False)
+    write_text(paths["md"], format_markdown(table, title, notes))
     return paths
 
 
@@ -141,16 +141,20 @@ def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dirs: 
             result["variant"] = labels[p]
         results.append(result)
     notes = [f"Runs: {', '.join(sorted({Path(p).parent.parent.name for p in metrics_files}))}"]
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_ablation(results, tmp, paper, order, title, notes)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    work = temporary_dir(out_dir)  # also removes the temporaries of dead runs
+    try:
+        write_ablation(results, work, paper, order, title, notes)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        work.rename(out_dir)
+    except BaseException as err:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(out_dir, err) from None
+        raise
     latest = {}
     for latest_dir in [latest_dirs] if isinstance(latest_dirs, Path) else latest_dirs:
         for kind, name in (("md", "table1.md"), ("csv", "table1.csv"), ("png", "table1.png")):
-            staged = latest_dir / f".{name}.tmp"
-            shutil.copyfile(out_dir / name, staged)
-            staged.replace(latest_dir / name)
+            with open(out_dir / name, "rb") as src, atomic_file(latest_dir / name) as dst:
+                shutil.copyfileobj(src, dst)
             latest.setdefault(kind, latest_dir / name)
     return latest

@@ -13,8 +13,6 @@ Formats (nothing is downloaded; ``torch.load(weights_only=True)``):
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -23,6 +21,7 @@ import torch.nn as nn
 
 from pipeline.errors import InputError
 from pipeline.features.backbone import PRESETS, BackboneConfig, SlowFastBackbone, build_backbone
+from pipeline.outputs import atomic_file
 
 CHECKPOINT_FORMAT = "stctx-backbone"
 CHECKPOINT_VERSION = 1
@@ -41,13 +40,13 @@ def file_sha256(path: str | Path) -> str:
 def save_checkpoint(
     model: SlowFastBackbone, cfg: BackboneConfig, path: str | Path, head: nn.Module | None = None, meta: Mapping | None = None
 ) -> Path:
-    """Write our self-describing checkpoint atomically (temporary file in the same folder, then rename).
+    """Write our self-describing checkpoint atomically (``pipeline.outputs.atomic_file``: a temporary file in the same
+    folder, renamed at the end; a failed write is an ``OutputError`` naming ``path``).
 
     Holds the format tag and version, ``cfg`` as a dict, the backbone weights, optionally a head's weights,
     and ``meta`` (plain values only: it must load with ``weights_only=True``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -56,14 +55,8 @@ def save_checkpoint(
         "head_state": None if head is None else {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:  # a Python file object: torch's own writer reports a full disk without the path
+        torch.save(payload, f)
     return path
 
 

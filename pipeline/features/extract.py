@@ -33,7 +33,7 @@ from pipeline.ava.splits import read_split_index, split_annotations
 from pipeline.features.backbone import PRESETS, BackboneConfig, pool_maps
 from pipeline.features.checkpoints import backbone_from_checkpoint, file_sha256
 from pipeline.features.clips import KeyframeClips, clip_loader
-from pipeline.features.runtime import torch_settings
+from pipeline.features.runtime import resolve_device, torch_settings
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     caller's again on return.
     """
     paths = ava.AvaPaths(data_root)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     threads = cpu_threads if device.type == "cpu" else None
     with torch_settings(threads=threads):
         store = FeatureStore.create(url, spec)
@@ -192,7 +192,7 @@ def extract_video(
         raise ValueError(f"{store.url}: the store's RoIAlign aligned={store.aligned}, the backbone's {backbone_cfg.aligned}")
     secs = sorted(int(s) for s in (secs if secs is not None else _video_secs(clips_loader, video_id)))
     table = proposals.for_keyframes(video_id, secs)
-    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    device = resolve_device(device) if device is not None else next(backbone.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else contextlib.nullcontext()
     # float16 storage: cast on the device (half the copy to the host, no slow numpy conversion)
     to_host = torch.float16 if store.storage.dtype == "float16" else torch.float32

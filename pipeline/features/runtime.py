@@ -1,4 +1,5 @@
-"""torch's process-wide settings for one block of work, restored after it (extraction and the training loops).
+"""torch's process-wide settings for one block of work, restored after it (extraction and the training loops), and
+the device a run asks for, checked before any work.
 
 torch keeps the intra-op thread count, the deterministic-algorithms flag and the default random generators per
 process; a library function that set them would change every later computation of its caller.
@@ -11,10 +12,48 @@ from typing import Iterator
 
 import torch
 
+from pipeline.errors import InputError
+
+
+class DeviceError(InputError):
+    """The requested torch device does not exist here; ``str(err)`` is the one-line reason."""
+
+    def __init__(self, device: object, reason: str):
+        super().__init__(None, None, f"device {str(device)!r} requested but {reason}")
+        self.args = (self.message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a ``torch.device`` once it is known to be usable (None: CUDA when available, else the CPU).
+
+    Without this check a missing GPU shows up after the data is loaded, as torch's "Torch not compiled with CUDA
+    enabled" or "invalid device ordinal" deep in a traceback; here it is one ``DeviceError`` before any work.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(device, f"it is not a torch device ({err})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(device, "torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(device, f"only {count} CUDA device(s) are visible (indices 0-{count - 1})")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(device, "torch.backends.mps.is_available() is False")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(device, "stctx runs on 'cpu', 'cuda[:N]' or 'mps'")
+    return resolved
+
 
 def _cuda_indices(device: str | torch.device | None) -> list[int]:
     """The CUDA generators a block may draw from: ``device``'s, or without one those already initialised."""
-    if device is not None and torch.device(device).type == "cuda":
+    if device is not None and resolve_device(device).type == "cuda":
         index = torch.device(device).index
         return [torch.cuda.current_device() if index is None else index]
     return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -32,6 +71,7 @@ def torch_settings(*, threads: int | None = None, deterministic: bool | None = N
     - The states of those generators (the CPU's, and ``device``'s or every initialised GPU's) are saved and restored
       (``torch.random.fork_rng``) whether or not ``seed`` is given: random draws inside the block, a model's
       initialisation say, do not move the caller's random stream.
+    - ``device`` must exist (``resolve_device``): a missing GPU is a ``DeviceError`` before the block runs.
 
     Also a decorator: ``@torch_settings()`` restores everything a call changes.
     """

@@ -46,7 +46,9 @@ from pipeline.ava.proposals import training_proposals
 from pipeline.features.backbone import PRESETS, BackboneConfig, build_backbone, pool_maps
 from pipeline.features.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from pipeline.features.clips import KeyframeClips, clip_loader
-from pipeline.features.runtime import torch_settings
+from pipeline.features.runtime import resolve_device, torch_settings
+from pipeline.outputs import check_writable
+from pipeline.progress import progress as progress_bar
 from pipeline.training.optim import param_groups, warmup_cosine_schedule
 
 
@@ -73,10 +75,23 @@ class FinetuneConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"invalid fine-tuning config {self}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        wrong = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, (rule, ok) in CHECKS.items()
+                 if not ok(getattr(self, name))]
+        if wrong:
+            raise ValueError("FinetuneConfig: " + "; ".join(wrong))
+
+
+# what each FinetuneConfig field must satisfy (also the CLI's argument types): (rule in words, test)
+CHECKS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "epochs": (">= 1", lambda v: v >= 1),
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "optimizer": ("'sgd' or 'adamw'", lambda v: v in ("sgd", "adamw")),
+    "lr": ("> 0", lambda v: v > 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "warmup_steps": (">= 0", lambda v: v >= 0),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "num_workers": (">= 0", lambda v: v >= 0),
+}
 
 
 def baseline_head(backbone_cfg: BackboneConfig, dropout: float = 0.5) -> BaselineHead:
@@ -137,6 +152,7 @@ def finetune_backbone(
     init: str | Path | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
+    progress: bool = True,
 ) -> dict:
     """Train backbone + baseline head on ``clips`` against ``proposals``; write our checkpoint to ``out_path``.
 
@@ -145,15 +161,18 @@ def finetune_backbone(
     for the backbone, and for the head where it carries a (K, C) projection; without it the weights are random
     (seeded by ``cfg.seed``, as are dropout and the flips; torch's random state is the caller's again on return).
     Returns dict(train_loss per epoch, step_loss, steps, clips, boxes, seconds, clips_per_s, checkpoint, sha256).
+    ``device`` must exist and ``out_path``'s folder be writable: both are checked before training. A progress bar
+    of the steps goes to stderr (``pipeline.progress``) when ``progress``.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
+    check_writable(Path(out_path).parent)
     with torch_settings(seed=cfg.seed, device=device):
-        return _finetune(backbone_cfg, clips, proposals, out_path, cfg, init, device, log)
+        return _finetune(backbone_cfg, clips, proposals, out_path, cfg, init, device, log, progress)
 
 
 def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: KeyframeBoxes, out_path: str | Path,
               cfg: FinetuneConfig, init: str | Path | None, device: torch.device, log: Callable[[str], None] | None,
-              ) -> dict:
+              progress: bool) -> dict:
     """The loop of ``finetune_backbone``, run inside its seeded ``torch_settings``."""
     backbone = build_backbone(backbone_cfg)
     head = baseline_head(backbone_cfg, cfg.dropout)
@@ -183,6 +202,7 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     epoch_loss, step_loss, num_boxes, start = [], [], 0, time.perf_counter()
+    bar = progress_bar(total=total, desc=f"finetune {backbone_cfg.name}", unit="step", disable=not progress)
     for epoch in range(cfg.epochs):
         loader.batch_sampler.set_epoch(epoch)
         model.train()
@@ -208,9 +228,12 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
             losses.append(loss.item() * len(labels))
             weights.append(len(labels))
             num_boxes += len(labels)
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{step_loss[-1]:.4f}", refresh=False)
+            bar.update(1)
         epoch_loss.append(sum(losses) / sum(weights))
         if log:
             log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss[-1]:.4f} ({time.perf_counter() - start:.1f} s)")
+    bar.close()
     seconds = time.perf_counter() - start
 
     meta = {
@@ -246,7 +269,10 @@ def finetune_on_ava(
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """``finetune_backbone`` on an AVA folder (real or mini-AVA): the split's training proposals (ground truth +
-    detector boxes >= ``threshold``), excluded keyframes left out, frames located through the frame list."""
+    detector boxes >= ``threshold``), excluded keyframes left out, frames located through the frame list.
+    The device and ``out_path``'s folder are checked first, before the annotations are read."""
+    resolve_device(device)
+    check_writable(Path(out_path).parent)
     paths = AvaPaths(ava_root)
     proposals = training_proposals(
         read_groundtruth(paths.groundtruth(split)).frame(), read_detections(paths.detections(split)).frame(), threshold
@@ -288,8 +314,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+            parser.add_argument(flag, type=_checked(flag, kind, f.name),
+                                default=getattr(defaults, f.name), metavar=f.name.upper())
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def _checked(flag: str, kind: type, field: str) -> Callable[[str], object]:
+    """An argparse type: ``kind(text)`` that passes the field's ``CHECKS`` entry, else a usage error
+    "--flag must be <rule>" (before any data is read, not as a traceback from ``FinetuneConfig``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind.__name__}, got {text!r}") from None
+        rule, ok = CHECKS.get(field, ("", lambda v: True))
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{flag} must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def run_cli(args: argparse.Namespace) -> int:

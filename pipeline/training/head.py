@@ -17,14 +17,15 @@ H W map (padded), T_f fast frames, K classes (80). Box convention: see ``cache/s
 
 Evaluation runs the head over the validation proposals, turns the sigmoid scores of the 60 evaluated classes into
 AVA detection rows in memory and scores them with ``pipeline.ava.evaluation.evaluate_frame_map`` (official protocol).
-The run writes ``metrics.json`` and a self-describing checkpoint ``head.pt`` beside it.
+The run writes a self-describing checkpoint ``head.pt`` and then ``metrics.json`` into a temporary sibling of its
+folder, renamed into place at the end: a failed run leaves no folder that looks like a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +34,16 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cache.reader import CacheDataset, collate_runs, make_loader, to_device
 from cache.roi import actor_features as recompute_actor_features, box_pixels
 from cache.schema import BOX_FIELDS, SCHEMA_VERSION, SPATIAL_SCALE
 from cache.store import CacheError, FeatureStore
 from heads import HeadConfig, HeadInputs, build_head
-from pipeline.features.runtime import torch_settings
+from pipeline.errors import InputError
+from pipeline.features.runtime import resolve_device, torch_settings
+from pipeline.outputs import OutputError, atomic_file, temporary_dir, write_json
+from pipeline.progress import progress as progress_bar
 from pipeline.training.optim import param_groups, warmup_cosine_schedule
 
 CHECKPOINT_FORMAT = "stctx-head"
@@ -270,18 +273,37 @@ def train_head(
     val_split: str = "val",
     progress: bool = True,
 ) -> dict:
-    """Train ``config`` on the cache ``store`` and evaluate it; writes ``metrics.json`` and ``head.pt`` in ``out_dir``.
+    """Train ``config`` on the cache ``store`` and evaluate it; writes ``metrics.json`` and ``head.pt`` in ``out_dir``,
+    which appears whole at the end (a failure leaves nothing there; ``OutputError`` when it cannot be written).
 
     ``config`` is resolved against the sizes the store's splits record (``HeadConfig.resolve`` of ``feature_spec``);
     the resolved config is the one trained and recorded. ``groundtruth``/``labelmap``/``exclusions``: the
     validation annotations (paths or what ``evaluate_frame_map`` takes). Returns the metrics dict (also in
     ``metrics.json``): variant, seed, mAP (a fraction), per-class AP, category means, train time, train keyframes/s.
+    ``device`` must exist (``resolve_device``) and the validation ground truth must hold a box the evaluation counts
+    (``check_groundtruth``); both are checked before training. ``progress``: a bar on stderr (``pipeline.progress``).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = feature_spec(FeatureStore.open(store), (train_split, val_split))
     config = config.resolve(spec)
+    check_groundtruth(groundtruth, labelmap, exclusions, val_split)
+    work = temporary_dir(out_dir)  # also removes the temporaries of dead runs and proves out_dir's folder writable
+    try:
+        metrics = _train_and_evaluate(config, spec, store, work, groundtruth=groundtruth, labelmap=labelmap,
+                                      exclusions=exclusions, train=train, seed=seed, device=device,
+                                      train_split=train_split, val_split=val_split, progress=progress)
+        install_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return metrics
+
+
+def _train_and_evaluate(config: HeadConfig, spec: dict, store: str | Path, work: Path, *, groundtruth, labelmap,
+                        exclusions, train: TrainConfig, seed: int, device: torch.device, train_split: str,
+                        val_split: str, progress: bool) -> dict:
+    """The body of ``train_head``: train, evaluate, write ``head.pt`` then ``metrics.json`` into ``work``."""
     cpu = device.type == "cpu"
     with torch_settings(seed=seed, device=device, deterministic=True if cpu else None,
                         threads=train.cpu_threads if cpu else None):
@@ -297,9 +319,8 @@ def train_head(
         losses: list[float] = []
         seen = 0
         start = time.perf_counter()
-        # a bar on a terminal only (disable=None): in a log file every refresh would be another line
-        bar = tqdm(total=total, desc=f"train {config.name} seed {seed}", unit="step", leave=False, mininterval=0.5,
-                   disable=None if progress else True)
+        bar = progress_bar(total=total, desc=f"train {config.name} seed {seed}", unit="step", leave=False,
+                           mininterval=0.5, disable=not progress)
         model.train()
         for epoch in range(train.epochs):
             for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers):
@@ -311,8 +332,9 @@ def train_head(
                 loss = train_step(model, batch, config.needs, optimizer, scheduler, train.grad_clip)
                 losses.append(loss.item())
                 seen += len(batch["sec"])
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", kf_s=f"{seen / (time.perf_counter() - start):.0f}",
+                                refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", kf_s=f"{seen / (time.perf_counter() - start):.0f}")
         bar.close()
         train_time = time.perf_counter() - start
         del train_data
@@ -331,11 +353,38 @@ def train_head(
         "loss_curve": [float(np.mean(losses[i:i + steps_per_epoch])) for i in range(0, len(losses), steps_per_epoch)],
         "device": str(device), "head_config": config.to_dict(), "train_config": train.to_dict(), "features": spec,
     }
-    save_head(out_dir / "head.pt", model, config, train, spec, metrics)
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    tmp.replace(out_dir / "metrics.json")
+    save_head(work / "head.pt", model, config, train, spec, metrics)
+    write_json(work / "metrics.json", metrics)  # last: a folder with metrics.json is a finished run
     return metrics
+
+
+def check_groundtruth(groundtruth, labelmap, exclusions, split: str = "val") -> None:
+    """Refuse, before any training, validation annotations without a ground-truth box the evaluation counts (of a
+    label-map class, not excluded): their frame-mAP is undefined and the run would record ``"mAP": null``."""
+    from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
+
+    labels = load_labelmap(labelmap)
+    none = detections_from_scores([], np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, len(labels))), sorted(labels))
+    if evaluate_frame_map(groundtruth, none, labels, exclusions).mAP is None:
+        path = groundtruth if isinstance(groundtruth, (str, Path)) else None
+        raise InputError(path, None, f"no ground-truth boxes in the {split} split: frame-mAP undefined "
+                                     "(none of a label-map class outside the excluded keyframes)")
+
+
+def install_dir(work: Path, out: Path) -> None:
+    """Rename the finished folder ``work`` to ``out``, replacing a previous ``out`` (a rerun, or an empty folder an
+    older version left behind). The old folder is first renamed to a temporary of this run, so a crash in between
+    leaves a temporary the next run removes, never a half-replaced ``out``."""
+    try:
+        if out.exists():
+            old = temporary_dir(out)
+            out.rename(old)  # onto the empty folder temporary_dir made
+            work.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            work.rename(out)
+    except OSError as err:
+        raise OutputError(out, err) from None
 
 
 @torch.no_grad()
@@ -385,9 +434,8 @@ def save_head(path: Path, model, config: HeadConfig, train: TrainConfig, spec: d
         "schema_version": SCHEMA_VERSION, "mAP": metrics["mAP"], "seed": metrics["seed"],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as f:  # a Python file object: a write error names the path (torch's own writer does not)
+        torch.save(payload, f)
 
 
 def load_head(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
