@@ -78,13 +78,15 @@ def _slug(text: str) -> str:
 
 
 def store_name(schema_version: int, backbone_sha256: str, extraction_config: Mapping) -> str:
-    """``<readable slug>-<12 hex>``: the slug from the config's ``backbone`` name and storage dtype, the hash
+    """``<readable slug>-<12 hex>``: the slug from the config's dataset (when it names one), ``backbone`` name and
+    storage dtype, the hash
     of exactly (schema version, backbone sha256, canonical JSON of the extraction config)."""
     ident = canonical_json(
         {"schema_version": schema_version, "backbone_sha256": backbone_sha256, "extraction_config": extraction_config}
     )
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    parts = [str(extraction_config.get("backbone", "features"))]
+    parts = [str(extraction_config["dataset"])] if "dataset" in extraction_config else []
+    parts.append(str(extraction_config.get("backbone", "features")))
     storage = extraction_config.get("storage")
     if isinstance(storage, Mapping) and "dtype" in storage:
         parts.append(str(storage["dtype"]))

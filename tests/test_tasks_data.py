@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 import tasks
+from cache.store import CacheError
 from pipeline.ava.files import AvaPaths
 
 ABLATION = dict(dataset="ava", seeds=[0], variants=["st"], epochs=1)
@@ -80,3 +81,18 @@ def test_same_data_elsewhere_is_the_same_data(ava_run, tiny_ava, tmp_path):
     """Content, not paths: a copy of the folder under another name finds every result of the first."""
     ava_run(_copy(tiny_ava, tmp_path, "a"))
     assert ava_run(_copy(tiny_ava, tmp_path, "elsewhere")) == []
+
+
+def test_a_chunk_lost_from_a_committed_store_stops_training(ava_run, tiny_ava, tmp_path, luigi_config, luigi_run):
+    """A new head run on a store that lost a file refuses it, naming the video and the array."""
+    ava_run(_copy(tiny_ava, tmp_path, "a"))
+    (store,) = (luigi_config / "cache").glob("*.zarr")
+    assert store.name.startswith("ava-mini-")  # the store is named after the data's dataset and the backbone
+    lost = sorted((store / "videos").glob("*/slow/c/*/*/*/*"))[0]
+    lost.unlink()
+    video = lost.relative_to(store / "videos").parts[0]
+    task = tasks.TrainHead(dataset="ava", variant="baseline", seed=5, epochs=1)
+    assert all(t.complete() for t in task.requires().values())  # the store looks committed
+    with pytest.raises(CacheError, match=f"video '{video}': array 'slow' misses"):
+        task.run()
+    assert not task.run_dir().exists()
