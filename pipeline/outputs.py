@@ -6,6 +6,7 @@
 - ``temporary_dir(out)``: a new sibling folder ``<out>.tmp-<host>-<pid>-<random>`` to build ``out`` in and rename.
   It first removes the siblings of earlier runs on this host whose process is gone (``remove_dead_temporaries``),
   so a killed run's 0.5 GB half-written folder does not stay behind under a new name every time.
+- ``built_dir(out)``: a ``temporary_dir`` that replaces ``out`` when its ``with`` block succeeds, removed if not.
 - ``check_writable(folder)``: fails at once, before hours of work, when ``folder`` cannot be created or written.
 """
 
@@ -93,6 +94,29 @@ def temporary_dir(out: str | Path) -> Path:
     except OSError as err:
         raise OutputError(out, err) from None
     return tmp
+
+
+@contextmanager
+def built_dir(out: str | Path) -> Iterator[Path]:
+    """``with built_dir(out) as work: ...``: build ``out`` in a ``temporary_dir`` that replaces it when the block
+    ends without an error and is removed when it raises. A previous ``out`` is first renamed onto a temporary of this
+    run, so a crash in between leaves a temporary the next run removes, never a half-replaced ``out``."""
+    out = Path(out)
+    work = temporary_dir(out)
+    try:
+        yield work
+        if out.exists():
+            old = temporary_dir(out)
+            out.rename(old)  # onto the empty folder temporary_dir made
+            work.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            work.rename(out)
+    except BaseException as err:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(out, err) from None
+        raise
 
 
 def remove_dead_temporaries(out: str | Path) -> list[Path]:

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.outputs import OutputError, atomic_file, temporary_dir, write_text
+from pipeline.outputs import atomic_file, built_dir, write_text
 
 # Classes whose evidence lies outside the actor box or in the order of events (AVA action ids).
 CONTEXT_CLASSES: dict[int, str] = {
@@ -141,16 +141,8 @@ def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dirs: 
             result["variant"] = labels[p]
         results.append(result)
     notes = [f"Runs: {', '.join(sorted({Path(p).parent.parent.name for p in metrics_files}))}"]
-    work = temporary_dir(out_dir)  # also removes the temporaries of dead runs
-    try:
+    with built_dir(out_dir) as work:  # also removes the temporaries of dead runs
         write_ablation(results, work, paper, order, title, notes)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        work.rename(out_dir)
-    except BaseException as err:
-        shutil.rmtree(work, ignore_errors=True)
-        if isinstance(err, OSError) and not isinstance(err, OutputError):
-            raise OutputError(out_dir, err) from None
-        raise
     latest = {}
     for latest_dir in [latest_dirs] if isinstance(latest_dirs, Path) else latest_dirs:
         for kind, name in (("md", "table1.md"), ("csv", "table1.csv"), ("png", "table1.png")):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from cache.store import CacheError, FeatureStore
 from heads import HeadConfig, HeadInputs, build_head
 from pipeline.errors import InputError
 from pipeline.features.runtime import resolve_device, torch_settings
-from pipeline.outputs import OutputError, atomic_file, temporary_dir, write_json
+from pipeline.outputs import atomic_file, built_dir, write_json
 from pipeline.progress import progress as progress_bar
 from pipeline.training.optim import param_groups, warmup_cosine_schedule
 
@@ -288,15 +287,11 @@ def train_head(
     spec = feature_spec(FeatureStore.open(store), (train_split, val_split))
     config = config.resolve(spec)
     check_groundtruth(groundtruth, labelmap, exclusions, val_split)
-    work = temporary_dir(out_dir)  # also removes the temporaries of dead runs and proves out_dir's folder writable
-    try:
+    # built beside out_dir (which also removes the temporaries of dead runs and proves the folder writable)
+    with built_dir(out_dir) as work:
         metrics = _train_and_evaluate(config, spec, store, work, groundtruth=groundtruth, labelmap=labelmap,
                                       exclusions=exclusions, train=train, seed=seed, device=device,
                                       train_split=train_split, val_split=val_split, progress=progress)
-        install_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return metrics
 
 
@@ -369,22 +364,6 @@ def check_groundtruth(groundtruth, labelmap, exclusions, split: str = "val") -> 
         path = groundtruth if isinstance(groundtruth, (str, Path)) else None
         raise InputError(path, None, f"no ground-truth boxes in the {split} split: frame-mAP undefined "
                                      "(none of a label-map class outside the excluded keyframes)")
-
-
-def install_dir(work: Path, out: Path) -> None:
-    """Rename the finished folder ``work`` to ``out``, replacing a previous ``out`` (a rerun, or an empty folder an
-    older version left behind). The old folder is first renamed to a temporary of this run, so a crash in between
-    leaves a temporary the next run removes, never a half-replaced ``out``."""
-    try:
-        if out.exists():
-            old = temporary_dir(out)
-            out.rename(old)  # onto the empty folder temporary_dir made
-            work.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            work.rename(out)
-    except OSError as err:
-        raise OutputError(out, err) from None
 
 
 @torch.no_grad()
