@@ -294,8 +294,10 @@ def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int
     """The minimal backbone step of the mini pipeline: the ``mini`` SlowFast from random weights, trained end to end
     with the baseline head on the mini-AVA training split (``pipeline.training.finetune``).
 
-    4 epochs over the default mini-AVA's 1152 training keyframes (576 steps) take about 170 s on 2 cores, a
-    third of the mini demo's budget. See README for how Table 1 on the mini-AVA moves with this number."""
+    4 epochs over the default mini-AVA's 1152 training keyframes (576 steps): 161 s on one 2-core Xeon, 440-458 s on
+    another (same model name, AVX-512, measured 2026-12-03 with the code before and after the error-handling work)
+    and 505 s on a 2-core AMD EPYC (docs/benchmarks.md): the largest part of the mini demo's time. See README for how
+    Table 1 on the mini-AVA moves with this number."""
     return finetune_on_ava(data_root, out_path, PRESETS["mini"], FinetuneConfig(epochs=epochs, seed=seed),
                            device=device, log=None)
 
