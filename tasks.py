@@ -81,6 +81,42 @@ def _install_logging() -> None:
 
 _install_logging()
 
+_SCHEDULER_FLAGS = ("--scheduler-host", "--scheduler-port", "--scheduler-url", "--local-scheduler")
+_SCHEDULER_OPTIONS = ("scheduler_host", "scheduler-host", "default-scheduler-host", "default_scheduler_host",
+                      "scheduler_port", "scheduler-port", "default-scheduler-port", "default_scheduler_port",
+                      "scheduler_url", "scheduler-url", "default-scheduler-url", "default_scheduler_url",
+                      "local_scheduler", "local-scheduler")
+
+
+def default_local_scheduler(argv: list[str], config=None) -> bool:
+    """``luigi --module tasks X`` runs with the local scheduler unless a central one is named: ``--scheduler-host``,
+    ``--scheduler-port`` or ``--scheduler-url`` on the command line, or a scheduler (or ``local_scheduler``) set in
+    ``[core]`` of luigi.cfg. Luigi imports this module while parsing its command line, before it reads ``[core]``,
+    so setting the option here decides. Returns whether the local scheduler was chosen."""
+    config = config if config is not None else luigi.configuration.get_config()
+    if any(arg.split("=", 1)[0] in _SCHEDULER_FLAGS for arg in argv) or any(
+            config.has_option("core", option) for option in _SCHEDULER_OPTIONS):
+        if "--local-scheduler" not in argv:
+            _cluster_retcodes(config)
+        return False
+    config.set("core", "local_scheduler", "true")
+    return True
+
+
+def _cluster_retcodes(config) -> None:
+    """With a central scheduler, tasks that other workers ran (Luigi's "run by other worker" and "not granted run
+    permission") are how a team shares work, not a failure: they exit 0. Failed tasks (30), missing data (20) and
+    scheduling errors (35) still exit non-zero; so does a second identical command on one host only with the local
+    scheduler (with luigid it exits 0 and says "already running")."""
+    if not config.has_section("retcode"):
+        config.add_section("retcode")
+    for option in ("already_running", "not_run"):
+        config.set("retcode", option, "0")
+
+
+if Path(sys.argv[0]).name == "luigi":  # the `luigi` command line; luigi.build() callers choose for themselves
+    default_local_scheduler(sys.argv[1:])
+
 
 @luigi.Task.event_handler(luigi.Event.SUCCESS)
 def _result_line(task: luigi.Task) -> None:
@@ -434,19 +470,29 @@ class FeatureCache(_CacheTask):
     split = luigi.ChoiceParameter(choices=["train", "val"], default="val")
 
     def requires(self):
-        return [self.data(), self.backbone(), *self.indexes().values()]
+        """The videos' ExtractVideo tasks too once the split's index exists, so that the scheduler hands them out to
+        every worker (with luigid, several machines); before that they are yielded from ``run``. Decided once per
+        task object: Luigi checks ``requires`` again just before ``run`` and fails a task whose requirements grew."""
+        prereqs = [self.data(), self.backbone(), *self.indexes().values()]
+        if getattr(self, "_static_extractions", None) is None:
+            self._static_extractions = all(t.complete() for t in prereqs)
+        return prereqs + (self.extractions() if self._static_extractions else [])
+
+    def extractions(self) -> list:
+        from pipeline.ava.splits import read_split_index
+
+        _, keyframes, _ = read_split_index(self.indexes()[self.split].folder())
+        return [self.clone(ExtractVideo, video=v) for v in sorted({v for v, _ in keyframes})]
 
     def output(self):
         return StoreTarget(self, split=self.split)
 
     def run(self):
-        from pipeline.ava.splits import read_split_index
         from pipeline.features.extract import commit_split
 
-        _, keyframes, _ = read_split_index(self.indexes()[self.split].folder())
-        videos = sorted({v for v, _ in keyframes})
-        yield [self.clone(ExtractVideo, video=v) for v in videos]
-        commit_split(self.store_url(), self.spec(), self.split, videos)
+        extractions = self.extractions()
+        yield extractions
+        commit_split(self.store_url(), self.spec(), self.split, [t.video for t in extractions])
 
     def result_line(self) -> str:
         return f"FeatureCache {self.dataset} {self.split}: committed in {self.store_url()}"
