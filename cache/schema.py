@@ -9,9 +9,12 @@ Layout of a store (a directory or an fsspec URL, Zarr v3)::
     <store>/videos/<video_id>/        one group per video, written by one task
         sec, box_offsets, boxes, box_source, box_score, labels, person_id, slow, fast, fast_seq, actor
         [slow_scale, slow_offset, fast_scale, fast_offset]      only with uint8 storage
-        attrs: video_id, image_hw, map_hw, keyframes, boxes, provenance, ``complete`` (the marker), and
-        ``committed_to`` (the splits whose manifests list the video, added by each commit)
+        attrs: video_id, image_hw, map_hw, keyframes, boxes, provenance, ``complete`` (the marker),
+        ``committed_to`` (the splits whose manifests list the video, added by each commit), ``split`` and
+        ``proposals_sha256`` (what the group was extracted for: its split and a digest of its box arrays), and
+        ``writer`` (claim id, worker, host, pid, started, finished; what it replaced)
     <store>/manifests/<split>/        attrs: the committed list of videos of a split, counts, checksums
+    <store>/claims/<video_id>/<claim id>.json   who is writing a video now (not zarr metadata; ``cache.claims``)
 
 Box convention (stated here once; everything else refers to it):
     boxes are normalised ``x1 y1 x2 y2`` in [0, 1] of the keyframe, x to the right, y down. For RoIAlign
@@ -50,6 +53,10 @@ VIDEOS_GROUP = "videos"
 MANIFESTS_GROUP = "manifests"
 COMPLETE_ATTR = "complete"
 COMMITTED_ATTR = "committed_to"
+SPLIT_ATTR = "split"
+PROPOSALS_ATTR = "proposals_sha256"
+WRITER_ATTR = "writer"
+CLAIMS_PREFIX = "claims"  # outside VIDEOS_GROUP: deleting a video group never deletes its claims
 CHUNK_KEY_PREFIX = "c"  # zarr v3's "default" chunk key encoding with "/": c/<i>/<j>/...
 
 SOURCE_GT = 0

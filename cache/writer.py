@@ -6,10 +6,21 @@ C_s/C_f slow/fast channels, H W map, T_f fast frames, R RoI side, K classes. Box
 
 Keyframes are appended in order, so the writer buffers whole shards (one write per shard, no
 read-modify-write) and keeps a running CRC-32 of every array's stored bytes for the marker.
+
+Ownership (``cache.claims``): the writer claims the video before it touches the group, refreshes the claim on every
+batch, and before the completion marker checks that the claim and the group are still its own; a writer that lost
+its claim raises ``ClaimLostError`` and writes no marker. The group records what it was extracted for (``split``,
+``proposals_sha256``: a digest of its box arrays, ``boxes_digest``) and who wrote it (``writer``: claim id, worker,
+host, pid, start and finish time, and what it replaced). Files follow the umask: zarr's ``LocalStore`` writes
+through ``open()`` and ``mkdir()``, which apply it (``tests/test_cache_claims.py`` checks the modes).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import os
+import socket
 import zlib
 from typing import Mapping
 
@@ -18,20 +29,31 @@ import zarr
 import zarr.codecs as zc
 
 from cache.boxes import KeyframeBoxes
+from cache.claims import DEFAULT_TTL, Claim, ClaimLostError, claim_video
 from cache.schema import (
     ARRAYS,
     COMPLETE_ATTR,
+    PROPOSALS_ATTR,
     QUANTISED_MAPS,
+    SPLIT_ATTR,
     VIDEOS_GROUP,
+    WRITER_ATTR,
     ArraySpec,
     StorageConfig,
     array_shapes,
 )
-from cache.store import FeatureStore, provenance
+from cache.store import CacheError, FeatureStore, provenance
 
 
 class VideoExistsError(FileExistsError):
     """The video group is already complete; delete it first to rewrite it."""
+
+
+class VideoOriginError(CacheError):
+    """A complete video group was extracted for another split or another set of proposal boxes."""
+
+
+BOX_ARRAYS: tuple[str, ...] = ("sec", "box_offsets", "boxes", "box_source", "box_score", "labels", "person_id")
 
 
 def box_arrays(boxes: KeyframeBoxes) -> dict[str, np.ndarray]:
@@ -45,6 +67,52 @@ def box_arrays(boxes: KeyframeBoxes) -> dict[str, np.ndarray]:
         "labels": boxes.labels,
         "person_id": boxes.person_id,
     }
+
+
+def boxes_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """``sha256:<hex>`` of a video's box arrays (``box_arrays(boxes)``, or those read from its group) in their schema
+    dtypes: keyframe seconds, offsets, boxes, sources, scores, labels and person ids. The proposal set a group was
+    extracted for: another split's boxes or another threshold give another digest."""
+    h = hashlib.sha256()
+    for name in BOX_ARRAYS:
+        a = np.ascontiguousarray(np.asarray(arrays[name]), dtype=ARRAYS[name].dtype)
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.data.cast("B") if a.size else b"")
+    return f"sha256:{h.hexdigest()}"
+
+
+def video_origin(store: FeatureStore, video_id: str) -> dict:
+    """``{"split": ..., "proposals_sha256": ...}`` of a complete video group; groups written before these attributes
+    existed have no split (None) and get the digest of their stored box arrays."""
+    group = store.video(video_id)
+    attrs = group.attrs.asdict()
+    digest = attrs.get(PROPOSALS_ATTR)
+    if digest is None:
+        digest = boxes_digest({name: group[name][...] for name in BOX_ARRAYS})
+    return {SPLIT_ATTR: attrs.get(SPLIT_ATTR), PROPOSALS_ATTR: digest}
+
+
+def check_origin(store: FeatureStore, video_id: str, *, boxes: KeyframeBoxes, split: str | None = None) -> None:
+    """Refuse (``VideoOriginError``) a complete group extracted for another split than ``split`` (when both are
+    known) or for other boxes than ``boxes`` (the video's keyframes, as ``VideoWriter`` takes them)."""
+    origin = video_origin(store, video_id)
+    where = f"{store.url}: video {video_id!r}"
+    if split is not None and origin[SPLIT_ATTR] is not None and origin[SPLIT_ATTR] != split:
+        raise VideoOriginError(
+            f"{where} was extracted for split {origin[SPLIT_ATTR]!r}, not {split!r}: a video of two splits cannot "
+            "share one group; extract the other split into a store of its own"
+        )
+    want = boxes_digest(box_arrays(boxes))
+    if origin[PROPOSALS_ATTR] != want:
+        raise VideoOriginError(
+            f"{where} was extracted with other proposal boxes (digest {origin[PROPOSALS_ATTR][:19]}..., these give "
+            f"{want[:19]}...): the annotations, detections or keyframes changed; delete videos/{video_id} to "
+            "re-extract it, or extract into a new store"
+        )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def quantise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,8 +197,14 @@ class VideoWriter:
         w.finish()
 
     ``boxes`` are the video's keyframes (``KeyframeBoxes.for_keyframes``): their ``timestamps`` are the keyframe
-    seconds (strictly increasing), every ``video_ids`` entry is ``video_id``. An incomplete group left by a dead
-    writer is deleted here; a complete one raises ``VideoExistsError``.
+    seconds (strictly increasing), every ``video_ids`` entry is ``video_id``. ``split``: recorded in the group (see
+    ``check_origin``).
+
+    Ownership: ``claim`` (from ``cache.claims.claim_video``, or taken here with ``ttl`` and ``worker``; a live claim
+    of another writer raises ``VideoClaimedError``). The writer owns the claim from then on: it releases it after
+    the marker, or on an error here; ``abandon()`` (or leaving a ``with`` block before ``finish()``) releases it
+    and leaves the partial group to the next writer. An incomplete group without a live claim (its writer died) is
+    deleted here; a complete one raises ``VideoExistsError``.
     """
 
     def __init__(
@@ -143,6 +217,10 @@ class VideoWriter:
         map_hw: tuple[int, int],
         channels: tuple[int, int, int],
         attributes: Mapping | None = None,
+        split: str | None = None,
+        claim: Claim | None = None,
+        ttl: float = DEFAULT_TTL,
+        worker: str | None = None,
     ):
         self.store = store
         self.video_id = video_id
@@ -158,10 +236,34 @@ class VideoWriter:
         self.image_hw = tuple(int(v) for v in image_hw)
         self.channels = tuple(int(v) for v in channels)
 
+        if claim is not None and (claim.video_id != video_id or claim.store.url != store.url):
+            raise ValueError(f"{video_id}: the claim is of video {claim.video_id!r} in {claim.store.url}")
+        self.claim = claim if claim is not None else claim_video(store, video_id, ttl=ttl, worker=worker)
+        self.finished = False
+        try:
+            self._create_group(attributes, split)
+        except BaseException:
+            self.claim.release()
+            raise
+        self.keyframes_done = 0
+        self.boxes_done = 0
+
+    def _create_group(self, attributes: Mapping | None, split: str | None) -> None:
+        store, video_id, boxes = self.store, self.video_id, self.boxes
+        self.claim.refresh()
         status = store.video_attrs(video_id)
         if status is not None and COMPLETE_ATTR in status:
             raise VideoExistsError(f"{store.url}: video {video_id!r} is already complete")
-        store.delete_video(video_id)  # whatever a dead writer left
+        self.claim.delete_partial()  # the claim is ours: whatever is there, a dead writer left it
+        small = box_arrays(boxes)
+        self.writer = {
+            "claim": self.claim.id,
+            "worker": self.claim.worker,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _now(),
+            **({"replaced": list(self.claim.replaced)} if self.claim.replaced else {}),
+        }
         c_s, c_f, t_f = self.channels
         self.group = store.root.require_group(VIDEOS_GROUP).create_group(
             video_id,
@@ -173,13 +275,15 @@ class VideoWriter:
                 "map_hw": list(self.map_hw),
                 "channels": {"slow": c_s, "fast": c_f, "time_fast": t_f},
                 "provenance": provenance(),
+                SPLIT_ATTR: split,
+                PROPOSALS_ATTR: boxes_digest(small),
+                WRITER_ATTR: self.writer,
                 **(dict(attributes) if attributes else {}),
             },
         )
         shapes = array_shapes(self.num_keyframes, boxes.num_boxes, self.channels, self.map_hw)
         self.crc: dict[str, int] = {}
         self.columns: dict[str, _Column] = {}
-        small = box_arrays(boxes)
         for spec in self.storage.arrays():
             if spec.name in small:
                 data = small[spec.name]
@@ -191,8 +295,6 @@ class VideoWriter:
                 array = self._create(spec, shapes[spec.name])
                 per_shard = self.storage.keyframes_per_shard if spec.per == "keyframe" else self.storage.boxes_per_shard
                 self.columns[spec.name] = _Column(array, per_shard)
-        self.keyframes_done = 0
-        self.boxes_done = 0
 
     def _create(self, spec: ArraySpec, shape: tuple[int, ...]) -> zarr.Array:
         dtype = self.storage.dtype_of(spec)
@@ -215,6 +317,8 @@ class VideoWriter:
         actor (N, C_s + C_f, R, R) for exactly the boxes of these keyframes, in box-table order.
         numpy arrays or torch tensors (any float dtype, any device)."""
         slow, fast, fast_seq, actor = (_as_numpy(x) for x in (slow, fast, fast_seq, actor))
+        # still ours (ClaimLostError if taken over), expiry pushed at most every ttl/4: one small read per batch
+        self.claim.refresh(min_interval=self.claim.ttl / 4)
         b = len(slow)
         t0, t1 = self.keyframes_done, self.keyframes_done + b
         if t1 > self.num_keyframes:
@@ -244,18 +348,44 @@ class VideoWriter:
         self.keyframes_done, self.boxes_done = t1, self.boxes_done + n
 
     def finish(self) -> dict:
-        """Flush the last shards, then write the completion marker (last). Returns the marker."""
+        """Flush the last shards, check that the video is still this writer's, then write the completion marker
+        (last) and release the claim. Returns the marker. ``ClaimLostError`` (and no marker) if another writer took
+        the video over."""
         if self.keyframes_done != self.num_keyframes:
             raise ValueError(f"{self.video_id}: finish() after {self.keyframes_done} of {self.num_keyframes} keyframes")
-        for name, column in self.columns.items():
-            column.close()
-            self.crc[name] = column.crc
+        try:
+            for name, column in self.columns.items():
+                column.close()
+                self.crc[name] = column.crc
+            self.claim.refresh()
+            stored = (self.store.video_attrs(self.video_id) or {}).get(WRITER_ATTR) or {}
+            if stored.get("claim") != self.claim.id:
+                raise ClaimLostError(
+                    f"{self.store.url}: video {self.video_id!r}: the group is no longer this writer's (claim "
+                    f"{self.claim.id}) but {stored.get('worker')!r}'s (claim {stored.get('claim')}): no marker written"
+                )
+        except ClaimLostError:
+            self.claim.release()
+            raise
         marker = {
             "keyframes": self.num_keyframes,
             "boxes": self.boxes.num_boxes,
             "checksums": {k: f"crc32:{v:08x}" for k, v in sorted(self.crc.items())},
         }
+        self.writer = {**self.writer, "finished": _now()}
         # one atomic rewrite of the group's zarr.json, after every chunk is in the store
-        self.group.update_attributes({COMPLETE_ATTR: marker})
+        self.group.update_attributes({WRITER_ATTR: self.writer, COMPLETE_ATTR: marker})
+        self.finished = True
+        self.claim.release()
         return marker
 
+    def abandon(self) -> None:
+        """Stop writing: release the claim and leave the incomplete group (the next writer deletes it)."""
+        self.claim.release()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.finished:
+            self.abandon()

@@ -3,6 +3,7 @@ safety (subprocesses), verify/info, and stored == recomputed actor features."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -127,6 +128,10 @@ def test_incomplete_group_is_invisible_and_rewritten(tmp_path):
     with pytest.raises(CacheError, match="incomplete"):
         store.video("half")
     assert cache_main(["verify", str(tmp_path / "s")]) == 1
+    with pytest.raises(CacheError, match="being written"):  # while its writer lives, its group is its own
+        write_synthetic_video(store, "half", seed=2)
+    del w
+    gc.collect()  # the writer is gone: its claim is dead at once
     write_synthetic_video(store, "half", seed=2)  # the rerun deletes the partial group and writes it anew
     assert store.video_ids() == ["done", "half"]
     assert verify_store(str(tmp_path / "s")).ok

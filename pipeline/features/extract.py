@@ -3,9 +3,11 @@
 Shape legend: B clips, N boxes, C_s/C_f slow/fast channels, T_s/T_f slow/fast time, h w res5 map,
 R RoI side (7). Box convention: see ``cache/schema.py``.
 
-One call writes one video group (one Luigi task per video). A complete group is never recomputed;
-a partial one (a crashed run) is deleted and rewritten; the group's completion marker is written
-last, so a killed extraction leaves nothing that looks complete.
+One call writes one video group (one Luigi task per video). A complete group is never recomputed (but
+refused if it was extracted for another split or other proposal boxes); a partial one (a crashed run) is
+deleted and rewritten; the group's completion marker is written last, so a killed extraction leaves nothing
+that looks complete. The video is claimed first (``cache.claims``): while another run or host writes it, the
+call waits, then finds it complete and skips it, or takes it over if that writer died.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import torch
 import torch.nn as nn
 
 from cache.boxes import KeyframeBoxes
+from cache.claims import DEFAULT_TTL, wait_for_claim
 from cache.roi import actor_features, box_clip_index
-from cache.schema import Compressor, StorageConfig, StorageDtype
+from cache.schema import SPLIT_ATTR, Compressor, StorageConfig, StorageDtype
 from cache.store import CacheSpec, FeatureStore
-from cache.writer import VideoWriter
+from cache.writer import VideoOriginError, VideoWriter, check_origin
 from pipeline.ava import files as ava
 from pipeline.ava.files import make_key
 from pipeline.ava.splits import read_split_index, split_annotations
@@ -80,14 +83,14 @@ def store_url(root: str | Path, spec: CacheSpec) -> Path:
 def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
                         spec: CacheSpec, extraction: ExtractionConfig = ExtractionConfig(),
                         device: str | None = None, num_workers: int = 0, index: str | Path | None = None,
-                        cpu_threads: int | None = 1) -> dict:
+                        cpu_threads: int | None = 1, worker: str | None = None, claim_ttl: float = DEFAULT_TTL) -> dict:
     """Extract one video of a split into the store at ``url`` (created with ``spec`` if absent).
 
     ``index``: the split's index folder (``write_split_index``); without it the annotation files and the frame list
     are read here, which on AVA costs seconds per video. ``cpu_threads``: torch threads on a CPU device; one per
     task lets Luigi's parallel workers share the cores (two workers with two threads each ran the mini-AVA train
     split 3x slower than one worker), None keeps the caller's count. torch's thread count and random state are the
-    caller's again on return.
+    caller's again on return. ``worker``, ``claim_ttl``: see ``extract_video``.
     """
     paths = ava.AvaPaths(data_root)
     device = resolve_device(device)
@@ -108,7 +111,7 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
         loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
         # extract_video is the one place that finds a complete video and skips it
         return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
-                             device=device)
+                             device=device, split=split, worker=worker, claim_ttl=claim_ttl)
 
 
 class StageClock:
@@ -147,9 +150,11 @@ class StageClock:
         return call
 
 
-def _video_secs(clips_loader, video_id: str) -> list[int]:
+def _video_secs(clips_loader, video_id: str, store: FeatureStore) -> list[int]:
     dataset = getattr(clips_loader, "dataset", None)
     keyframes = getattr(dataset, "keyframes", None)
+    if keyframes is None and store.is_complete(video_id):
+        return store.video(video_id)["sec"][...].tolist()  # a skip needs no loader: check the stored keyframes' boxes
     if keyframes is None:
         raise ValueError("extract_video: pass secs=..., the clips loader's dataset has no keyframes list")
     return [int(s) for v, s in keyframes if v == video_id]
@@ -167,6 +172,9 @@ def extract_video(
     device: torch.device | str | None = None,
     amp: bool = True,
     timings: dict[str, float] | None = None,
+    split: str | None = None,
+    worker: str | None = None,
+    claim_ttl: float = DEFAULT_TTL,
 ) -> dict:
     """Extract the features of ``video_id`` into ``store`` (opened with ``FeatureStore.create``).
 
@@ -182,16 +190,39 @@ def extract_video(
     for the writer thread, creating the group and the final flush); these add up to the call's time. ``write``
     is the writer thread's time in ``append`` (compression and storage writes), overlapping the others.
 
-    Returns dict(video_id, keyframes, boxes, skipped): ``skipped`` when the group was already complete
-    (then nothing is computed and the loader is not iterated).
+    ``split``: recorded in the group. ``worker`` (a label, default ``host:pid``) and ``claim_ttl`` (seconds):
+    the video's claim (``cache.claims``); while another writer holds a live claim the call waits for it.
+
+    Returns dict(video_id, keyframes, boxes, skipped): ``skipped`` when the group was already complete, or was
+    completed by another writer meanwhile (then nothing is computed and the loader is not iterated). A complete
+    group extracted for another split or other boxes raises ``VideoOriginError``.
     """
-    if store.is_complete(video_id):
+    secs = sorted(int(s) for s in (secs if secs is not None else _video_secs(clips_loader, video_id, store)))
+    table = proposals.for_keyframes(video_id, secs)
+
+    def skipped() -> dict:
+        check_origin(store, video_id, boxes=table, split=split)
         attrs = store.video(video_id).attrs
         return dict(video_id=video_id, keyframes=attrs["keyframes"], boxes=attrs["boxes"], skipped=True)
+
+    if store.is_complete(video_id):
+        return skipped()
     if store.aligned != backbone_cfg.aligned:
         raise ValueError(f"{store.url}: the store's RoIAlign aligned={store.aligned}, the backbone's {backbone_cfg.aligned}")
-    secs = sorted(int(s) for s in (secs if secs is not None else _video_secs(clips_loader, video_id)))
-    table = proposals.for_keyframes(video_id, secs)
+    claim = wait_for_claim(store, video_id, done=lambda: store.is_complete(video_id), ttl=claim_ttl, worker=worker,
+                           poll=min(5.0, claim_ttl / 4))
+    if claim is None:  # another writer finished it while this one waited
+        return skipped()
+    try:
+        return _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_id, secs, device, amp,
+                                timings, split, claim)
+    finally:
+        claim.release()  # a no-op after the marker; after an error it leaves the partial group to the next writer
+
+
+def _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_id, secs, device, amp, timings, split,
+                     claim) -> dict:
+    """The body of ``extract_video`` once the video is claimed."""
     device = resolve_device(device) if device is not None else next(backbone.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else contextlib.nullcontext()
     # float16 storage: cast on the device (half the copy to the host, no slow numpy conversion)
@@ -240,6 +271,8 @@ def extract_video(
                     map_hw=tuple(slow.shape[-2:]),
                     channels=(slow.shape[1], fast.shape[1], fast_seq.shape[2]),
                     attributes={"backbone": backbone_cfg.to_dict()},
+                    split=split,
+                    claim=claim,
                 )
                 append = clock.timed(writer.append, "write")
             if pending is not None:
@@ -262,4 +295,9 @@ def commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[s
     missing = [v for v in video_ids if not store.is_complete(v)]
     if missing:
         raise RuntimeError(f"{url}: cannot commit split {split!r}: videos not complete: {missing[:5]}")
+    other = {v: s for v in video_ids if (s := (store.video_attrs(v) or {}).get(SPLIT_ATTR)) not in (None, split)}
+    if other:
+        listed = ", ".join(f"{v} ({s})" for v, s in sorted(other.items())[:5])
+        raise VideoOriginError(f"{url}: cannot commit split {split!r}: {len(other)} videos were extracted for another "
+                               f"split: {listed}")
     return store.commit_split(split, video_ids)
