@@ -36,6 +36,10 @@ _EXPORTS = {
     "store_info": "cache.verify",
     "verify_store": "cache.verify",
     "VideoExistsError": "cache.writer",
+    "VideoOriginError": "cache.writer",
+    "VideoClaimedError": "cache.claims",
+    "ClaimLostError": "cache.claims",
+    "claim_video": "cache.claims",
     "VideoWriter": "cache.writer",
 }
 
