@@ -148,6 +148,11 @@ def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def utc_now() -> str:
+    """Now, in the ISO form (UTC, milliseconds) of every time a claim or a group's ``writer`` records."""
+    return _iso(time.time())
+
+
 def _unix(text) -> float | None:
     try:
         return datetime.datetime.fromisoformat(str(text)).timestamp()

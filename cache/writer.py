@@ -17,10 +17,7 @@ through ``open()`` and ``mkdir()``, which apply it (``tests/test_cache_claims.py
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import os
-import socket
 import zlib
 from typing import Mapping
 
@@ -29,7 +26,7 @@ import zarr
 import zarr.codecs as zc
 
 from cache.boxes import KeyframeBoxes
-from cache.claims import DEFAULT_TTL, Claim, ClaimLostError, claim_video
+from cache.claims import DEFAULT_TTL, Claim, ClaimLostError, claim_video, utc_now
 from cache.schema import (
     ARRAYS,
     COMPLETE_ATTR,
@@ -81,21 +78,22 @@ def boxes_digest(arrays: Mapping[str, np.ndarray]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def video_origin(store: FeatureStore, video_id: str) -> dict:
-    """``{"split": ..., "proposals_sha256": ...}`` of a complete video group; groups written before these attributes
-    existed have no split (None) and get the digest of their stored box arrays."""
+def video_origin(store: FeatureStore, video_id: str) -> tuple[dict, dict]:
+    """``({"split": ..., "proposals_sha256": ...}, attributes)`` of a complete video group; groups written before
+    these attributes existed have no split (None) and get the digest of their stored box arrays."""
     group = store.video(video_id)
     attrs = group.attrs.asdict()
     digest = attrs.get(PROPOSALS_ATTR)
     if digest is None:
         digest = boxes_digest({name: group[name][...] for name in BOX_ARRAYS})
-    return {SPLIT_ATTR: attrs.get(SPLIT_ATTR), PROPOSALS_ATTR: digest}
+    return {SPLIT_ATTR: attrs.get(SPLIT_ATTR), PROPOSALS_ATTR: digest}, attrs
 
 
-def check_origin(store: FeatureStore, video_id: str, *, boxes: KeyframeBoxes, split: str | None = None) -> None:
+def check_origin(store: FeatureStore, video_id: str, *, boxes: KeyframeBoxes, split: str | None = None) -> dict:
     """Refuse (``VideoOriginError``) a complete group extracted for another split than ``split`` (when both are
-    known) or for other boxes than ``boxes`` (the video's keyframes, as ``VideoWriter`` takes them)."""
-    origin = video_origin(store, video_id)
+    known) or for other boxes than ``boxes`` (the video's keyframes, as ``VideoWriter`` takes them). Returns the
+    group's attributes."""
+    origin, attrs = video_origin(store, video_id)
     where = f"{store.url}: video {video_id!r}"
     if split is not None and origin[SPLIT_ATTR] is not None and origin[SPLIT_ATTR] != split:
         raise VideoOriginError(
@@ -109,10 +107,7 @@ def check_origin(store: FeatureStore, video_id: str, *, boxes: KeyframeBoxes, sp
             f"{want[:19]}...): the annotations, detections or keyframes changed; delete videos/{video_id} to "
             "re-extract it, or extract into a new store"
         )
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return attrs
 
 
 def quantise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -259,9 +254,9 @@ class VideoWriter:
         self.writer = {
             "claim": self.claim.id,
             "worker": self.claim.worker,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": _now(),
+            "host": self.claim.record["host"],
+            "pid": self.claim.record["pid"],
+            "started": utc_now(),
             **({"replaced": list(self.claim.replaced)} if self.claim.replaced else {}),
         }
         c_s, c_f, t_f = self.channels
@@ -372,7 +367,7 @@ class VideoWriter:
             "boxes": self.boxes.num_boxes,
             "checksums": {k: f"crc32:{v:08x}" for k, v in sorted(self.crc.items())},
         }
-        self.writer = {**self.writer, "finished": _now()}
+        self.writer = {**self.writer, "finished": utc_now()}
         # one atomic rewrite of the group's zarr.json, after every chunk is in the store
         self.group.update_attributes({WRITER_ATTR: self.writer, COMPLETE_ATTR: marker})
         self.finished = True

@@ -201,8 +201,7 @@ def extract_video(
     table = proposals.for_keyframes(video_id, secs)
 
     def skipped() -> dict:
-        check_origin(store, video_id, boxes=table, split=split)
-        attrs = store.video(video_id).attrs
+        attrs = check_origin(store, video_id, boxes=table, split=split)
         return dict(video_id=video_id, keyframes=attrs["keyframes"], boxes=attrs["boxes"], skipped=True)
 
     if store.is_complete(video_id):
