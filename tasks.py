@@ -479,10 +479,14 @@ class FeatureCache(_CacheTask):
         return prereqs + (self.extractions() if self._static_extractions else [])
 
     def extractions(self) -> list:
-        from pipeline.ava.splits import read_split_index
+        """One ExtractVideo per video of the split's index, read once per task object (``requires`` is asked often
+        and the index, named by its content, does not change under it)."""
+        if getattr(self, "_extractions", None) is None:
+            from pipeline.ava.splits import read_split_index
 
-        _, keyframes, _ = read_split_index(self.indexes()[self.split].folder())
-        return [self.clone(ExtractVideo, video=v) for v in sorted({v for v, _ in keyframes})]
+            _, keyframes, _ = read_split_index(self.indexes()[self.split].folder())
+            self._extractions = [self.clone(ExtractVideo, video=v) for v in sorted({v for v, _ in keyframes})]
+        return self._extractions
 
     def output(self):
         return StoreTarget(self, split=self.split)

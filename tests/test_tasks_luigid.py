@@ -17,12 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def project(tmp_path):
     """A folder with the project's luigi.cfg, its own root and a tiny mini-AVA of 6 train videos."""
@@ -34,8 +28,8 @@ def project(tmp_path):
 
 
 @pytest.fixture
-def luigid(tmp_path):
-    port = _free_port()
+def luigid(tmp_path, free_port):
+    port = free_port()
     (tmp_path / "luigid").mkdir()
     proc = subprocess.Popen([str(BIN / "luigid"), "--address", "127.0.0.1", "--port", str(port),
                              "--state-path", str(tmp_path / "luigid-state.pickle"), "--logdir", str(tmp_path / "luigid")],
@@ -79,10 +73,10 @@ def test_default_local_scheduler_unless_a_scheduler_is_named():
     assert chosen(["FeatureCache"], {"local_scheduler": "false"}) == (False, "false")
 
 
-def test_scheduler_host_is_used_not_ignored(project):
+def test_scheduler_host_is_used_not_ignored(project, free_port):
     """No luigid at the named port: the run must fail to reach it, not quietly run with the local scheduler."""
     out = subprocess.run([str(BIN / "luigi"), "--module", "tasks", "PrepareData", "--scheduler-host", "127.0.0.1",
-                          "--scheduler-port", str(_free_port())], cwd=project, capture_output=True, text=True,
+                          "--scheduler-port", str(free_port())], cwd=project, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0, out.stderr
     assert not (project / "runs" / "data").exists()
