@@ -19,13 +19,14 @@ import difflib
 import hashlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 import luigi
 
 from cache.schema import COMPRESSORS, STORAGE_DTYPES, StorageConfig
-from cache.store import CacheError
+from cache.store import CacheError, StoreUnreachableError, store_errors
 from heads.config import ABLATION, PAPER_MAP
 from pipeline.ava import fingerprint
 from pipeline.ava.files import AvaPaths
@@ -57,14 +58,23 @@ class _LuigiOutput(logging.Filter):
             task = record.args[-1] if isinstance(record.args, tuple) and record.args else "task"
             record.msg, record.args = "%s failed: %s", (task, record.exc_info[1])
             record.exc_info = record.exc_text = None
-        elif record.levelno >= logging.WARNING and "error in complete() method" in str(record.msg):
+        elif record.levelno >= logging.WARNING and re.search(r"error in (complete|deps)\(\) method", str(record.msg)):
             head, _, tb = record.getMessage().partition("\n")
             last = tb.strip().splitlines()[-1] if tb.strip() else ""
-            if any(last.startswith(f"{e.__module__}.{e.__name__}:") or last.startswith(f"{e.__name__}:")
-                   for e in USER_ERRORS):
-                record.msg, record.args = "%s %s", (head.replace(" due to error in complete() method:", ":"),
+            if last.partition(":")[0] in _user_error_names():
+                record.msg, record.args = "%s %s", (re.sub(r" due to error in \w+\(\) method:", ":", head),
                                                     last.partition(": ")[2])
         return True
+
+
+def _user_error_names() -> set[str]:
+    """How a traceback's last line names ``USER_ERRORS`` and their subclasses (``cache.store.CacheError``, ...)."""
+    names, todo = set(), list(USER_ERRORS)
+    while todo:
+        cls = todo.pop()
+        names |= {cls.__name__, f"{cls.__module__}.{cls.__name__}"}
+        todo += cls.__subclasses__()
+    return names
 
 
 def _install_logging() -> None:
@@ -133,6 +143,8 @@ class stctx(luigi.Config):  # noqa: N801 - the section name of luigi.cfg
     root = luigi.Parameter(default="runs", description="folder that holds every output")
     dataset = luigi.ChoiceParameter(choices=["mini", "ava"], default="mini", description="mini-AVA or real AVA")
     ava_root = luigi.Parameter(default="data/ava", description="AVA v2.2 folder when dataset = ava")
+    cache_url = luigi.Parameter(default="", description="where the feature stores live: a folder, file://PATH, "
+                                "s3://BUCKET/PREFIX or another fsspec URL (default: <root>/cache)")
 
 
 class DatasetParameter(luigi.ChoiceParameter):
@@ -158,6 +170,31 @@ def plain(value: object) -> dict:
 
 def root() -> Path:
     return Path(stctx().root)
+
+
+def cache_url() -> str | Path:
+    """``[stctx] cache_url``, or ``<root>/cache`` when it is not set. Stores are named by their content, so several
+    roots (people, machines) that point at one cache URL share every store in it."""
+    return stctx().cache_url or root() / "cache"
+
+
+_REACHED: set[str] = set()
+
+
+def check_cache_url() -> None:
+    """Fail at scheduling, before any backbone is trained, when a remote ``cache_url`` does not answer (once per URL
+    and process)."""
+    url = cache_url()
+    if isinstance(url, Path) or url.startswith("file://") or url in _REACHED:
+        return
+    import fsspec
+
+    from cache.store import store_errors
+
+    with store_errors(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.exists(path)
+    _REACHED.add(url)
 
 
 def short_hash(obj) -> str:
@@ -363,11 +400,12 @@ class _CacheTask(luigi.Task):
         spec = cached_cache_spec(backbone.checkpoint_path(), self.extraction())
         return dataclasses.replace(spec, extraction={"dataset": self.dataset, **spec.extraction, "data": data})
 
-    def store_url(self) -> Path | None:
-        from pipeline.features.extract import store_url
+    def store_url(self) -> str | Path | None:
+        """The store of ``spec()`` in ``cache_url()``: a Path on a local file system, else its URL."""
+        from pipeline.features.extract import store_location
 
         spec = self.spec()
-        return None if spec is None else store_url(root(), spec)
+        return None if spec is None else store_location(cache_url(), spec)
 
 
 _INDEX_DIGESTS: dict[tuple, str] = {}
@@ -393,10 +431,12 @@ class StoreTarget(luigi.Target):
         from cache.store import FeatureStore
 
         url = self.task.store_url()
-        if url is None or not url.exists():
+        if url is None or (isinstance(url, Path) and not url.exists()):
             return False
         try:
             store = FeatureStore.open(url, expect=self.task.spec())
+        except StoreUnreachableError:
+            raise  # "not complete" would send every worker to extract again
         except CacheError:
             return False
         return store.is_complete(self.video) if self.video is not None else store.manifest(self.split) is not None
@@ -475,6 +515,7 @@ class FeatureCache(_CacheTask):
         task object: Luigi checks ``requires`` again just before ``run`` and fails a task whose requirements grew."""
         prereqs = [self.data(), self.backbone(), *self.indexes().values()]
         if getattr(self, "_static_extractions", None) is None:
+            check_cache_url()
             self._static_extractions = all(t.complete() for t in prereqs)
         return prereqs + (self.extractions() if self._static_extractions else [])
 
@@ -494,12 +535,18 @@ class FeatureCache(_CacheTask):
     def run(self):
         from pipeline.features.extract import commit_split
 
+        if self.output().exists():
+            # committed by another root or worker since this run was scheduled (its data was not indexed yet then):
+            # the same store name means the same videos, so there is nothing to write
+            self._found_committed = True
+            return
         extractions = self.extractions()
         yield extractions
         commit_split(self.store_url(), self.spec(), self.split, [t.video for t in extractions])
 
     def result_line(self) -> str:
-        return f"FeatureCache {self.dataset} {self.split}: committed in {self.store_url()}"
+        done = "found committed (nothing written)" if getattr(self, "_found_committed", False) else "committed"
+        return f"FeatureCache {self.dataset} {self.split}: {done} in {self.store_url()}"
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -589,7 +636,7 @@ class TrainHead(_CacheTask):
         store = self.store_url()
         pending = store is None or bool(cfg.unresolved)
         ident = {"head": cfg.to_dict(), "train": self.train_config().identity(),
-                 "cache": ["pending", self.requires()["train"].task_id] if pending else store.name,
+                 "cache": ["pending", self.requires()["train"].task_id] if pending else f"{self.spec().name}.zarr",
                  "eval": self.eval_inputs()}
         return root() / "heads" / f"{cfg.slug}-{short_hash(ident)}" / f"seed-{self.seed}"
 
@@ -601,9 +648,10 @@ class TrainHead(_CacheTask):
         from pipeline.training.head import train_head
 
         val = annotations(self.data().data_root(), "val")
-        train_head(self.head_config(), self.store_url(), self.run_dir(), groundtruth=val["groundtruth"],
-                   labelmap=val["labelmap"], exclusions=val["exclusions"], train=self.train_config(),
-                   seed=self.seed, device=self.device)
+        with store_errors(self.store_url()):
+            train_head(self.head_config(), self.store_url(), self.run_dir(), groundtruth=val["groundtruth"],
+                       labelmap=val["labelmap"], exclusions=val["exclusions"], train=self.train_config(),
+                       seed=self.seed, device=self.device)
 
     def label(self) -> str:
         """The run's name in tables: the variant, with its overrides when there are any."""

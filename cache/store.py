@@ -9,6 +9,7 @@ with another identity or schema version raises instead of mixing features.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -52,6 +53,46 @@ class StoreMismatchError(CacheError):
 
 class SchemaVersionError(StoreMismatchError):
     """The store's schema version is not the one this code reads and writes."""
+
+
+class StoreUnreachableError(CacheError):
+    """The server or file system behind a store URL does not answer (connection refused or timed out, an unknown
+    host, missing credentials). Never read as "no store here": that would send every worker to extract again."""
+
+
+def connection_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the store's server did not answer", as fsspec's backends raise them."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import botocore.exceptions as bce
+
+        errors += [bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ReadTimeoutError, bce.NoCredentialsError,
+                   bce.ConnectionClosedError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientConnectionError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def unreachable(url: str | os.PathLike, err: BaseException) -> StoreUnreachableError:
+    return StoreUnreachableError(
+        f"{os.fspath(url)}: the store does not answer ({type(err).__name__}: {err}); check the URL and that its server "
+        "is up (for s3://: AWS_ENDPOINT_URL and the AWS credentials), then run the same command again: finished "
+        "videos are kept, unfinished ones are redone")
+
+
+@contextlib.contextmanager
+def store_errors(url: str | os.PathLike):
+    """Turn a dropped connection to the store at ``url`` into a ``StoreUnreachableError`` naming it."""
+    try:
+        yield
+    except connection_errors() as err:
+        raise unreachable(url, err) from err
 
 
 class IncompleteVideoError(CacheError):
@@ -197,6 +238,8 @@ class FeatureStore:
             root = zarr.open_group(url, mode=mode)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as e:
             raise CacheError(f"{url}: no cache store here") from e
+        except connection_errors() as e:
+            raise unreachable(url, e) from e
         except json.JSONDecodeError as e:
             raise NotAFeatureStoreError(f"{url}: not a stctx feature store (its root zarr.json is not JSON: {e})") from e
         except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as e:
@@ -230,6 +273,11 @@ class FeatureStore:
         }
         try:
             root = zarr.create_group(url, attributes=attrs, overwrite=False)
+        except (FileNotFoundError, PermissionError) as e:
+            raise CacheError(f"{url}: cannot create the store ({type(e).__name__}: {e}); for s3://, the bucket must "
+                             "exist and the credentials allow writing to it") from e
+        except connection_errors() as e:
+            raise unreachable(url, e) from e
         except zarr.errors.ContainsGroupError:
             return cls.open(url, expect=spec, mode="r+")
         for sub in (VIDEOS_GROUP, MANIFESTS_GROUP):

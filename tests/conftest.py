@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny mini-AVA and, on top of it, a random-weight mini backbone and its feature cache; a Luigi
 configuration whose root is the test's own folder, and a build that says which tasks ran."""
 
+import logging
 from pathlib import Path
 
 import luigi
@@ -122,6 +123,7 @@ def s3_server():
     pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in failing tests' output
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -141,6 +143,18 @@ def s3_env(s3_server, monkeypatch) -> str:
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+    clear_s3fs_instances()  # fsspec reuses a filesystem made under another environment
     bucket = f"stctx-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    return f"s3://{bucket}"
+    yield f"s3://{bucket}"
+    clear_s3fs_instances()
+
+
+def clear_s3fs_instances() -> None:
+    """Forget s3fs's cached filesystems: fsspec keys them by their arguments, not by the AWS environment variables
+    they read, so one made for another endpoint would be reused."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from cache.boxes import KeyframeBoxes
 from cache.claims import DEFAULT_TTL, wait_for_claim
 from cache.roi import actor_features, box_clip_index
 from cache.schema import SPLIT_ATTR, Compressor, StorageConfig, StorageDtype
-from cache.store import CacheSpec, FeatureStore
+from cache.store import CacheSpec, FeatureStore, store_errors
 from cache.writer import VideoOriginError, VideoWriter, check_origin
 from pipeline.ava import files as ava
 from pipeline.ava.files import make_key
@@ -77,7 +78,18 @@ def _backbone_config(checkpoint: str | Path) -> BackboneConfig:
 
 
 def store_url(root: str | Path, spec: CacheSpec) -> Path:
-    return Path(root) / "cache" / f"{spec.name}.zarr"
+    """The store of ``spec`` under a run root: ``<root>/cache/<name>.zarr``."""
+    return store_location(Path(root) / "cache", spec)
+
+
+def store_location(cache: str | os.PathLike, spec: CacheSpec) -> str | Path:
+    """The store of ``spec`` in the cache folder or URL ``cache``: a Path for a local folder (``file://`` included),
+    ``<cache>/<name>.zarr`` as a URL for object storage or any other fsspec URL (``s3://bucket/prefix``)."""
+    text = os.fspath(cache)
+    text = text.removeprefix("file://")
+    if "://" not in text and "::" not in text:
+        return Path(text) / f"{spec.name}.zarr"
+    return f"{text.rstrip('/')}/{spec.name}.zarr"
 
 
 def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
@@ -95,7 +107,7 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     paths = ava.AvaPaths(data_root)
     device = resolve_device(device)
     threads = cpu_threads if device.type == "cpu" else None
-    with torch_settings(threads=threads):
+    with torch_settings(threads=threads), store_errors(url):
         store = FeatureStore.create(url, spec)
         if index is None:
             proposals, keyframes = split_annotations(data_root, split, extraction.threshold)
@@ -290,6 +302,11 @@ def _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_i
 
 def commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[str]) -> dict:
     """Write the split's manifest once every video is complete."""
+    with store_errors(url):
+        return _commit_split(url, spec, split, video_ids)
+
+
+def _commit_split(url: str | Path, spec: CacheSpec, split: str, video_ids: list[str]) -> dict:
     store = FeatureStore.open(url, expect=spec, mode="r+")
     missing = [v for v in video_ids if not store.is_complete(v)]
     if missing:
