@@ -146,3 +146,18 @@ def test_server_stopped_mid_extraction_then_the_same_command_completes(ava_setti
     finally:
         server.stop()
         clear_s3fs_instances()
+
+
+def test_store_location_of_each_kind_of_cache_url(tiny_backbone):
+    from pathlib import Path
+
+    from pipeline.features.extract import ExtractionConfig, cache_spec, store_location
+
+    spec = cache_spec(tiny_backbone, ExtractionConfig())
+    name = f"{spec.name}.zarr"
+    assert store_location("runs/cache", spec) == Path("runs/cache") / name
+    assert store_location(Path("/srv/cache"), spec) == Path("/srv/cache") / name
+    assert store_location("file:///srv/cache", spec) == Path("/srv/cache") / name
+    assert store_location("s3://team/stctx/cache/", spec) == f"s3://team/stctx/cache/{name}"
+    assert store_location("simplecache::s3://team/c", spec) == f"simplecache::s3://team/c/{name}"
+    assert store_location("memory://c", spec) == f"memory://c/{name}"
