@@ -25,12 +25,16 @@ CONTEXT_CLASSES: dict[int, str] = {
 }
 
 
-def ablation_frame(results: Sequence[Mapping], paper: Mapping[str, float], order: Sequence[str]) -> pd.DataFrame:
+def ablation_frame(results: Sequence[Mapping], paper: Mapping[str, float], order: Sequence[str],
+                   blind: Mapping[int, float] | None = None) -> pd.DataFrame:
     """One row per variant: ``variant, map_mean, map_std, n_seeds, paper_map`` (mAP in percent), then the mean AP
     (percent) of each context class as ``ap_<id>``.
 
     ``results`` are metrics dicts of single runs: ``variant``, ``seed``, ``mAP`` (a fraction) and ``per_class``
-    (``{"<id>": AP fraction or None}``).
+    (``{"<id>": AP fraction or None}``). ``blind``: the direction-blind AP (percent) of each class of the dataset's
+    order pairs (``pipeline.ava.bounds``); with it the rows also have ``temporal_ap`` (mean over seeds of the runs'
+    mean AP over those classes), ``temporal_ap_std`` (over seeds) and ``temporal_ap_blind`` (the bound's mean over
+    the classes, the same on every row).
     """
     rows = []
     for name in order:
@@ -50,22 +54,38 @@ def ablation_frame(results: Sequence[Mapping], paper: Mapping[str, float], order
             aps = [r["per_class"].get(str(class_id)) for r in runs]
             aps = [100.0 * a for a in aps if a is not None]
             row[f"ap_{class_id}"] = float(np.mean(aps)) if aps else math.nan
+        if blind:
+            per_run = np.array([np.mean([100.0 * (r["per_class"].get(str(c)) or 0.0) for c in blind]) for r in runs])
+            row["temporal_ap"] = per_run.mean()
+            row["temporal_ap_std"] = per_run.std(ddof=1) if len(per_run) > 1 else 0.0
+            row["temporal_ap_blind"] = float(np.mean(list(blind.values())))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def format_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = ()) -> str:
-    """The table as Markdown: mean ± std over seeds, the paper's number, context-class APs."""
+def format_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = (),
+                    blind: Mapping[int, float] | None = None) -> str:
+    """The table as Markdown: mean ± std over seeds, the paper's number, context-class APs, and with ``blind`` the
+    order classes' AP beside the direction-blind bound."""
     class_cols = [c for c in table.columns if c.startswith("ap_")]
+    order = "temporal_ap" in table.columns
     header = ["variant", "frame-mAP (ours)", "seeds", "paper (AVA v2.2)"] + [
         f"AP {CONTEXT_CLASSES[int(c[3:])].split(' (')[0]} ({c[3:]})" for c in class_cols
-    ]
+    ] + (["AP order classes"] if order else [])
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         cells = [r["variant"], f"{r['map_mean']:.2f} ± {r['map_std']:.2f}", str(r["n_seeds"]), _num(r["paper_map"])]
         cells += [_num(r[c]) for c in class_cols]
+        if order:
+            cells.append(f"{r['temporal_ap']:.2f} ± {r['temporal_ap_std']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "mAP and AP in percent; ± is the standard deviation over seeds.", *notes]
+    lines += ["", "mAP and AP in percent; ± is the standard deviation over seeds."]
+    if order and blind:
+        named = ", ".join(f"{CONTEXT_CLASSES.get(c, str(c)).split(' (')[0]} ({c}) {v:.2f}" for c, v in blind.items())
+        lines.append(f"Order classes: {', '.join(str(c) for c in blind)}. Direction-blind bound "
+                     f"{table['temporal_ap_blind'].iloc[0]:.2f} ({named}): the AP of a head that finds every actor of "
+                     "an order pair but guesses the direction; a head above it reads the order.")
+    lines += list(notes)
     return "\n".join(lines) + "\n"
 
 
@@ -73,8 +93,9 @@ def _num(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
-def plot_table(table: pd.DataFrame, path: Path, title: str) -> None:
-    """Left: mAP per variant with the seeds' spread, paper numbers as markers. Right: AP of the context classes."""
+def plot_table(table: pd.DataFrame, path: Path, title: str, blind: Mapping[int, float] | None = None) -> None:
+    """Left: mAP per variant with the seeds' spread, paper numbers as markers. Right: AP of the context classes,
+    with ``blind`` the direction-blind bound of each order class as a dashed line over its bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +119,11 @@ def plot_table(table: pd.DataFrame, path: Path, title: str) -> None:
     width = 0.8 / max(1, len(table))
     for i, (_, r) in enumerate(table.iterrows()):
         ax2.bar(np.arange(len(class_cols)) + i * width, [r[c] for c in class_cols], width, label=r["variant"])
+    for j, c in enumerate(class_cols):
+        if blind and int(c[3:]) in blind:
+            ax2.hlines(blind[int(c[3:])], j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="--",
+                       label="direction-blind bound" if j == min(i for i, cc in enumerate(class_cols)
+                                                                  if int(cc[3:]) in blind) else None)
     ax2.set_xticks(np.arange(len(class_cols)) + 0.4 - width / 2,
                    [CONTEXT_CLASSES[int(c[3:])].split(" (")[0] for c in class_cols], rotation=15)
     ax2.set_ylabel("AP (%)")
@@ -113,22 +139,24 @@ def plot_table(table: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def write_ablation(results: Sequence[Mapping], out_dir: str | Path, paper: Mapping[str, float],
-                   order: Sequence[str], title: str, notes: Sequence[str] = ()) -> dict[str, Path]:
+                   order: Sequence[str], title: str, notes: Sequence[str] = (),
+                   blind: Mapping[int, float] | None = None) -> dict[str, Path]:
     """Write table1.md, table1.csv and table1.png into ``out_dir`` (each atomically; a failed write is an
-    ``OutputError`` naming the file); returns their paths."""
+    ``OutputError`` naming the file); returns their paths. ``blind``: see ``ablation_frame``."""
     out_dir = Path(out_dir)
-    table = ablation_frame(results, paper, order)
+    table = ablation_frame(results, paper, order, blind)
     paths = {"md": out_dir / "table1.md", "csv": out_dir / "table1.csv", "png": out_dir / "table1.png"}
-    plot_table(table, paths["png"], title)
+    plot_table(table, paths["png"], title, blind)
     with atomic_file(paths["csv"], "w") as f:
         table.round(4).to_csv(f, index=False)
-    write_text(paths["md"], format_markdown(table, title, notes))
+    write_text(paths["md"], format_markdown(table, title, notes, blind))
     return paths
 
 
 def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dirs: Path | Sequence[Path],
                      paper: Mapping[str, float], order: Sequence[str], title: str,
-                     labels: Mapping[Path, str] | None = None) -> dict[str, Path]:
+                     labels: Mapping[Path, str] | None = None,
+                     blind: Mapping[int, float] | None = None) -> dict[str, Path]:
     """Table 1 of the runs whose ``metrics.json`` are given: written whole into ``out_dir`` (a temporary folder
     renamed into place), then copied over ``table1.*`` of each of ``latest_dirs`` one atomic rename at a time.
 
@@ -142,7 +170,7 @@ def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dirs: 
         results.append(result)
     notes = [f"Runs: {', '.join(sorted({Path(p).parent.parent.name for p in metrics_files}))}"]
     with built_dir(out_dir) as work:  # also removes the temporaries of dead runs
-        write_ablation(results, work, paper, order, title, notes)
+        write_ablation(results, work, paper, order, title, notes, blind)
     latest = {}
     for latest_dir in [latest_dirs] if isinstance(latest_dirs, Path) else latest_dirs:
         for kind, name in (("md", "table1.md"), ("csv", "table1.csv"), ("png", "table1.png")):

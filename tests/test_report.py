@@ -22,3 +22,18 @@ def test_write_ablation(tmp_path):
     md = paths["md"].read_text()
     assert "| baseline | 25.00 ± 7.07 | 2 | 24.80 |" in md
     assert paths["png"].stat().st_size > 10_000
+
+
+def test_order_classes_and_the_direction_blind_bound(tmp_path):
+    results = [
+        {"variant": "st", "seed": 0, "mAP": 0.5, "per_class": {"65": 0.6, "78": 0.4}},
+        {"variant": "st", "seed": 1, "mAP": 0.5, "per_class": {"65": 0.8, "78": 0.6}},
+    ]
+    paths = write_ablation(results, tmp_path, {}, ["st"], "t", blind={65: 51.0, 78: 49.0})
+    row = pd.read_csv(paths["csv"]).iloc[0]
+    assert row["temporal_ap"] == pytest.approx(60.0) and row["temporal_ap_std"] == pytest.approx(14.1421, abs=1e-3)
+    assert row["temporal_ap_blind"] == pytest.approx(50.0)
+    md = paths["md"].read_text()
+    assert "| 60.00 ± 14.14 |" in md and "Direction-blind bound 50.00" in md
+    plain = write_ablation(results, tmp_path / "plain", {}, ["st"], "t")
+    assert "temporal_ap" not in pd.read_csv(plain["csv"]).columns

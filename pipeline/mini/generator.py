@@ -86,6 +86,8 @@ VERSION = 2  # bump whenever the bytes for the same arguments change
 JPEG_QUALITY = 90
 
 SIT, STAND, WALK, CARRY, GIVE, WAVE, TAKE, WATCH = 11, 12, 14, 17, 65, 69, 78, 80
+# classes that differ only in the order of events (the two actors of a give/take pair): the temporal claim's test
+ORDER_PAIRS = ((GIVE, TAKE),)
 ACTIONS = (SIT, STAND, WALK, CARRY, GIVE, WAVE, TAKE, WATCH)
 SHORT_NAMES = {SIT: "sit", STAND: "stand", WALK: "walk", CARRY: "carry/hold", GIVE: "give to", WAVE: "hand wave",
                TAKE: "take from", WATCH: "watch person"}
