@@ -1,27 +1,142 @@
-"""``stctx cache info STORE`` and ``stctx cache verify STORE``.
+"""``stctx cache ls URL``, ``stctx cache info STORE`` and ``stctx cache verify STORE [--scheduler ADDRESS]``.
+
+ls reports the stores at a URL (a path or an fsspec URL such as ``s3://bucket/prefix``): the store itself when
+the URL is one, else every ``<name>.zarr`` store in the folder or prefix, one row each: name, complete and
+incomplete videos, stored bytes, committed splits (videos each), the backbone's sha256 (first 12 hex digits; all
+64 with ``--json``), the date the store was made and the extraction config in short (its top-level scalar
+settings, the storage dtype, compressor and level, the RoIAlign ``aligned`` flag). ``--json`` prints a list of
+``store_info`` dicts. A ``.zarr`` entry that is not a readable feature store is a row with its error (``error``
+in JSON), and the exit status is then 1; a URL that is neither a store nor a folder or prefix is one line, exit 2.
+
+info reports a store's videos (complete and incomplete), keyframes, boxes, stored bytes (and per keyframe),
+committed splits, schema version, identity (backbone sha256, extraction config) and provenance.
 
 verify: every video group complete, array names/dtypes/shapes as the schema and the group's counts
 say, every chunk file present, no NaN or Inf, boxes valid, every array's CRC-32 equal to the marker's
 (and each chunk's CRC-32C, which zarr checks while decoding), committed manifests consistent and
 present (``manifests/`` exists, and every split a video was committed to still has its manifest).
 Complete videos in no committed split are noted, not counted as problems: extraction may be under
-way. Videos are checked in parallel with Dask. Exit status 0 when all is well, 1 when a problem was
-found, 2 when the store cannot be opened (one line on stderr).
+way. It prints one ``PROBLEM`` line per problem, one ``NOTE`` line per note and a last summary line
+(complete videos, keyframes, boxes, problems). Exit status 0 when all is well, 1 when a problem was
+found, 2 when the store cannot be opened or the Dask scheduler not reached (one line on stderr).
+
+Videos are checked with Dask, one task per video (``dask_scheduler``). ``stctx cache verify`` starts a
+``dask.distributed.LocalCluster`` of single-threaded worker processes, one per core (``--workers N``), because
+the decoding and checksums release the GIL but zarr's per-chunk Python does not, and processes do not share it.
+Starting the cluster costs about 2-3 s (measured on a shared 2-core Xeon VM), so a store of fewer than
+``LOCAL_CLUSTER_MIN_TASKS`` videos, or one in this process's memory (``memory://``, which worker processes would
+not see), is checked on threads instead. On that VM the mini store (64 videos, 112 MiB) took 9-14 s with the
+LocalCluster, with threads and with one thread alike (two busy cores leave nothing to gain); what processes gain
+over threads on many cores is not measured. ``--scheduler tcp://host:8786`` runs the tasks on a running
+``dask.distributed`` cluster instead; its workers need stctx installed and the store in reach (an object-storage
+URL with its credentials, or a path on a file system they share; a relative path is made absolute here). An
+address that does not answer, or a scheduler with no worker, is refused within ``CONNECT_TIMEOUT_S`` seconds
+(one line, exit 2), not waited on. ``verify_store`` itself runs on Dask's threads
+unless told otherwise (``scheduler=LOCAL``): starting worker processes from a script needs its
+``if __name__ == "__main__":`` guard, which the ``stctx`` command has.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 from zarr.core.sync import sync
 
 from cache.schema import COMMITTED_ATTR, COMPLETE_ATTR, MANIFESTS_GROUP, SCHEMA_VERSION, group_shapes
-from cache.store import CacheError, FeatureStore
+from cache.store import CacheError, FeatureStore, StoreUnreachableError, connection_errors, store_errors
+from pipeline.errors import InputError
+
+LOCAL = "local"  # a dask.distributed LocalCluster started for the command
+DASK_LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")  # Dask's single-machine schedulers, no cluster
+LOCAL_CLUSTER_MIN_TASKS = 8  # below this many videos a LocalCluster costs more to start than it saves
+CONNECT_TIMEOUT_S = 5.0  # to reach a scheduler, and for it to have a worker
+
+
+def local_options(scheduler: object, workers: int | None) -> dict:
+    """``num_workers`` for Dask's single-machine schedulers (a distributed client takes none)."""
+    return {"num_workers": workers} if isinstance(scheduler, str) and workers else {}
+
+
+def _scheduler_error(address: str, what: str) -> InputError:
+    return InputError(address, None, f"{what}; expected the address of a running dask.distributed scheduler with "
+                      f"workers (tcp://HOST:PORT, as `dask scheduler` prints it), '{LOCAL}' for a LocalCluster, or one "
+                      f"of Dask's single-machine schedulers {', '.join(DASK_LOCAL_SCHEDULERS)}")
+
+
+def _check_address(address: str) -> None:
+    """A fast, clear refusal of an address no scheduler answers at (distributed itself retries until its timeout)."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import get_address_host_port
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, _ = parse_address(address)
+        get_backend(scheme)  # a scheme distributed speaks
+        host, port = get_address_host_port(address) if scheme in ("tcp", "tls") else (None, None)
+    except ValueError as e:
+        raise _scheduler_error(address, f"not a Dask scheduler address ({e})") from None
+    if host is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise _scheduler_error(address, f"no Dask scheduler answers ({why})") from None
+
+
+@contextmanager
+def dask_scheduler(scheduler: str = LOCAL, *, tasks: int, workers: int | None = None,
+                   url: str = "") -> Iterator[object]:
+    """What to pass as ``scheduler=`` to a Dask ``compute`` of ``tasks`` tasks over the store at ``url``.
+
+    ``"local"``: a ``LocalCluster`` of ``workers`` single-threaded worker processes (default: one per core),
+    closed when the block ends; Dask's threaded scheduler instead for fewer than ``LOCAL_CLUSTER_MIN_TASKS``
+    tasks or a ``memory://`` store (worker processes would not see it). ``"threads"``, ``"processes"``,
+    ``"synchronous"``: Dask's own single-machine schedulers. Anything else is the address of a running
+    ``dask.distributed`` scheduler (``tcp://host:8786``): ``InputError`` when it does not answer or has no worker
+    within ``CONNECT_TIMEOUT_S``, or when the cluster fails a task with anything but a ``CacheError`` (a worker
+    without stctx, a worker lost).
+    """
+    if scheduler in DASK_LOCAL_SCHEDULERS:
+        yield scheduler
+        return
+    if scheduler == LOCAL and (tasks < LOCAL_CLUSTER_MIN_TASKS or url.startswith("memory://")):
+        yield "threads"
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler == LOCAL:
+        n = min(workers or os.cpu_count() or 1, tasks)
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            yield client
+        return
+    _check_address(scheduler)
+    try:
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, ValueError) as e:
+        raise _scheduler_error(scheduler, f"cannot connect ({e})") from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise _scheduler_error(scheduler, f"the scheduler has no worker (waited {CONNECT_TIMEOUT_S:g} s)") from None
+        try:
+            yield client
+        except (CacheError, InputError):
+            raise
+        except Exception as e:  # the remote cluster's own failure, re-raised here by distributed
+            raise InputError(scheduler, None, f"the cluster failed a task ({type(e).__name__}: {e}); its workers need "
+                             "stctx installed and the store's URL and credentials in reach") from e
 
 
 @dataclass
@@ -118,19 +233,22 @@ def _verify_one(video_id: str, url: str, check_data: bool) -> tuple[str, dict | 
     return video_id, attrs, problems
 
 
-def verify_store(url: str, *, check_data: bool = True, workers: int | None = None, scheduler: str = "threads") -> VerifyReport:
-    """Verify every video group of the store at ``url`` and its manifests (Dask, one task per video)."""
+def verify_store(url: str, *, check_data: bool = True, workers: int | None = None,
+                 scheduler: str = "threads") -> VerifyReport:
+    """Verify every video group of the store at ``url`` and its manifests (Dask, one task per video;
+    ``scheduler`` and ``workers``: see ``dask_scheduler``; the command passes ``LOCAL``)."""
     import dask.bag as db
 
     store = FeatureStore.open(url)
     report = VerifyReport(url=url)
     status = store.video_status()
     ids = sorted(status)
+    task_url = store.url if "://" in store.url else os.path.abspath(store.url)  # a worker's cwd may be another
+    results = []
     if ids:
-        bag = db.from_sequence(ids, npartitions=min(len(ids), 64)).map(_verify_one, url=url, check_data=check_data)
-        results = bag.compute(scheduler=scheduler, num_workers=workers)
-    else:
-        results = []
+        bag = db.from_sequence(ids, npartitions=len(ids)).map(_verify_one, url=task_url, check_data=check_data)
+        with dask_scheduler(scheduler, tasks=len(ids), workers=workers, url=task_url) as sched:
+            results = bag.compute(scheduler=sched, **local_options(sched, workers))
     attrs_of = {}
     channels = {}
     for vid, attrs, problems in results:
@@ -190,16 +308,19 @@ def store_bytes(store: FeatureStore, prefix: str = "") -> int:
 
 
 def store_info(url: str) -> dict:
-    """Videos, keyframes, boxes, bytes, schema, identity and provenance of a store."""
+    """Videos, keyframes, boxes, bytes, committed splits (keyframes and videos each), schema, identity and
+    provenance of a store."""
     store = FeatureStore.open(url)
-    status = store.video_status()
-    keyframes = boxes = 0
-    for vid, done in status.items():
-        if done:
-            attrs = store.video_attrs(vid)
-            keyframes += attrs["keyframes"]
-            boxes += attrs["boxes"]
-    nbytes = store_bytes(store)
+    with store_errors(url):
+        status = store.video_status()
+        keyframes = boxes = 0
+        for vid, done in status.items():
+            if done:
+                attrs = store.video_attrs(vid)
+                keyframes += attrs["keyframes"]
+                boxes += attrs["boxes"]
+        nbytes = store_bytes(store)
+        manifests = {s: store.manifest(s) or {} for s in store.splits()}
     return {
         "url": url,
         "name": store.name,
@@ -210,10 +331,94 @@ def store_info(url: str) -> dict:
         "boxes": boxes,
         "bytes": nbytes,
         "bytes_per_keyframe": nbytes / keyframes if keyframes else None,
-        "splits": {s: (store.manifest(s) or {}).get("keyframes") for s in store.splits()},
+        "splits": {s: m.get("keyframes") for s, m in manifests.items()},
+        "split_videos": {s: len(m.get("videos") or {}) for s, m in manifests.items()},
         "identity": store.identity,
         "provenance": store.provenance,
     }
+
+
+def store_urls(url: str) -> list[str]:
+    """``[url]`` when a store (a root ``zarr.json``) is at ``url``, else the URLs of the ``<name>.zarr`` folders
+    (or prefixes) in the folder or prefix ``url``, sorted by name; ``CacheError`` when ``url`` is neither."""
+    import fsspec
+
+    with store_errors(url):
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            path = path.rstrip("/") or path
+            fs.invalidate_cache()  # an object store's listings are cached per process: this one must be current
+            if fs.exists(f"{path}/zarr.json"):
+                return [url]
+            if not fs.isdir(path):
+                raise CacheError(f"{url}: no cache store here, nor a folder or prefix of <name>.zarr stores")
+            entries = fs.ls(path, detail=True)
+        except connection_errors():
+            raise  # store_errors names the URL
+        except (OSError, ValueError, ImportError) as e:
+            raise CacheError(f"{url}: cannot list ({type(e).__name__}: {e})") from None
+    names = sorted(n for n in (os.path.basename(e["name"].rstrip("/")) for e in entries if e.get("type") != "file")
+                   if n.endswith(".zarr"))  # folders, prefixes, and links to them
+    return [f"{url.rstrip('/')}/{name}" for name in names]
+
+
+def list_stores(url: str) -> list[dict]:
+    """``store_info`` of each store of ``store_urls(url)``; one in the folder that cannot be read as a store is
+    ``{"url": ..., "name": ..., "error": ...}``. The store at ``url`` itself, or a server that does not answer,
+    raises."""
+    out = []
+    for child in store_urls(url):
+        try:
+            out.append(store_info(child))
+        except StoreUnreachableError:
+            raise
+        except (CacheError, KeyError, TypeError, ValueError) as e:
+            if child == url:
+                raise
+            error = str(e) if isinstance(e, CacheError) else f"{child}: malformed metadata ({type(e).__name__}: {e})"
+            out.append({"url": child, "name": os.path.basename(child.rstrip("/")), "error": error})
+    return out
+
+
+def short_extraction(ec: dict) -> str:
+    """The extraction config in a few words: its top-level scalar settings, the storage, the aligned flag."""
+    st = ec.get("storage", {})
+    words = [f"{k}={v}" for k, v in sorted(ec.items())
+             if k not in ("storage", "aligned") and isinstance(v, (str, int, float, bool))]
+    storage = f"{st.get('dtype')}/{st.get('compressor')}-{st.get('level')}"
+    return " ".join([*words, storage, f"aligned={ec.get('aligned')}"])
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def format_ls(url: str, infos: list[dict]) -> str:
+    if not infos:
+        return f"{url}: no stores (no <name>.zarr feature store in this folder or prefix)"
+    rows = [("name", "videos", "incomplete", "bytes", "splits (videos)", "backbone", "made", "extraction")]
+    for i in infos:
+        if "error" in i:
+            rows.append((i["name"], "-", "-", "-", "-", "-", "-", f"not readable: {i['error']}"))
+            continue
+        ec = i["identity"]["extraction_config"]
+        splits = " ".join(f"{s}({n})" for s, n in i["split_videos"].items()) or "none"
+        entry = os.path.basename(i["url"].rstrip("/"))
+        name = i["name"] if entry == f"{i['name']}.zarr" else f"{i['name'] or '?'} (at {entry})"  # renamed or moved
+        rows.append((name, str(i["videos"]), str(len(i["incomplete_videos"])),
+                     format_bytes(i["bytes"]), splits, i["identity"]["backbone_sha256"][:12],
+                     str(i["provenance"].get("date", "?"))[:10], short_extraction(ec)))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    lines = [f"stores at {url}"]
+    for r in rows:
+        lines.append("  ".join(v.rjust(w) if c in (1, 2, 3) else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
+                     + "  " + r[-1])
+    return "\n".join(lines)
 
 
 def format_info(info: dict) -> str:
@@ -241,6 +446,7 @@ def format_info(info: dict) -> str:
 
 
 HELP = {
+    "ls": "the stores at a URL with their provenance: backbone, extraction, videos, bytes, committed splits",
     "info": "videos, keyframes, bytes, schema and provenance of a store",
     "verify": "check every video group (markers, shapes, NaN/Inf, checksums); non-zero exit on any problem",
 }
@@ -248,18 +454,43 @@ HELP = {
 
 def _configure(parser: argparse.ArgumentParser, command: str) -> None:
     parser.set_defaults(cache_command=command)
+    if command == "ls":
+        parser.add_argument("url", help="a folder or prefix holding <name>.zarr stores, or one store "
+                            "(path or fsspec URL)")
+        parser.add_argument("--json", action="store_true", help="print JSON (a list of the stores' info)")
+        return
     parser.add_argument("store", help="store directory or fsspec URL")
     if command == "info":
         parser.add_argument("--json", action="store_true", help="print JSON")
     else:
         parser.add_argument("--metadata-only", action="store_true", help="check markers, shapes and dtypes, not the data")
-        parser.add_argument("--workers", type=int, default=None, help="Dask workers (default: all cores)")
-        parser.add_argument("--scheduler", choices=("threads", "processes", "synchronous"), default="threads")
+        add_scheduler_arguments(parser)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of workers, 1 or more")
+    return n
+
+
+def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler`` and ``--workers``, as ``dask_scheduler`` reads them (verify and stats)."""
+    parser.add_argument("--scheduler", default=LOCAL, metavar="ADDRESS",
+                        help=f"a dask.distributed scheduler address (tcp://host:8786); default '{LOCAL}': a "
+                        f"LocalCluster of worker processes (threads for a store of under {LOCAL_CLUSTER_MIN_TASKS} "
+                        f"videos); or one of Dask's single-machine schedulers {', '.join(DASK_LOCAL_SCHEDULERS)}")
+    parser.add_argument("--workers", type=_positive, default=None, metavar="N",
+                        help="worker processes of the local cluster, threads of a single-machine scheduler "
+                        "(default: one per core)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Configure ``stctx cache info`` or ``stctx cache verify`` (the leaf parser, named by its prog), or,
-    given any other parser, add both as subcommands."""
+    """Configure ``stctx cache ls``, ``info`` or ``verify`` (the leaf parser, named by its prog), or, given any
+    other parser, add all three as subcommands."""
     leaf = parser.prog.split()[-1]
     if leaf in HELP:
         _configure(parser, leaf)
@@ -271,12 +502,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
+        if args.cache_command == "ls":
+            infos = list_stores(args.url)
+            print(json.dumps(infos, indent=2, sort_keys=True) if args.json else format_ls(args.url, infos))
+            return 1 if any("error" in i for i in infos) else 0
         if args.cache_command == "info":
             info = store_info(args.store)
             print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_info(info))
             return 0
-        report = verify_store(args.store, check_data=not args.metadata_only, workers=args.workers, scheduler=args.scheduler)
-    except CacheError as e:
+        report = verify_store(args.store, check_data=not args.metadata_only, workers=args.workers,
+                              scheduler=args.scheduler)
+    except (CacheError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in report.problems:

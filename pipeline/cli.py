@@ -23,8 +23,12 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("backbone", "info"), "pipeline.features.checkpoints", "show a SlowFast checkpoint's format, sha256 and config"),
     (("backbone", "finetune"), "pipeline.training.finetune", "train a SlowFast end to end with the baseline head on an AVA folder"),
     (("eval",), "pipeline.ava.evaluation", "frame-mAP@0.5 of detections against ground truth (official AVA protocol)"),
+    (("cache", "ls"), "cache.verify", "list the feature stores at a URL with their provenance, videos, bytes and splits"),
     (("cache", "info"), "cache.verify", "summarise a feature cache store"),
-    (("cache", "verify"), "cache.verify", "check a feature cache store: completeness, shapes, NaN/Inf, checksums"),
+    (("cache", "verify"), "cache.verify", "check a feature cache store with Dask: completeness, shapes, NaN/Inf, checksums"),
+    (("cache", "stats"), "cache.stats", "per-channel mean/std, sparsity and bytes per keyframe of a store's features (Dask)"),
+    (("cache", "export-h5"), "cache.export", "export a store (or one split) to one HDF5 file, one group per video"),
+    (("cache", "gc"), "cache.gc", "remove incomplete video groups older than an age (a dry run unless --yes)"),
 )
 
 GROUPS = {"ava": "AVA dataset utilities", "backbone": "SlowFast backbone utilities",
