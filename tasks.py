@@ -358,6 +358,7 @@ class _CacheTask(luigi.Task):
 
     dataset = DatasetParameter()
     threshold = luigi.FloatParameter(default=0.8, description="detector score for training proposals")
+    eval_threshold = luigi.FloatParameter(default=0.8, description="detector score for evaluation proposals (val)")
     dtype = luigi.ChoiceParameter(choices=STORAGE_DTYPES, default=StorageConfig.dtype)
     compressor = luigi.ChoiceParameter(choices=COMPRESSORS, default=StorageConfig.compressor)
     device = luigi.OptionalParameter(default=None, significant=False)
@@ -370,12 +371,15 @@ class _CacheTask(luigi.Task):
         return PrepareData(dataset=self.dataset)
 
     def indexes(self) -> dict[str, SplitIndex]:
-        return {split: self.clone(SplitIndex, split=split) for split in ("train", "val")}
+        extraction = self.extraction()
+        return {split: SplitIndex(dataset=self.dataset, split=split, threshold=extraction.split_threshold(split))
+                for split in ("train", "val")}
 
     def extraction(self):
         from pipeline.features.extract import ExtractionConfig
 
-        return ExtractionConfig(threshold=self.threshold, dtype=self.dtype, compressor=self.compressor)
+        return ExtractionConfig(threshold=self.threshold, eval_threshold=self.eval_threshold, dtype=self.dtype,
+                                compressor=self.compressor)
 
     def data_identity(self) -> dict | None:
         """What the store's features depend on in the data, by content: each split's index (proposals with their
@@ -449,7 +453,7 @@ class SplitIndex(luigi.Task):
 
     dataset = DatasetParameter()
     split = luigi.ChoiceParameter(choices=["train", "val"])
-    threshold = luigi.FloatParameter(default=0.8)
+    threshold = luigi.FloatParameter(default=0.8, description="detector score of the split's proposals")
 
     def requires(self):
         return PrepareData(dataset=self.dataset)
@@ -713,7 +717,8 @@ class FullAblation(_CacheTask):
         runs = self.requires()
         labels = {Path(t.output().path): t.label() for t in runs}
         order = list(dict.fromkeys(t.label() for t in runs))
-        title = f"Table 1 on {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} ({len(self.seeds)} seeds)"
+        title = (f"Table 1 on {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} val ({len(self.seeds)} seeds, "
+                 f"detector boxes with score >= {self.eval_threshold:g})")
         out = self.table_dir()
         publish_ablation(list(labels), out, [out.parent, self.latest_dir()], PAPER_MAP, order, title, labels=labels,
                          blind=self.direction_blind())

@@ -3,7 +3,10 @@
 Schema: ``cache.schema``; opening and identity: ``cache.store``; the boxes of keyframes: ``cache.boxes``;
 boxes to pixels and RoIAlign: ``cache.roi``; writing a video: ``cache.writer``;
 reading for heads: ``cache.reader`` (local stores through ``cache.shards``, straight from the shard files);
-``stctx cache info|verify``: ``cache.verify``.
+``stctx cache ls|info|verify``: ``cache.verify``; ``stctx cache stats``, ``export-h5``, ``gc``: ``cache.stats``,
+``cache.export`` (over ``cache.selection``), ``cache.gc``. Besides ``cache`` itself the package imports only the
+dependency-free ``pipeline.errors``, ``pipeline.outputs`` and ``pipeline.progress`` (one-line errors, atomic files,
+progress bars of the tools).
 
 Names are imported on first use, so the writer and ``stctx cache`` start without importing torch.
 """

@@ -119,7 +119,7 @@ ALLOWED = {
     "pipeline.features": {"pipeline.errors", "pipeline.outputs", "pipeline.progress", "pipeline.ava", "pipeline.features", "cache"},
     "pipeline.training": {"pipeline.errors", "pipeline.outputs", "pipeline.progress", "pipeline.ava", "pipeline.features", "pipeline.training", "cache", "heads"},
     "heads": {"heads"},
-    "cache": {"cache"},
+    "cache": {"cache", "pipeline.errors", "pipeline.outputs", "pipeline.progress"},  # leaf utilities of the tools
 }
 
 

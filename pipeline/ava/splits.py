@@ -29,14 +29,17 @@ def annotations(data_root: str | Path, split: str) -> dict[str, Path | None]:
 
 def split_annotations(data_root: str | Path, split: str, threshold: float = 0.8,
                       ) -> tuple[KeyframeBoxes, list[tuple[str, int]]]:
-    """(``split_proposals``, ``split_keyframes``) from one read of the split's ground truth and detections."""
+    """(``split_proposals``, ``split_keyframes``) from one read of the split's ground truth and detections.
+    ``threshold``: the detector score a box of this split needs (training proposals for ``train``, evaluation
+    proposals for the rest)."""
     paths = ava.AvaPaths(data_root)
     gt, det = ava.read_groundtruth(paths.groundtruth(split)).frame(), ava.read_detections(paths.detections(split)).frame()
     return _proposals(split, gt, det, threshold), _keyframes(gt, det)
 
 
 def split_proposals(data_root: str | Path, split: str, threshold: float = 0.8) -> KeyframeBoxes:
-    """Training proposals for ``train`` (ground truth + detector boxes >= threshold), detector boxes for the rest."""
+    """Training proposals for ``train`` (ground truth + detector boxes >= threshold), detector boxes >= threshold for
+    the rest."""
     return split_annotations(data_root, split, threshold)[0]
 
 
@@ -46,7 +49,7 @@ def split_keyframes(data_root: str | Path, split: str) -> list[tuple[str, int]]:
 
 
 def _proposals(split: str, gt, det, threshold: float) -> KeyframeBoxes:
-    return training_proposals(gt, det, threshold) if split == "train" else eval_proposals(det)
+    return training_proposals(gt, det, threshold) if split == "train" else eval_proposals(det, threshold)
 
 
 def _keyframes(gt, det) -> list[tuple[str, int]]:

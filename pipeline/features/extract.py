@@ -44,16 +44,22 @@ from pipeline.features.runtime import resolve_device, torch_settings
 class ExtractionConfig:
     """What, besides the backbone's weights, decides a cache's content (it goes into the store's name).
 
-    ``threshold``: detector score for training proposals (ground truth + detector boxes >= threshold); the
-    validation split stores every detector box. ``batch_size``: clips per backbone call (not significant for the
+    ``threshold``: detector score for training proposals (ground truth + detector boxes >= threshold);
+    ``eval_threshold``: detector score for the evaluation proposals of the other splits (detector boxes only), 0.8
+    as SlowFast and the paper evaluate (``AVA.DETECTION_SCORE_THRESH``). ``batch_size``: clips per backbone call (not significant for the
     values, but the same for everybody to keep float rounding identical).
     """
 
     threshold: float = 0.8
+    eval_threshold: float = 0.8
     dtype: StorageDtype = StorageConfig.dtype  # the storage fields and their defaults: cache.schema.StorageConfig
     compressor: Compressor = StorageConfig.compressor
     level: int = StorageConfig.level
     batch_size: int = 8
+
+    def split_threshold(self, split: str) -> float:
+        """The detector score a proposal of ``split`` needs."""
+        return self.threshold if split == "train" else self.eval_threshold
 
     def storage(self) -> StorageConfig:
         return StorageConfig(dtype=self.dtype, compressor=self.compressor, level=self.level)
@@ -110,7 +116,7 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
     with torch_settings(threads=threads), store_errors(url):
         store = FeatureStore.create(url, spec)
         if index is None:
-            proposals, keyframes = split_annotations(data_root, split, extraction.threshold)
+            proposals, keyframes = split_annotations(data_root, split, extraction.split_threshold(split))
             frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
         else:
             proposals, keyframes, frame_lists = read_split_index(index)
