@@ -446,6 +446,10 @@ class StoreTarget(luigi.Target):
         return store.is_complete(self.video) if self.video is not None else store.manifest(self.split) is not None
 
 
+# 2: evaluation proposals are detector boxes with score >= the threshold (1: every detector box)
+SPLIT_INDEX_RULE = 2
+
+
 class SplitIndex(luigi.Task):
     """A split's proposals, annotated keyframes and frame counts, read once for all its extraction tasks.
 
@@ -466,7 +470,8 @@ class SplitIndex(luigi.Task):
         return {k: digests[k] for k in ("groundtruth", "detections", "frame_list")}
 
     def folder(self) -> Path:
-        ident = {"data": self.requires().task_id, "inputs": self.inputs()}
+        # "rule": how the proposals are chosen; a new rule must never reuse an index made by the old one
+        ident = {"data": self.requires().task_id, "inputs": self.inputs(), "rule": SPLIT_INDEX_RULE}
         return root() / "index" / f"{self.dataset}-{self.split}-t{self.threshold:g}-{short_hash(ident)}"
 
     def output(self):

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from cache.boxes import SOURCE_DET
 from pipeline.ava import files as ava
 from pipeline.ava import splits
 
@@ -30,3 +31,13 @@ def test_split_index_keeps_irregular_frame_lists(tiny_ava, tmp_path):
     _, _, frames = splits.read_split_index(splits.write_split_index(data, "val", 0.8, tmp_path / "index"))
     video = lines[1].split()[0]
     assert frames[video][:2] == [f"{video}/{video}_000002.jpg", f"{video}/{video}_000002.jpg"]
+
+
+def test_evaluation_proposals_are_detector_boxes_above_the_threshold(tiny_ava):
+    det = ava.read_detections(ava.AvaPaths(tiny_ava).detections("val")).frame()
+    for threshold in (0.0, 0.8):
+        proposals = splits.split_proposals(tiny_ava, "val", threshold)
+        assert (proposals.score >= threshold).all() and (proposals.source == SOURCE_DET).all()
+        assert proposals.num_boxes == len(det[det["score"] >= threshold].drop_duplicates(
+            ["video_id", "timestamp", "x1", "y1", "x2", "y2"]))
+    assert splits.split_proposals(tiny_ava, "val", 0.8).num_boxes < splits.split_proposals(tiny_ava, "val", 0.0).num_boxes
