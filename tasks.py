@@ -145,6 +145,8 @@ class stctx(luigi.Config):  # noqa: N801 - the section name of luigi.cfg
     ava_root = luigi.Parameter(default="data/ava", description="AVA v2.2 folder when dataset = ava")
     cache_url = luigi.Parameter(default="", description="where the feature stores live: a folder, file://PATH, "
                                 "s3://BUCKET/PREFIX or another fsspec URL (default: <root>/cache)")
+    local_cache = luigi.Parameter(default="", description="a local folder that keeps copies of a remote store's "
+                                  "features for head training (cache.remote); unset: read the store directly")
 
 
 class DatasetParameter(luigi.ChoiceParameter):
@@ -660,7 +662,7 @@ class TrainHead(_CacheTask):
         with store_errors(self.store_url()):
             train_head(self.head_config(), self.store_url(), self.run_dir(), groundtruth=val["groundtruth"],
                        labelmap=val["labelmap"], exclusions=val["exclusions"], train=self.train_config(),
-                       seed=self.seed, device=self.device)
+                       seed=self.seed, device=self.device, local_cache=stctx().local_cache or None)
 
     def label(self) -> str:
         """The run's name in tables: the variant, with its overrides when there are any."""

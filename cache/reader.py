@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import zarr
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from cache.roi import actor_features
@@ -34,7 +35,9 @@ from cache.schema import (
     QUANTISED_MAPS,
     READABLE_FIELDS,
     SOURCE_DET,
+    group_shapes,
 )
+from cache.remote import group_attrs, local_folders
 from cache.shards import RowReader
 from cache.store import CacheError, FeatureStore
 
@@ -60,6 +63,11 @@ class CacheDataset(Dataset):
 
     Opening lists the chunk files of every video and refuses one that lacks a file of its arrays
     (``FeatureStore.check_chunks``: a missing chunk would read as zeros).
+
+    - ``local_cache``: a local folder for copies of the arrays of a remote store's complete videos (``cache.remote``;
+      default: the ``local_cache`` the store was opened with). The arrays this dataset reads are copied there on
+      opening, when not already there (with the same check for missing files), and every read is then local; the
+      store's and groups' metadata are still read from the store.
     """
 
     def __init__(
@@ -72,8 +80,12 @@ class CacheDataset(Dataset):
         proposals: str | ProposalFn = "stored",
         keep_empty: bool = False,
         actor_from_maps: bool = False,
+        local_cache: str | os.PathLike | None = None,
     ):
-        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        if not isinstance(store, FeatureStore):
+            store = FeatureStore.open(store, local_cache=local_cache)
+        elif local_cache:
+            store = FeatureStore.open(store.url, local_cache=local_cache)
         unknown = set(fields) - READABLE_FIELDS
         if unknown:
             raise ValueError(f"CacheDataset.fields: unknown {sorted(unknown)}; choose from {sorted(READABLE_FIELDS)}")
@@ -106,19 +118,36 @@ class CacheDataset(Dataset):
             videos = store.video_ids()
         self.video_ids: list[str] = list(videos)
         self.meta: list[dict] = []
+        self.shapes: list[dict[str, tuple[int, ...]]] = []  # every array's shape, per video (``group_shapes``)
+        # with a local cache: the groups' attributes from the store, the arrays from local copies (made now if missing)
+        cached = group_attrs(store, self.video_ids) if store.local_cache is not None else None
+        if cached is not None:
+            if expected is not None:
+                self._check_committed(store, split, expected, cached)
+            arrays = {"sec", "box_offsets", *BOX_FIELDS, *self.read_fields}
+            if self.storage.quantised:
+                arrays |= {f"{n}_{p}" for n in QUANTISED_MAPS if n in self.read_fields for p in ("scale", "offset")}
+            folders = local_folders(store, cached, arrays)
+        self._folders: list | None = None if cached is None else [folders[v] for v in self.video_ids]
         kf_video, kf_t = [], []
         for i, vid in enumerate(self.video_ids):
-            group = store.video(vid)
-            attrs = group.attrs.asdict()
-            if expected is not None and attrs[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
-                raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
-            store.check_chunks(vid)  # zarr and the shard reader would read a missing file as zeros
+            if cached is None:
+                group = store.video(vid)
+                attrs = group.attrs.asdict()
+                if expected is not None and attrs[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
+                    raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
+                store.check_chunks(vid)  # zarr and the shard reader would read a missing file as zeros
+                small = group.__getitem__
+            else:  # the local copy was checked for missing files when it was made
+                attrs = cached[vid]
+                small = lambda name, folder=self._folders[i]: zarr.open_array(folder / name, mode="r")  # noqa: E731
+            self.shapes.append(group_shapes(attrs))
             meta = {
-                "sec": group["sec"][...],
-                "offsets": group["box_offsets"][...],
+                "sec": small("sec")[...],
+                "offsets": small("box_offsets")[...],
                 "image_hw": np.asarray(attrs["image_hw"], np.int64),
                 "map_hw": np.asarray(attrs["map_hw"], np.int64),
-                **{f: group[f][...] for f in BOX_FIELDS},
+                **{f: small(f)[...] for f in BOX_FIELDS},
             }
             self.meta.append(meta)
             t = np.arange(len(meta["sec"]))
@@ -128,30 +157,41 @@ class CacheDataset(Dataset):
             kf_t.append(t.astype(np.int32))
         self.kf_video = np.concatenate(kf_video) if kf_video else np.zeros(0, np.int32)
         self.kf_t = np.concatenate(kf_t) if kf_t else np.zeros(0, np.int32)
-        self._arrays: dict | None = None
-        self._pid: int | None = None
+        self._store: FeatureStore | None = store  # this process reads through the store it opened
+        self._arrays: dict | None = {}
+        self._pid: int | None = os.getpid()
+
+    @staticmethod
+    def _check_committed(store: FeatureStore, split: str, expected: Mapping, attrs: Mapping[str, Mapping]) -> None:
+        for vid, a in attrs.items():
+            if a[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
+                raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
 
     def __len__(self) -> int:
         return len(self.kf_video)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_arrays"] = None  # zarr handles are reopened in each worker
+        state["_arrays"] = state["_store"] = None  # zarr handles are reopened in each worker
         return state
 
     def _array(self, video: int, name: str):
         if self._arrays is None or self._pid != os.getpid():
-            self._store = FeatureStore.open(self.url)
+            # local copies need no store: a worker then makes no request to it
+            self._store = FeatureStore.open(self.url) if self._folders is None else None
             self._arrays, self._pid = {}, os.getpid()
         key = (video, name)
         if key not in self._arrays:
-            array = self._store.video(self.video_ids[video])[name]
+            if self._folders is None:
+                array = self._store.video(self.video_ids[video])[name]
+            else:
+                array = zarr.open_array(self._folders[video] / name, mode="r")
             self._arrays[key] = (array, RowReader.of(array))
         return self._arrays[key]
 
     def _rows(self, video: int, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a big array: read straight from the shard files on a local disk
-        (``cache/shards.py``, several times faster), through zarr anywhere else."""
+        """Rows [start, stop) of a big array: read straight from the shard files on a local disk (a local store or
+        the local cache's copies: ``cache/shards.py``, several times faster), through zarr anywhere else."""
         array, fast = self._array(video, name)
         if fast is None:
             return torch.from_numpy(array[start:stop])

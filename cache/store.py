@@ -82,8 +82,8 @@ def connection_errors() -> tuple[type[BaseException], ...]:
 def unreachable(url: str | os.PathLike, err: BaseException) -> StoreUnreachableError:
     return StoreUnreachableError(
         f"{os.fspath(url)}: the store does not answer ({type(err).__name__}: {err}); check the URL and that its server "
-        "is up (for s3://: AWS_ENDPOINT_URL and the AWS credentials), then run the same command again: finished "
-        "videos are kept, unfinished ones are redone")
+        "is up (for s3://: AWS_ENDPOINT_URL and the AWS credentials), then run the same command again (what the store "
+        "holds complete is kept)")
 
 
 @contextlib.contextmanager
@@ -228,14 +228,21 @@ class FeatureStore:
             raise NotAFeatureStoreError(f"{url}: not a stctx feature store (its root attributes lack the cache identity: {e!r})") from e
         self.name: str = attrs.get("store_name", "")
         self.provenance: dict = attrs.get("provenance", {})
+        self.local_cache: Path | None = None  # set by ``open(..., local_cache=DIR)``; see ``cache.remote``
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, url: str | os.PathLike, *, expect: CacheSpec | None = None, mode: str = "r") -> "FeatureStore":
-        """Open an existing store; with ``expect``, refuse one whose identity differs."""
+    def open(cls, url: str | os.PathLike, *, expect: CacheSpec | None = None, mode: str = "r",
+             local_cache: str | os.PathLike | None = None) -> "FeatureStore":
+        """Open an existing store; with ``expect``, refuse one whose identity differs.
+
+        ``local_cache``: a local folder where readers (``CacheDataset``) keep copies of the arrays of complete videos
+        of a remote store (``cache.remote``); ignored for a store on a local path, which is read in place."""
         url = _url(url)
         try:
-            root = zarr.open_group(url, mode=mode)
+            # zarr_format=3 (the cache's format): zarr would also probe for Zarr v2 metadata, three more reads of
+            # keys that never exist, each a HEAD and a LIST on object storage
+            root = zarr.open_group(url, mode=mode, zarr_format=3)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as e:
             raise CacheError(f"{url}: no cache store here") from e
         except connection_errors() as e:
@@ -247,6 +254,8 @@ class FeatureStore:
         store = cls(root, url)
         if expect is not None:
             store.check_identity(expect)
+        if local_cache and not _is_local(url):  # "" (an unset setting) is no cache
+            store.local_cache = Path(local_cache)
         return store
 
     @classmethod
@@ -317,7 +326,8 @@ class FeatureStore:
     def video_attrs(self, video_id: str) -> dict | None:
         """The attributes of a video group, complete or not (the marker is ``COMPLETE_ATTR``); None if absent."""
         try:
-            return zarr.open_group(self.root.store, path=self._video_path(video_id), mode="r").attrs.asdict()
+            group = zarr.open_group(self.root.store, path=self._video_path(video_id), mode="r", zarr_format=3)
+            return group.attrs.asdict()
         except (FileNotFoundError, KeyError, ValueError, TypeError, zarr.errors.BaseZarrError):
             return None  # unreadable metadata counts as incomplete
 
@@ -346,7 +356,7 @@ class FeatureStore:
     def video(self, video_id: str) -> zarr.Group:
         """The group of a complete video; an incomplete or missing one raises."""
         try:
-            group = zarr.open_group(self.root.store, path=self._video_path(video_id), mode="r")
+            group = zarr.open_group(self.root.store, path=self._video_path(video_id), mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise CacheError(f"{self.url}: no video {video_id!r} in the cache") from e
         except (ValueError, TypeError, zarr.errors.BaseZarrError) as e:
@@ -432,7 +442,8 @@ class FeatureStore:
 
     def manifest(self, split: str) -> dict | None:
         try:
-            return zarr.open_group(self.root.store, path=f"{MANIFESTS_GROUP}/{split}", mode="r").attrs.asdict()
+            return zarr.open_group(self.root.store, path=f"{MANIFESTS_GROUP}/{split}", mode="r",
+                                   zarr_format=3).attrs.asdict()
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return None
         except (ValueError, TypeError, zarr.errors.BaseZarrError) as e:

@@ -7,6 +7,7 @@ with ``[Backbone] checkpoint``), so no backbone is trained and the store's name 
 
 from __future__ import annotations
 
+import json
 import logging
 
 import luigi
@@ -54,13 +55,18 @@ def test_two_roots_share_one_cache_url(ava_settings, luigi_run, s3_env, tmp_path
     before = _objects(url)
 
     ava_settings("stctx", "root", str(tmp_path / "bob"))
-    ran = luigi_run(tasks.TrainHead(dataset="ava", variant="st", epochs=1))
+    ava_settings("stctx", "local_cache", str(tmp_path / "bob-local"))  # bob reads through a local copy
+    ran = luigi_run(tasks.TrainHead(dataset="ava", variant="baseline", epochs=1))
     # FeatureCache runs (until this root's split indexes exist its store is unknown) and finds both splits committed
     assert "ExtractVideo" not in ran and ran.count("TrainHead") == 1
     assert tasks.FeatureCache(dataset="ava", split="train").store_url() == url
     assert _objects(url) == before  # not one object written again
     assert not (tmp_path / "alice" / "cache").exists() and not (tmp_path / "bob" / "cache").exists()
-    assert (tmp_path / "bob" / "heads").is_dir()
+    # the same features read through bob's local copies train the same head as alice's direct reads
+    metrics = {who: json.loads(next((tmp_path / who / "heads").glob("baseline-*/seed-0/metrics.json")).read_text())
+               for who in ("alice", "bob")}
+    assert metrics["bob"]["mAP"] == metrics["alice"]["mAP"]
+    assert any(p.is_file() for p in (tmp_path / "bob-local").rglob("*"))
     assert luigi_run(tasks.FeatureCache(dataset="ava", split="val")) == []  # complete at once now
 
 

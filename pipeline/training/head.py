@@ -138,24 +138,18 @@ class ResidentSplit:
 
 
 def _split_bytes(dataset: CacheDataset) -> int:
-    """Approximate bytes of what the dataset reads, in float32 on the device."""
-    store = FeatureStore.open(dataset.url)
-    total = 0
-    for vid in dataset.video_ids:
-        group = store.video(vid)
-        for name in dataset.read_fields:
-            a = group[name]
-            total += int(np.prod(a.shape)) * 4
-    return total
+    """Approximate bytes of what the dataset reads, in float32 on the device (from the shapes its videos record)."""
+    return sum(int(np.prod(shapes[name])) * 4 for shapes in dataset.shapes for name in dataset.read_fields)
 
 
 def open_split(store: str | Path, split: str, fields: frozenset[str], device: torch.device, budget: int, *,
-               jitter: bool = False):
-    """The split as a ``ResidentSplit`` when it fits in ``budget`` bytes, else a ``CacheDataset`` to stream."""
+               jitter: bool = False, local_cache: str | Path | None = None):
+    """The split as a ``ResidentSplit`` when it fits in ``budget`` bytes, else a ``CacheDataset`` to stream.
+    ``local_cache``: see ``CacheDataset``."""
     read = set(fields) | {"actor"}
     if jitter:
         read |= {"slow", "fast"}
-    dataset = CacheDataset(store, split=split, fields=frozenset(read))
+    dataset = CacheDataset(store, split=split, fields=frozenset(read), local_cache=local_cache)
     if _split_bytes(dataset) <= budget:
         return ResidentSplit(dataset, device, frozenset(read))
     return dataset
@@ -271,6 +265,7 @@ def train_head(
     train_split: str = "train",
     val_split: str = "val",
     progress: bool = True,
+    local_cache: str | Path | None = None,
 ) -> dict:
     """Train ``config`` on the cache ``store`` and evaluate it; writes ``metrics.json`` and ``head.pt`` in ``out_dir``,
     which appears whole at the end (a failure leaves nothing there; ``OutputError`` when it cannot be written).
@@ -281,6 +276,8 @@ def train_head(
     ``metrics.json``): variant, seed, mAP (a fraction), per-class AP, category means, train time, train keyframes/s.
     ``device`` must exist (``resolve_device``) and the validation ground truth must hold a box the evaluation counts
     (``check_groundtruth``); both are checked before training. ``progress``: a bar on stderr (``pipeline.progress``).
+    ``local_cache``: a local folder that keeps copies of a remote store's features (``cache.remote``): the first run
+    copies what it reads, later runs read at local-disk speed; ignored for a store on a local path.
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
@@ -291,20 +288,22 @@ def train_head(
     with built_dir(out_dir) as work:
         metrics = _train_and_evaluate(config, spec, store, work, groundtruth=groundtruth, labelmap=labelmap,
                                       exclusions=exclusions, train=train, seed=seed, device=device,
-                                      train_split=train_split, val_split=val_split, progress=progress)
+                                      train_split=train_split, val_split=val_split, progress=progress,
+                                      local_cache=local_cache)
     return metrics
 
 
 def _train_and_evaluate(config: HeadConfig, spec: dict, store: str | Path, work: Path, *, groundtruth, labelmap,
                         exclusions, train: TrainConfig, seed: int, device: torch.device, train_split: str,
-                        val_split: str, progress: bool) -> dict:
+                        val_split: str, progress: bool, local_cache: str | Path | None = None) -> dict:
     """The body of ``train_head``: train, evaluate, write ``head.pt`` then ``metrics.json`` into ``work``."""
     cpu = device.type == "cpu"
     with torch_settings(seed=seed, device=device, deterministic=True if cpu else None,
                         threads=train.cpu_threads if cpu else None):
         model = build_head(config).to(device)
         jitter = train.box_jitter > 0
-        train_data = open_split(store, train_split, config.needs, device, train.memory_budget, jitter=jitter)
+        train_data = open_split(store, train_split, config.needs, device, train.memory_budget, jitter=jitter,
+                                local_cache=local_cache)
         steps_per_epoch = math.ceil(len(train_data) / train.batch_size)
         total = steps_per_epoch * train.epochs
         optimizer, scheduler = make_optimizer(model, train, total)
@@ -336,7 +335,7 @@ def _train_and_evaluate(config: HeadConfig, spec: dict, store: str | Path, work:
 
         result, eval_time = evaluate_head(model, store, val_split, groundtruth=groundtruth, labelmap=labelmap,
                                           exclusions=exclusions, device=device, batch_size=train.eval_batch_size,
-                                          budget=train.memory_budget)
+                                          budget=train.memory_budget, local_cache=local_cache)
     metrics = {
         "variant": config.name, "seed": seed, "mAP": result.mAP,
         "per_class": {str(k): v for k, v in result.per_class.items()},
@@ -387,13 +386,14 @@ def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torc
 
 
 def evaluate_head(model, store, split: str, *, groundtruth, labelmap, exclusions, device, batch_size: int = 64,
-                  budget: int = 2 << 30):
-    """Frame-mAP@0.5 of the head on a split's stored proposals; returns (FrameMapResult, seconds)."""
+                  budget: int = 2 << 30, local_cache: str | Path | None = None):
+    """Frame-mAP@0.5 of the head on a split's stored proposals; returns (FrameMapResult, seconds). ``local_cache``:
+    see ``train_head``."""
     from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
 
     start = time.perf_counter()
     config = model.config
-    data = open_split(store, split, config.needs, torch.device(device), budget)
+    data = open_split(store, split, config.needs, torch.device(device), budget, local_cache=local_cache)
     videos, secs, boxes, scores = predict(model, data, config, torch.device(device), batch_size)
     labels = load_labelmap(labelmap)
     class_ids = np.array(sorted(labels), dtype=np.int64)
