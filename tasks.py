@@ -77,7 +77,18 @@ def _user_error_names() -> set[str]:
     return names
 
 
+class _DroppedSessions(logging.Filter):
+    """aiohttp's "Unclosed client session" at the exit of a Luigi worker process that read an s3:// store: s3fs
+    leaves its session to the garbage collector, harmless once the task has finished, and a line per task."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Unclosed client session", "Unclosed connector"))
+
+
 def _install_logging() -> None:
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DroppedSessions) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DroppedSessions())
     luigi_log = logging.getLogger("luigi-interface")
     if not any(isinstance(f, _LuigiOutput) for f in luigi_log.filters):
         luigi_log.addFilter(_LuigiOutput())
