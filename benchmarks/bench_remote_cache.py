@@ -348,6 +348,23 @@ def report(args, results: dict, store_mb: float, upload_s: float, elapsed: float
         met = all(v <= 1.2 for v in ratios.values())
         lines += ["", f"Goal, second pass within 1.2x of a local-disk store: {'met' if met else 'not met'} by the "
                   "local_cache (" + ", ".join(f"{WORKLOADS[w][0]}: {v:.2f}x" for w, v in ratios.items()) + ")."]
+        parts = []
+        for w in args.workloads:
+            mirror, local = results[(w, "mirror")], results[(w, "local")]
+            extra = med(mirror["open2"]) - med(local["open2"])
+            need = max(extra, 0.0) / 0.2  # local seconds at which (local + extra) / local = 1.2
+            mb = need * med(mirror["bytes"]) / 1e6 / med(local["p2"])
+            parts.append(f"{WORKLOADS[w][0]}: reading x{med(mirror['read2']) / med(local['read2']):.2f}, opening "
+                         f"+{extra:.2f} s, so 1.2x from a local pass of {need:.1f} s, about {mb:.0f} MB of what it reads")
+        requests = med(o for _, o in results[(args.workloads[0], "mirror")]["req2"])
+        lines += ["", "What the second pass of the local_cache costs over the local store: the data reads as fast "
+                  "(same shard reader on local files: read time ratio below); opening the split costs a fixed extra "
+                  f"per run, an S3 client (a few tenths of a second of CPU) and {requests:.0f} requests for the "
+                  f"metadata that must come from the server for these {args.videos} videos (root, manifest, each "
+                  "video's group; moto takes tens of milliseconds for each here). The ratio therefore reaches 1.2 "
+                  "once the split is large enough: " + "; ".join(parts) + ". AVA's training split (about 211k "
+                  "keyframes: some 170 GB of actor features alone, see the design's cache sizes) is far beyond that; "
+                  "a split that reads locally in about a second is not, and there the fixed cost dominates."]
     return "\n".join(lines)
 
 

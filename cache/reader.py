@@ -119,11 +119,16 @@ class CacheDataset(Dataset):
         self.video_ids: list[str] = list(videos)
         self.meta: list[dict] = []
         self.shapes: list[dict[str, tuple[int, ...]]] = []  # every array's shape, per video (``group_shapes``)
+
+        def check_committed(vid: str, attrs: Mapping) -> None:
+            if expected is not None and attrs[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
+                raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
+
         # with a local cache: the groups' attributes from the store, the arrays from local copies (made now if missing)
         cached = group_attrs(store, self.video_ids) if store.local_cache is not None else None
         if cached is not None:
-            if expected is not None:
-                self._check_committed(store, split, expected, cached)
+            for vid, attrs in cached.items():
+                check_committed(vid, attrs)
             arrays = {"sec", "box_offsets", *BOX_FIELDS, *self.read_fields}
             if self.storage.quantised:
                 arrays |= {f"{n}_{p}" for n in QUANTISED_MAPS if n in self.read_fields for p in ("scale", "offset")}
@@ -134,8 +139,7 @@ class CacheDataset(Dataset):
             if cached is None:
                 group = store.video(vid)
                 attrs = group.attrs.asdict()
-                if expected is not None and attrs[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
-                    raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
+                check_committed(vid, attrs)
                 store.check_chunks(vid)  # zarr and the shard reader would read a missing file as zeros
                 small = group.__getitem__
             else:  # the local copy was checked for missing files when it was made
@@ -160,12 +164,6 @@ class CacheDataset(Dataset):
         self._store: FeatureStore | None = store  # this process reads through the store it opened
         self._arrays: dict | None = {}
         self._pid: int | None = os.getpid()
-
-    @staticmethod
-    def _check_committed(store: FeatureStore, split: str, expected: Mapping, attrs: Mapping[str, Mapping]) -> None:
-        for vid, a in attrs.items():
-            if a[COMPLETE_ATTR]["checksums"] != expected[vid]["checksums"]:
-                raise CacheError(f"{store.url}: video {vid!r} changed after split {split!r} was committed")
 
     def __len__(self) -> int:
         return len(self.kf_video)

@@ -20,7 +20,7 @@ import torch
 from cache.reader import CacheDataset, collate_runs, make_loader
 from cache.remote import LocalCache, VideoChangedError, group_attrs, version
 from cache.schema import StorageConfig
-from cache.store import CacheSpec, FeatureStore, MissingChunkError
+from cache.store import CacheError, CacheSpec, FeatureStore, MissingChunkError
 from cache.synthetic import write_synthetic_video
 
 pytest.importorskip("s3fs")
@@ -184,6 +184,8 @@ def test_reextracted_video_is_fetched_again(remote, template, tmp_path):
     fs = s3fs.S3FileSystem()
     fs.rm(f"{url}/videos/vid-a", recursive=True)
     _upload(again / "videos" / "vid-a", f"{url}/videos/vid-a")
+    with pytest.raises(CacheError, match="'vid-a' changed after split 'train' was committed"):
+        _read(url, local_cache=local)  # the old manifest still lists the old checksums
     _upload(again / "manifests" / "train", f"{url}/manifests/train")
     direct = _read(str(again))
     assert not torch.equal(direct["slow"], before["slow"])
@@ -255,6 +257,8 @@ def test_half_copied_file_after_a_crash_is_never_read(remote, template, tmp_path
 
 
 def test_missing_remote_file_is_refused_and_nothing_is_copied(remote, tmp_path):
+    """A shard deleted from the bucket is refused by name before anything of the video is copied (zarr would read it
+    as zeros), as a direct read refuses it."""
     url, _ = remote()
     shard = next(p for p in _objects(url) if "/videos/vid-b/slow/c/" in p)
     _delete([shard])
@@ -290,7 +294,8 @@ def test_video_changed_during_the_copy_is_not_kept(remote, tmp_path, monkeypatch
 
 
 def test_concurrent_copies_keep_the_first(remote, tmp_path, monkeypatch):
-    """Two processes copying one array both succeed: the second finds the first's copy in place and drops its own."""
+    """Two processes copying one array both succeed: the one that finishes second finds the other's copy in place and
+    drops its own (forced here by a copy that ``missing`` claims is absent)."""
     url, _ = remote()
     store = FeatureStore.open(url, local_cache=tmp_path / "local")
     cache = LocalCache(tmp_path / "local", store)
