@@ -26,7 +26,7 @@ from pathlib import Path
 import luigi
 
 from cache.schema import COMPRESSORS, STORAGE_DTYPES, StorageConfig
-from cache.store import CacheError, StoreUnreachableError, store_errors
+from cache.store import CacheError, StoreUnreachableError, local_path, store_errors
 from heads.config import ABLATION, PAPER_MAP
 from pipeline.ava import fingerprint
 from pipeline.ava.files import AvaPaths
@@ -198,11 +198,9 @@ def check_cache_url() -> None:
     """Fail at scheduling, before any backbone is trained, when a remote ``cache_url`` does not answer (once per URL
     and process)."""
     url = cache_url()
-    if isinstance(url, Path) or url.startswith("file://") or url in _REACHED:
+    if local_path(url) is not None or url in _REACHED:
         return
     import fsspec
-
-    from cache.store import store_errors
 
     with store_errors(url):
         fs, path = fsspec.core.url_to_fs(url)
@@ -670,8 +668,9 @@ class TrainHead(_CacheTask):
         from pipeline.training.head import train_head
 
         val = annotations(self.data().data_root(), "val")
-        with store_errors(self.store_url()):
-            train_head(self.head_config(), self.store_url(), self.run_dir(), groundtruth=val["groundtruth"],
+        store = self.store_url()
+        with store_errors(store):
+            train_head(self.head_config(), store, self.run_dir(), groundtruth=val["groundtruth"],
                        labelmap=val["labelmap"], exclusions=val["exclusions"], train=self.train_config(),
                        seed=self.seed, device=self.device, local_cache=stctx().local_cache or None)
 

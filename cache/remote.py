@@ -58,7 +58,7 @@ from zarr.abc.store import OffsetByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache.schema import ARRAYS, COMPLETE_ATTR, VIDEOS_GROUP, WRITER_ATTR, group_shapes
+from cache.schema import ARRAYS, COMPLETE_ATTR, VIDEOS_GROUP, WRITER_ATTR
 from cache.store import (
     CacheError,
     FeatureStore,
@@ -190,15 +190,12 @@ class LocalCache:
         prefix = f"{VIDEOS_GROUP}/{vid}/"
         async with limit:
             stored = {k async for k in store.list_prefix(prefix)}
-        shapes = group_shapes(attrs)
-        files = {name: ["zarr.json", *self.store.storage.file_keys(ARRAYS[name], shapes[name])] for name in arrays}
-        for name, keys in files.items():  # every file the array's shape calls for (zarr reads a missing one as zeros)
-            absent = [k for k in keys if f"{prefix}{name}/{k}" not in stored]
-            if absent:
-                more = f" ({len(absent)} files missing)" if len(absent) > 1 else ""
-                raise MissingChunkError(
-                    f"{self.store.url}: video {vid!r}: array {name!r} misses {absent[0]}{more} (deleted or never "
-                    f"written); run `stctx cache verify {self.store.url}` and re-extract the video")
+        # every file the arrays' shapes call for (zarr reads a missing one as zeros)
+        files = self.store.expected_files(vid, attrs, arrays)
+        absent = {name: [k for k in keys if f"{prefix}{name}/{k}" not in stored] for name, keys in files.items()}
+        absent = {name: keys for name, keys in absent.items() if keys}
+        if absent:
+            raise self.store.missing_chunk_error(vid, absent)
         tmps: dict[str, Path] = {}
         try:
             jobs = []

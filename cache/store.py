@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import zarr
 from zarr.core.sync import sync
@@ -201,7 +201,13 @@ def _url(url: str | os.PathLike) -> str:
 
 
 def _is_local(url: str) -> bool:
-    return "://" not in url
+    return "://" not in url and "::" not in url  # "::" chains fsspec filesystems (simplecache::s3://...)
+
+
+def local_path(url: str | os.PathLike) -> Path | None:
+    """The local folder that ``url`` names (a path or ``file://PATH``); None for any other fsspec URL."""
+    url = _url(url)
+    return Path(url) if _is_local(url) else None
 
 
 class FeatureStore:
@@ -373,15 +379,8 @@ class FeatureStore:
         not from opening each array: one ``stat`` per file on a local disk (about 4 ms for the 340 files of an
         AVA-sized video of 900 keyframes and 9000 boxes, so about 1.3 s for AVA's 299 videos, a sixth of what
         opening them for reading costs anyway); one listing of the video's folder elsewhere."""
-        attrs = self.video(video_id).attrs.asdict()
-        try:
-            shapes = group_shapes(attrs)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CacheError(f"{self.url}: video {video_id!r}: group attributes lack {e}; re-extract the video") from e
+        expected = self.expected_files(video_id, self.video(video_id).attrs.asdict())
         prefix = f"{self._video_path(video_id)}/"
-        expected = {
-            spec.name: ["zarr.json", *self.storage.file_keys(spec, shapes[spec.name])] for spec in self.storage.arrays()
-        }
         if _is_local(self.url):
             folder = os.path.join(self.url, prefix)
             missing = {name: [k for k in keys if not os.path.isfile(f"{folder}{name}/{k}")] for name, keys in expected.items()}
@@ -393,16 +392,29 @@ class FeatureStore:
             missing = {name: [k for k in keys if f"{prefix}{name}/{k}" not in stored] for name, keys in expected.items()}
         return {name: keys for name, keys in missing.items() if keys}
 
+    def expected_files(self, video_id: str, attrs: Mapping, names: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """Per array of the video group with ``attrs`` (all of the schema's, or ``names``), the files its shape calls
+        for: ``zarr.json`` and its chunk or shard keys, relative to the array (``StorageConfig.file_keys``)."""
+        try:
+            shapes = group_shapes(attrs)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{self.url}: video {video_id!r}: group attributes lack {e}; re-extract the video") from e
+        specs = self.storage.arrays() if names is None else [ARRAYS[n] for n in names]
+        return {spec.name: ["zarr.json", *self.storage.file_keys(spec, shapes[spec.name])] for spec in specs}
+
     def check_chunks(self, video_id: str) -> None:
         """Raise ``MissingChunkError`` naming the video, the array and the file when a chunk of the video is absent."""
         missing = self.missing_chunks(video_id)
-        if not missing:
-            return
+        if missing:
+            raise self.missing_chunk_error(video_id, missing)
+
+    def missing_chunk_error(self, video_id: str, missing: Mapping[str, list[str]]) -> MissingChunkError:
+        """The error for the files ``missing`` (array -> keys, as ``missing_chunks`` gives them) of a video."""
         name, keys = next(iter(missing.items()))
         what = "its metadata" if keys[0] == "zarr.json" else "shard" if ARRAYS[name].sharded else "chunk"
         total = sum(len(k) for k in missing.values())
         more = f"; {total} files missing in all, in arrays {sorted(missing)}" if total > 1 else ""
-        raise MissingChunkError(
+        return MissingChunkError(
             f"{self.url}: video {video_id!r}: array {name!r} misses {what} {keys[0]} (deleted or never written{more}); "
             f"run `stctx cache verify {self.url}` and re-extract the video"
         )

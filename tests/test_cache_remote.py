@@ -263,7 +263,7 @@ def test_missing_remote_file_is_refused_and_nothing_is_copied(remote, tmp_path):
     shard = next(p for p in _objects(url) if "/videos/vid-b/slow/c/" in p)
     _delete([shard])
     local = tmp_path / "local"
-    with pytest.raises(MissingChunkError, match=r"vid-b.*'slow' misses c/"):
+    with pytest.raises(MissingChunkError, match=r"vid-b.*'slow' misses shard c/"):
         _read(url, local_cache=local)
     assert not list(local.glob("*/vid-b/*/slow"))
     assert not list(local.rglob(".tmp-*"))

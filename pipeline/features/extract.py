@@ -29,7 +29,7 @@ from cache.boxes import KeyframeBoxes
 from cache.claims import DEFAULT_TTL, wait_for_claim
 from cache.roi import actor_features, box_clip_index
 from cache.schema import SPLIT_ATTR, Compressor, StorageConfig, StorageDtype
-from cache.store import CacheSpec, FeatureStore, store_errors
+from cache.store import CacheSpec, FeatureStore, local_path, store_errors
 from cache.writer import VideoOriginError, VideoWriter, check_origin
 from pipeline.ava import files as ava
 from pipeline.ava.files import make_key
@@ -91,11 +91,10 @@ def store_url(root: str | Path, spec: CacheSpec) -> Path:
 def store_location(cache: str | os.PathLike, spec: CacheSpec) -> str | Path:
     """The store of ``spec`` in the cache folder or URL ``cache``: a Path for a local folder (``file://`` included),
     ``<cache>/<name>.zarr`` as a URL for object storage or any other fsspec URL (``s3://bucket/prefix``)."""
-    text = os.fspath(cache)
-    text = text.removeprefix("file://")
-    if "://" not in text and "::" not in text:
-        return Path(text) / f"{spec.name}.zarr"
-    return f"{text.rstrip('/')}/{spec.name}.zarr"
+    folder = local_path(cache)
+    if folder is not None:
+        return folder / f"{spec.name}.zarr"
+    return f"{os.fspath(cache).rstrip('/')}/{spec.name}.zarr"
 
 
 def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
