@@ -37,16 +37,13 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from zarr.core.sync import sync
-from zarr.storage import FsspecStore, LocalStore
 
 from cache.schema import ARRAYS, PER_BOX, QUANTISED_MAPS, VIDEOS_GROUP
 from cache.selection import open_video, row_blocks, select_videos
 from cache.store import CacheError, FeatureStore, store_errors
-from cache.verify import LOCAL, add_scheduler_arguments, dask_scheduler, local_options
+from cache.verify import LOCAL, add_scheduler_arguments, dask_scheduler, local_options, stored_sizes
 
 FEATURES: tuple[str, ...] = ("slow", "fast", "fast_seq", "actor")
 
@@ -117,26 +114,6 @@ class VideoStats:
 
 def _merge_all(parts) -> VideoStats:
     return functools.reduce(VideoStats.merge, parts, VideoStats())
-
-
-def stored_sizes(store: FeatureStore, prefix: str) -> dict[str, int]:
-    """The stored size of every file under ``prefix`` of the store, keyed relative to it: one listing on object
-    storage (its sizes come with it; zarr's ``getsize_prefix`` would ask for each file's size), a walk on disk."""
-    zstore = store.root.store
-    prefix = prefix.strip("/")
-    if isinstance(zstore, LocalStore):
-        base = Path(zstore.root) / prefix
-        return {os.path.relpath(os.path.join(d, f), base): os.path.getsize(os.path.join(d, f))
-                for d, _, files in os.walk(base) for f in files}
-    if isinstance(zstore, FsspecStore):
-        path = f"{zstore.path.rstrip('/')}/{prefix}"
-        found = sync(zstore.fs._find(path, detail=True))
-        return {k[len(path) :].lstrip("/"): int(v["size"]) for k, v in found.items() if v.get("type", "file") == "file"}
-
-    async def _sizes():
-        return {k[len(prefix) + 1 :]: await zstore.getsize(k) async for k in zstore.list_prefix(f"{prefix}/")}
-
-    return sync(_sizes())
 
 
 def _dequantised(group, name: str, start: int, q: np.ndarray) -> np.ndarray:

@@ -46,10 +46,12 @@ import sys
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
 
 from cache.schema import COMMITTED_ATTR, COMPLETE_ATTR, MANIFESTS_GROUP, SCHEMA_VERSION, group_shapes
 from cache.store import CacheError, FeatureStore, StoreUnreachableError, connection_errors, store_errors
@@ -303,8 +305,31 @@ def _verify_manifests(store: FeatureStore, attrs_of: dict[str, dict | None], rep
         )
 
 
+def stored_sizes(store: FeatureStore, prefix: str) -> dict[str, int]:
+    """The stored size of every file under ``prefix`` of the store, keyed relative to it: one listing on object
+    storage (its sizes come with it; zarr's ``getsize_prefix`` would ask for each file's size), a walk on disk."""
+    zstore = store.root.store
+    prefix = prefix.strip("/")
+    if isinstance(zstore, LocalStore):
+        base = Path(zstore.root) / prefix
+        return {os.path.relpath(os.path.join(d, f), base): os.path.getsize(os.path.join(d, f))
+                for d, _, files in os.walk(base) for f in files}
+    if isinstance(zstore, FsspecStore):
+        path = "/".join(p for p in (zstore.path.rstrip("/"), prefix) if p)
+        found = sync(zstore.fs._find(path, detail=True))
+        return {k[len(path) :].lstrip("/"): int(v["size"]) for k, v in found.items() if v.get("type", "file") == "file"}
+
+    start = f"{prefix}/" if prefix else ""
+
+    async def _sizes():
+        return {k[len(start) :]: await zstore.getsize(k) async for k in zstore.list_prefix(start)}
+
+    return sync(_sizes())
+
+
 def store_bytes(store: FeatureStore, prefix: str = "") -> int:
-    return int(sync(store.root.store.getsize_prefix(prefix)))
+    """The stored bytes under ``prefix`` (the whole store by default), from ``stored_sizes``."""
+    return sum(stored_sizes(store, prefix).values())
 
 
 def store_info(url: str) -> dict:
