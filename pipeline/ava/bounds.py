@@ -51,15 +51,13 @@ def oracle_labels(proposals: KeyframeBoxes, groundtruth: str | Path | pd.DataFra
     class_ids = [int(c) for c in class_ids]
     cols = ["x1", "y1", "x2", "y2"]
     out = {c: np.zeros(len(proposals.boxes), bool) for c in class_ids}
-    wanted = set(gt.loc[gt["action_id"].isin(class_ids), "video_id"].astype(str)
-                 + "," + gt.loc[gt["action_id"].isin(class_ids), "timestamp"].astype(str))
+    keyframe = {(str(v), int(t)): k for k, (v, t) in enumerate(zip(proposals.video_ids, proposals.timestamps))}
+    wanted = set(zip(*(gt.loc[gt["action_id"].isin(class_ids), c] for c in ("video_id", "timestamp"))))
     for (video, sec), rows in gt.groupby(["video_id", "timestamp"], sort=False):
-        if f"{video},{sec}" not in wanted:
+        k = keyframe.get((str(video), int(sec)))
+        if (video, sec) not in wanted or k is None:
             continue
-        k = np.flatnonzero((proposals.video_ids == str(video)) & (proposals.timestamps == int(sec)))
-        if not len(k):
-            continue
-        start, stop = int(proposals.offsets[k[0]]), int(proposals.offsets[k[0] + 1])
+        start, stop = int(proposals.offsets[k]), int(proposals.offsets[k + 1])
         if stop == start:
             continue
         # one ground-truth box per distinct coordinates, with every action it carries
