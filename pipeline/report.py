@@ -119,11 +119,12 @@ def plot_table(table: pd.DataFrame, path: Path, title: str, blind: Mapping[int, 
     width = 0.8 / max(1, len(table))
     for i, (_, r) in enumerate(table.iterrows()):
         ax2.bar(np.arange(len(class_cols)) + i * width, [r[c] for c in class_cols], width, label=r["variant"])
+    bound_label = "direction-blind bound"  # in the legend once
     for j, c in enumerate(class_cols):
         if blind and int(c[3:]) in blind:
             ax2.hlines(blind[int(c[3:])], j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="--",
-                       label="direction-blind bound" if j == min(i for i, cc in enumerate(class_cols)
-                                                                  if int(cc[3:]) in blind) else None)
+                       label=bound_label)
+            bound_label = None
     ax2.set_xticks(np.arange(len(class_cols)) + 0.4 - width / 2,
                    [CONTEXT_CLASSES[int(c[3:])].split(" (")[0] for c in class_cols], rotation=15)
     ax2.set_ylabel("AP (%)")
