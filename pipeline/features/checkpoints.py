@@ -6,13 +6,23 @@ Formats (nothing is downloaded; ``torch.load(weights_only=True)``):
   projection (2304 -> 80) is returned as ``info["head_state"]`` (keys ``proj.weight``, ``proj.bias``).
 - ``kinetics``: pytorchvideo's ``SLOWFAST_8x8_R50.pyth``, ``{"model_state": ...}`` of ``slowfast_r50``
   (keys ``blocks.*``); its classification head (``blocks.6.*``, 400 classes) is dropped.
+- ``pyslowfast-kinetics`` / ``pyslowfast-ava``: PySlowFast's ``SlowFast`` (``{"model_state", "epoch",
+  "optimizer_state", "cfg"}``, keys ``s1.pathway0_stem.conv.weight`` ...), renamed by
+  ``pyslowfast_to_pytorchvideo``; ``cfg`` (yacs' YAML dump) says which: ``DETECTION.ENABLE``. The head's
+  ``head.projection`` (2304 -> 80 for AVA, 400 for Kinetics) is returned as ``info["head_state"]``; a
+  Kinetics classifier is left out of the backbone with a warning that names its keys.
 - ``stctx``: ours, self-describing (``save_checkpoint``): format tag, version, backbone config,
   backbone weights and optionally a head's weights.
+
+A key that does not fit the backbone (no counterpart, absent, or another shape) is an ``InputError``
+that names it: a checkpoint's key in its own names (and ours), a missing one in ours.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -25,7 +35,6 @@ from pipeline.outputs import atomic_file
 
 CHECKPOINT_FORMAT = "stctx-backbone"
 CHECKPOINT_VERSION = 1
-
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,7 +77,7 @@ def _read(path: Path) -> dict:
     except Exception as err:  # torch raises several types for a corrupt or non-weights file
         raise InputError(path, None, f"cannot read as a torch checkpoint (weights_only=True): {err}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_state"), dict):
-        raise InputError(path, None, "expected a dict with a 'model_state' state dict (pytorchvideo or stctx checkpoint)")
+        raise InputError(path, None, "expected a dict with a 'model_state' state dict (pytorchvideo, PySlowFast or stctx checkpoint)")
     return ckpt
 
 
@@ -78,11 +87,99 @@ def _detect_format(path: Path, ckpt: dict) -> str:
             raise InputError(path, None, f"stctx checkpoint version {ckpt.get('version')}, this code reads {CHECKPOINT_VERSION}")
         return "stctx"
     keys = list(ckpt["model_state"])
+    if any(k.startswith("s1.") for k in keys):
+        return "pyslowfast-ava" if _pyslowfast_detection(ckpt.get("cfg")) else "pyslowfast-kinetics"
     if any(k.startswith("model.blocks.") for k in keys):
         return "ava-detection"
     if any(k.startswith("blocks.") for k in keys):
         return "kinetics"
     raise InputError(path, None, f"unrecognised checkpoint: model_state keys start with {keys[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------- PySlowFast
+# Names from PySlowFast (github.com/facebookresearch/SlowFast, read at commit 287ec00):
+# - slowfast/models/video_model_builder.py, ``SlowFast._construct_network``: ``s1`` (stem), ``s1_fuse`` ..
+#   ``s4_fuse`` (``FuseFastToSlow``: ``conv_f2s``, ``bn``), ``s2`` .. ``s5`` (res2..res5), ``pathway{p}_pool``
+#   between s2 and s3 (MaxPool3d, no parameters), ``head``;
+# - slowfast/models/stem_helper.py: ``VideoModelStem`` holds ``pathway{p}_stem``, a ``ResNetBasicStem`` of
+#   ``conv``, ``bn`` (and a parameter-free ``pool_layer``);
+# - slowfast/models/resnet_helper.py: ``ResStage`` holds ``pathway{p}_res{i}`` (and ``pathway{p}_nonlocal{i}``,
+#   which our backbone does not have); ``ResBlock``: ``branch1``, ``branch1_bn`` (first block of a stage),
+#   ``branch2``; ``BottleneckTransform``: ``a``, ``a_bn``, ``b``, ``b_bn``, ``c``, ``c_bn``;
+# - slowfast/models/head_helper.py: ``ResNetRoIHead`` (AVA) and ``ResNetBasicHead`` (Kinetics) both have one
+#   Linear, ``projection``; their pools and RoIAlign have no parameters;
+# - slowfast/utils/checkpoint.py, ``save_checkpoint``: ``{"epoch", "model_state", "optimizer_state", "cfg"}``
+#   (``cfg.dump()``, YAML), ``model_state`` without DataParallel's ``module.`` and with plain BatchNorm names.
+# Ours are pytorchvideo's (0.1.5) ``create_slowfast``: models/slowfast.py (``blocks.0`` stem, ``blocks.1`` ..
+# ``blocks.4`` res2..res5, ``blocks.5`` pool-concat, ``blocks.6`` head with ``proj``; ``FuseFastToSlow``:
+# ``conv_fast_to_slow``, ``norm``), models/net.py (``MultiPathWayWithFuse``: ``multipathway_blocks.{p}``,
+# ``multipathway_fusion``), models/stem.py (``ResNetBasicStem``: ``conv``, ``norm``), models/resnet.py
+# (``ResStage.res_blocks.{i}``; ``ResBlock``: ``branch1_conv``, ``branch1_norm``, ``branch2``;
+# ``BottleneckBlock``: ``conv_a``, ``norm_a``, ``conv_b``, ``norm_b``, ``conv_c``, ``norm_c``).
+
+_PYSLOWFAST_STEM = re.compile(r"s1\.pathway(\d+)_stem\.(conv|bn)\.(\w+)")
+_PYSLOWFAST_FUSE = re.compile(r"s([1-9])_fuse\.(conv_f2s|bn)\.(\w+)")
+_PYSLOWFAST_RES = re.compile(r"s([1-9])\.pathway(\d+)_res(\d+)\.(branch1|branch1_bn|branch2\.[abc]|branch2\.[abc]_bn)\.(\w+)")
+_PYSLOWFAST_HEAD = re.compile(r"head\.projection\.(weight|bias)")
+_STEM_PARTS = {"conv": "conv", "bn": "norm"}
+_FUSE_PARTS = {"conv_f2s": "conv_fast_to_slow", "bn": "norm"}
+_RES_PARTS = {"branch1": "branch1_conv", "branch1_bn": "branch1_norm"} | {
+    f"branch2.{c}{bn}": f"branch2.{'norm' if bn else 'conv'}_{c}" for c in "abc" for bn in ("", "_bn")
+}
+
+
+def _pyslowfast_key(key: str) -> str | None:
+    """Our (pytorchvideo ``slowfast_r50``) name of a PySlowFast ``SlowFast`` state-dict key; None if it has none.
+
+    PySlowFast stage ``s<i>`` is our ``blocks.<i-1>`` (the stem is ``s1``, res2..res5 are ``s2``..``s5``),
+    its fusion ``s<i>_fuse`` our ``blocks.<i-1>.multipathway_fusion``, pathway ``p`` our
+    ``multipathway_blocks.<p>`` (0 slow, 1 fast), block ``res<j>`` our ``res_blocks.<j>``; the classifier
+    ``head.projection`` is pytorchvideo's ``blocks.6.proj``. Sources: the comment above.
+    """
+    if m := _PYSLOWFAST_STEM.fullmatch(key):
+        p, part, leaf = m.groups()
+        return f"blocks.0.multipathway_blocks.{p}.{_STEM_PARTS[part]}.{leaf}"
+    if m := _PYSLOWFAST_FUSE.fullmatch(key):
+        s, part, leaf = m.groups()
+        return f"blocks.{int(s) - 1}.multipathway_fusion.{_FUSE_PARTS[part]}.{leaf}"
+    if m := _PYSLOWFAST_RES.fullmatch(key):
+        s, p, j, part, leaf = m.groups()
+        if s == "1":
+            return None  # s1 is the stem: it has no res blocks
+        return f"blocks.{int(s) - 1}.multipathway_blocks.{p}.res_blocks.{j}.{_RES_PARTS[part]}.{leaf}"
+    if m := _PYSLOWFAST_HEAD.fullmatch(key):
+        return f"blocks.6.proj.{m.group(1)}"
+    return None
+
+
+def pyslowfast_to_pytorchvideo(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A PySlowFast ``SlowFast`` state dict in pytorchvideo's ``slowfast_r50`` names (``_pyslowfast_key``).
+
+    Returns ``(mapped, unmatched)``: ``mapped`` our name -> tensor (the head as ``blocks.6.proj.*``),
+    ``unmatched`` the PySlowFast keys without a counterpart (non-local blocks, other heads), sorted.
+    """
+    mapped, unmatched = {}, []
+    for k, v in state_dict.items():
+        ours = _pyslowfast_key(k)
+        if ours is None:
+            unmatched.append(k)
+        else:
+            mapped[ours] = v
+    return mapped, sorted(unmatched)
+
+
+def _pyslowfast_detection(cfg) -> bool:
+    """``DETECTION.ENABLE`` of a PySlowFast checkpoint's ``cfg`` (yacs' YAML dump, or a dict); False when the
+    cfg is absent or does not say: the head is then reported as a classifier."""
+    if isinstance(cfg, str):
+        import yaml  # pyyaml comes with dask and fvcore
+
+        try:
+            cfg = yaml.safe_load(cfg)
+        except yaml.YAMLError:
+            return False
+    detection = cfg.get("DETECTION") if isinstance(cfg, dict) else None
+    return isinstance(detection, dict) and detection.get("ENABLE") is True
 
 
 def _split_state(fmt: str, state: Mapping[str, torch.Tensor], num_blocks: int) -> tuple[dict, dict]:
@@ -96,7 +193,7 @@ def _split_state(fmt: str, state: Mapping[str, torch.Tensor], num_blocks: int) -
                 backbone[k[len("model."):]] = v
             else:
                 backbone[k] = v  # reported as unexpected
-        elif fmt == "kinetics":
+        elif fmt in ("kinetics", "pyslowfast-kinetics", "pyslowfast-ava"):  # PySlowFast: after renaming
             # blocks[num_blocks] is the parameter-free pool-concat, blocks[num_blocks + 1] the 400-way head
             if k.startswith(f"blocks.{num_blocks + 1}."):
                 head[k[len(f"blocks.{num_blocks + 1}."):]] = v
@@ -107,12 +204,21 @@ def _split_state(fmt: str, state: Mapping[str, torch.Tensor], num_blocks: int) -
     return backbone, head
 
 
-def _mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+def _mismatch(
+    model: nn.Module, state: Mapping[str, torch.Tensor], names: Mapping[str, str] | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong shape) keys of ``state`` against ``model``; ``names`` maps our name to the
+    checkpoint's, which then leads (``"s2.pathway0_res0.branch2.b.weight (as blocks.1....)"``)."""
     own = model.state_dict()
+
+    def shown(k: str) -> str:
+        theirs = (names or {}).get(k, k)
+        return k if theirs == k else f"{theirs} (as {k})"
+
     missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    unexpected = sorted(shown(k) for k in set(state) - set(own))
     wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{shown(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in set(own) & set(state)
         if tuple(state[k].shape) != tuple(own[k].shape)
     )
@@ -125,12 +231,14 @@ def _listing(title: str, items: list[str], limit: int = 8) -> str:
 
 
 def load_checkpoint(model: SlowFastBackbone, path: str | Path) -> dict:
-    """Load backbone weights from an AVA detection, Kinetics or stctx checkpoint into ``model``.
+    """Load backbone weights from a pytorchvideo (AVA detection, Kinetics), PySlowFast or stctx checkpoint into
+    ``model`` (formats: module docstring).
 
     Returns info: ``format``, ``path``, ``sha256``, ``num_tensors`` loaded, ``head_state`` (the checkpoint's
     head weights keyed like a module whose Linear is ``proj``: AVA detection ``{"proj.weight": (80, 2304),
     "proj.bias": (80,)}``, Kinetics' 400-way head, or the head saved with ours; None if absent), ``config`` (ours only, as saved) and ``meta`` (ours only).
-    Any mismatch raises ``InputError`` naming the missing, unexpected and wrongly shaped keys.
+    Any mismatch raises one ``InputError`` naming the missing, unexpected and wrongly shaped keys (with the
+    checkpoint's and the model's shapes); a PySlowFast Kinetics classifier left out of the backbone is a warning.
     """
     path = Path(path)
     return _load_into(model, path, _read(path))
@@ -138,12 +246,21 @@ def load_checkpoint(model: SlowFastBackbone, path: str | Path) -> dict:
 
 def _load_into(model: SlowFastBackbone, path: Path, ckpt: dict) -> dict:
     fmt = _detect_format(path, ckpt)
-    backbone_state, head_state = _split_state(fmt, ckpt["model_state"], len(model.blocks))
-    missing, unexpected, wrong = _mismatch(model, backbone_state)
+    state, names, unmatched = ckpt["model_state"], None, []
+    if fmt.startswith("pyslowfast"):
+        state, unmatched = pyslowfast_to_pytorchvideo(state)
+        names = {_pyslowfast_key(k): k for k in ckpt["model_state"]}  # ours -> theirs, for the messages
+    backbone_state, head_state = _split_state(fmt, state, len(model.blocks))
+    missing, unexpected, wrong = _mismatch(model, backbone_state, names)
+    unexpected = sorted(unmatched + unexpected)
     if missing or unexpected or wrong:
         parts = [_listing(t, items) for t, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
         raise InputError(path, None, f"{fmt} checkpoint does not fit backbone {model.cfg.name!r}: " + "; ".join(parts))
     model.load_state_dict(backbone_state, strict=True)
+    if fmt == "pyslowfast-kinetics" and head_state:
+        dropped = ", ".join(f"{names[f'blocks.{len(model.blocks) + 1}.{k}']} {tuple(v.shape)}" for k, v in head_state.items())
+        warnings.warn(f"{path}: {fmt} checkpoint (cfg DETECTION.ENABLE is not true): classifier {dropped} "
+                      "not loaded into the backbone", stacklevel=3)
     if fmt == "stctx":
         head_state = ckpt.get("head_state")
     return {
@@ -176,7 +293,7 @@ def backbone_from_checkpoint(path: str | Path, cfg: BackboneConfig | None = None
 
 def configure_parser(parser) -> None:
     """``stctx backbone info CHECKPOINT``."""
-    parser.add_argument("checkpoint", type=Path, help="AVA detection, Kinetics or stctx checkpoint")
+    parser.add_argument("checkpoint", type=Path, help="AVA detection, Kinetics, PySlowFast or stctx checkpoint")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="r50",
                         help="backbone to check a pytorchvideo checkpoint against (ours carries its own config)")
 
