@@ -8,11 +8,16 @@ labels of the training proposals (ground truth + detector boxes >= 0.8, ``pipeli
 Its Linear has the layout of pytorchvideo's detection head projection, so an AVA detection checkpoint
 initialises both the backbone and this head.
 
-A plain loop: per-video batches of clips (``pipeline.features.clips.clip_loader``), optional horizontal flips, SGD or
-AdamW with head training's weight-decay groups and warm-up + cosine schedule (``pipeline.training.optim``), bf16
-autocast on CUDA. It writes our self-describing checkpoint (backbone config,
-backbone and head weights, the fine-tuning config and losses) atomically and returns the metrics.
+A plain loop: per-video batches of clips (``pipeline.features.clips.clip_loader``) in an order that is a function of
+(seed, epoch), optional horizontal flips, SGD or AdamW with head training's weight-decay groups and warm-up + cosine
+schedule (``pipeline.training.optim``), bf16 autocast on CUDA. It writes our self-describing checkpoint (backbone
+config, backbone and head weights, the fine-tuning config and losses) atomically and returns the metrics.
 Deterministic on CPU for a seed.
+
+Resumable (``pipeline.training.resume``): with a ``resume_path`` the loop saves its training state there every
+``checkpoint_every`` optimiser steps and at each epoch end; the same call after a kill continues from the last save
+and, on CPU with a fixed seed, ends with the same weights as an uninterrupted run. The file is removed once the
+final checkpoint is written.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from pipeline.features.runtime import resolve_device, torch_settings
 from pipeline.outputs import check_writable
 from pipeline.progress import progress as progress_bar
 from pipeline.training.optim import param_groups, warmup_cosine_schedule
+from pipeline.training.resume import Position, TrainingState, fingerprint, host_random_state, resumable_loader
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,11 @@ class FinetuneConfig:
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (use with a pretrained init and small batches)
     seed: int = 0
     num_workers: int = 0
+    # save the training state every this many optimiser steps (0: at epoch ends only) when a resume path is given.
+    # 200 steps: 1-3 minutes of mini training on 2 CPU cores (0.28-0.88 s/step, train_mini_backbone), about 95 s of
+    # r50 at batch 64 on an H100 (a detection step ran 134 clips/s) per save of 2x (SGD) or 3x (AdamW) its 135 MB
+    # of weights
+    checkpoint_every: int = 200
 
     def __post_init__(self):
         wrong = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, (rule, ok) in CHECKS.items()
@@ -91,7 +102,11 @@ CHECKS: dict[str, tuple[str, Callable[[object], bool]]] = {
     "warmup_steps": (">= 0", lambda v: v >= 0),
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "num_workers": (">= 0", lambda v: v >= 0),
+    "checkpoint_every": (">= 0", lambda v: v >= 0),
 }
+
+# FinetuneConfig fields that do not change the trained weights, left out of a training state's identity
+NOT_IDENTITY = ("num_workers", "checkpoint_every")
 
 
 def baseline_head(backbone_cfg: BackboneConfig, dropout: float = 0.5) -> BaselineHead:
@@ -153,27 +168,39 @@ def finetune_backbone(
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
     progress: bool = True,
+    resume_path: str | Path | None = None,
 ) -> dict:
     """Train backbone + baseline head on ``clips`` against ``proposals``; write our checkpoint to ``out_path``.
 
     ``proposals`` holds each training keyframe's boxes (normalised x1 y1 x2 y2) and 80-way multi-hot labels;
     clips whose keyframe has no proposal are skipped. ``init``: a checkpoint (AVA detection, Kinetics or ours)
     for the backbone, and for the head where it carries a (K, C) projection; without it the weights are random
-    (seeded by ``cfg.seed``, as are dropout and the flips; torch's random state is the caller's again on return).
-    Returns dict(train_loss per epoch, step_loss, steps, clips, boxes, seconds, clips_per_s, checkpoint, sha256).
-    ``device`` must exist and ``out_path``'s folder be writable: both are checked before training. A progress bar
-    of the steps goes to stderr (``pipeline.progress``) when ``progress``.
+    (seeded by ``cfg.seed``, as are dropout and the flips; torch's random state is the caller's again on return, and
+    so are numpy's and Python's global generators, seeded likewise).
+    Returns dict(train_loss per epoch, step_loss, steps, clips, boxes, seconds, clips_per_s, checkpoint, sha256,
+    resumed_from: None or the Position dict the run continued at; seconds count the training of every run).
+    ``device`` must exist and ``out_path``'s (and ``resume_path``'s) folder be writable: checked before training. A
+    progress bar of the steps goes to stderr (``pipeline.progress``) when ``progress``.
+
+    ``resume_path``: the training-state file (``pipeline.training.resume.TrainingState``), saved every
+    ``cfg.checkpoint_every`` steps and at each epoch end, resumed from when it holds this run's state (same
+    configuration except ``NOT_IDENTITY``, backbone config, training clips and proposals, ``init`` file), removed
+    when the checkpoint is written. A state of another run is replaced (one line says so); an unreadable one is an
+    ``InputError``. Resume lines go to ``log``, or to stderr without one. The frames are not hashed: their folder
+    is the caller's to keep unchanged.
     """
     device = resolve_device(device)
     check_writable(Path(out_path).parent)
-    with torch_settings(seed=cfg.seed, device=device):
-        return _finetune(backbone_cfg, clips, proposals, out_path, cfg, init, device, log, progress)
+    if resume_path is not None:
+        check_writable(Path(resume_path).parent)
+    with torch_settings(seed=cfg.seed, device=device), host_random_state(cfg.seed):
+        return _finetune(backbone_cfg, clips, proposals, out_path, cfg, init, device, log, progress, resume_path)
 
 
 def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: KeyframeBoxes, out_path: str | Path,
               cfg: FinetuneConfig, init: str | Path | None, device: torch.device, log: Callable[[str], None] | None,
-              progress: bool) -> dict:
-    """The loop of ``finetune_backbone``, run inside its seeded ``torch_settings``."""
+              progress: bool, resume_path: str | Path | None = None) -> dict:
+    """The loop of ``finetune_backbone``, run inside its seeded ``torch_settings`` and ``host_random_state``."""
     backbone = build_backbone(backbone_cfg)
     head = baseline_head(backbone_cfg, cfg.dropout)
     init_info = None
@@ -189,27 +216,59 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
     if not keep:
         raise ValueError("no clip keyframe has a training proposal")
     train_clips = clips.subset(keep)
-    loader = clip_loader(train_clips, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed)
+    loader = resumable_loader(
+        clip_loader(train_clips, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed), cfg.seed)
+    batches = loader.batch_sampler  # ResumableBatches: the order of (seed, epoch), started at a batch
+    steps_per_epoch = len(batches.batches)
 
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    total = cfg.epochs * len(loader.batch_sampler)
+    total = cfg.epochs * steps_per_epoch
     sched = warmup_cosine_schedule(opt, total, cfg.warmup_steps)
+    scaler = None  # bf16 autocast needs no loss scaling; an fp16 recipe's torch.amp.GradScaler is saved alike
     flip_rng = torch.Generator().manual_seed(cfg.seed)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    epoch_loss, step_loss, num_boxes, start = [], [], 0, time.perf_counter()
-    bar = progress_bar(total=total, desc=f"finetune {backbone_cfg.name}", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        loader.batch_sampler.set_epoch(epoch)
+    # the loop's plain-value records, saved with the training state: a resumed run returns the whole run's
+    run = dict(epoch_loss=[], step_loss=[], boxes=0, seconds=0.0, losses=[], weights=[])
+    position, resumed_from, train_state = Position(), None, None
+    if resume_path is not None:
+        rows = [lookup[make_key(v, s)] for v, s in train_clips.keyframes]
+        spans = [slice(proposals.offsets[k], proposals.offsets[k + 1]) for k in rows]
+        identity = {
+            "backbone": backbone_cfg.to_dict(),
+            "finetune": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY},
+            "data": fingerprint([list(k) for k in train_clips.keyframes],
+                                *(a for span in spans for a in (proposals.boxes[span], proposals.labels[span]))),
+            "init": None if init_info is None else init_info["sha256"],
+        }
+        train_state = TrainingState(resume_path, identity,
+                                    dict(model=model, optimizer=opt, scheduler=sched, scaler=scaler),
+                                    dict(flip=flip_rng), note=log)
+        resumed = train_state.load()
+        if resumed is not None:
+            (position, run), resumed_from = resumed, dataclasses.asdict(resumed[0])
+
+    start = time.perf_counter()
+
+    def save(at: Position) -> None:
+        train_state.save(at, {**run, "seconds": run["seconds"] + time.perf_counter() - start})
+
+    bar = progress_bar(total=total, initial=position.step, desc=f"finetune {backbone_cfg.name}", unit="step",
+                       disable=not progress)
+    step = position.step
+    for epoch in range(position.epoch, cfg.epochs):
+        first = position.batch if epoch == position.epoch else 0
+        batches.set_position(epoch, first)
+        if first == 0:
+            run.update(losses=[], weights=[])
         model.train()
         if cfg.freeze_bn:
             _set_bn_eval(model)
-        losses, weights = [], []
-        for batch in loader:
+        for index, batch in enumerate(loader, start=first):
             boxes, labels = _boxes_of(batch, lookup, proposals)
             if cfg.flip:
                 boxes = _flip(batch, boxes, torch.rand(len(boxes), generator=flip_rng) < 0.5)
@@ -224,17 +283,25 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
             loss.backward()
             opt.step()
             sched.step()
-            step_loss.append(loss.item())
-            losses.append(loss.item() * len(labels))
-            weights.append(len(labels))
-            num_boxes += len(labels)
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{step_loss[-1]:.4f}", refresh=False)
+            step += 1
+            run["step_loss"].append(loss.item())
+            run["losses"].append(loss.item() * len(labels))
+            run["weights"].append(len(labels))
+            run["boxes"] += len(labels)
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{run['step_loss'][-1]:.4f}", refresh=False)
             bar.update(1)
-        epoch_loss.append(sum(losses) / sum(weights))
+            if train_state is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                    and index + 1 < steps_per_epoch:  # the epoch's last step saves below, as the epoch end
+                save(Position(epoch, index + 1, step))
+        run["epoch_loss"].append(sum(run["losses"]) / sum(run["weights"]))
+        if train_state is not None:
+            save(Position(epoch + 1, 0, step))
         if log:
-            log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss[-1]:.4f} ({time.perf_counter() - start:.1f} s)")
+            log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {run['epoch_loss'][-1]:.4f} "
+                f"({time.perf_counter() - start:.1f} s)")
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = run["seconds"] + time.perf_counter() - start
+    epoch_loss, num_boxes = run["epoch_loss"], run["boxes"]
 
     meta = {
         "finetune": dataclasses.asdict(cfg),
@@ -244,16 +311,19 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
         "boxes_per_epoch": num_boxes // cfg.epochs,
     }
     path = save_checkpoint(model.backbone, backbone_cfg, out_path, head=model.head, meta=meta)
+    if train_state is not None:
+        train_state.discard()
     return {
         "train_loss": epoch_loss,
-        "step_loss": step_loss,
-        "steps": len(step_loss),
+        "step_loss": run["step_loss"],
+        "steps": len(run["step_loss"]),
         "clips": len(keep),
         "boxes": num_boxes // cfg.epochs,
         "seconds": seconds,
         "clips_per_s": len(keep) * cfg.epochs / seconds,
         "checkpoint": str(path),
         "sha256": file_sha256(path),
+        "resumed_from": resumed_from,
     }
 
 
@@ -267,12 +337,15 @@ def finetune_on_ava(
     threshold: float = 0.8,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
+    resume_path: str | Path | None = None,
 ) -> dict:
     """``finetune_backbone`` on an AVA folder (real or mini-AVA): the split's training proposals (ground truth +
     detector boxes >= ``threshold``), excluded keyframes left out, frames located through the frame list.
-    The device and ``out_path``'s folder are checked first, before the annotations are read."""
+    The device and ``out_path``'s (and ``resume_path``'s) folder are checked first, before the annotations are read."""
     resolve_device(device)
     check_writable(Path(out_path).parent)
+    if resume_path is not None:
+        check_writable(Path(resume_path).parent)
     paths = AvaPaths(ava_root)
     proposals = training_proposals(
         read_groundtruth(paths.groundtruth(split)).frame(), read_detections(paths.detections(split)).frame(), threshold
@@ -283,23 +356,24 @@ def finetune_on_ava(
     frame_lists = frames_by_video(read_frame_list(frame_list)) if frame_list.exists() else None
     keyframes = list(zip(proposals.video_ids, proposals.timestamps))
     clips = KeyframeClips.from_config(paths.frames, keyframes, backbone_cfg, frame_lists)
-    return finetune_backbone(backbone_cfg, clips, proposals, out_path, cfg, init=init, device=device, log=log)
+    return finetune_backbone(backbone_cfg, clips, proposals, out_path, cfg, init=init, device=device, log=log,
+                             resume_path=resume_path)
 
 
 MINI_BACKBONE_EPOCHS = 4
 
 
 def train_mini_backbone(data_root: str | Path, out_path: str | Path, epochs: int = MINI_BACKBONE_EPOCHS,
-                        seed: int = 0, device: str | None = None) -> dict:
+                        seed: int = 0, device: str | None = None, resume_path: str | Path | None = None) -> dict:
     """The minimal backbone step of the mini pipeline: the ``mini`` SlowFast from random weights, trained end to end
     with the baseline head on the mini-AVA training split (``pipeline.training.finetune``).
 
     4 epochs over the default mini-AVA's 1152 training keyframes (576 steps): 161 s on one 2-core Xeon, 440-458 s on
     another (same model name, AVX-512, measured 2026-12-03 with the code before and after the error-handling work)
     and 505 s on a 2-core AMD EPYC (docs/benchmarks.md): the largest part of the mini demo's time. See README for how
-    Table 1 on the mini-AVA moves with this number."""
+    Table 1 on the mini-AVA moves with this number. ``resume_path``: as in ``finetune_backbone``."""
     return finetune_on_ava(data_root, out_path, PRESETS["mini"], FinetuneConfig(epochs=epochs, seed=seed),
-                           device=device, log=None)
+                           device=device, log=None, resume_path=resume_path)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -318,6 +392,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             parser.add_argument(flag, type=_checked(flag, kind, f.name),
                                 default=getattr(defaults, f.name), metavar=f.name.upper())
+    parser.add_argument("--resume", type=Path, default=None, metavar="STATE",
+                        help="training-state file: saved while training, continued from by the same command")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
@@ -343,6 +419,6 @@ def run_cli(args: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
     metrics = finetune_on_ava(args.ava_root, args.out, PRESETS[args.preset], cfg, init=args.init, split=args.split,
-                              device=args.device)
+                              device=args.device, resume_path=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if k != "step_loss"}, indent=1))
     return 0
