@@ -1,6 +1,9 @@
-"""Keyframe clips: which frames, decoded once, resized and normalised; per-video batching."""
+"""Keyframe clips: which frames, decoded once, resized and normalised; per-video batching; the uint8 layout and its
+model input; one video's batches with every distinct frame decoded once."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +13,17 @@ from PIL import Image
 import pipeline.features.clips as clips_module
 from pipeline.ava.files import keyframe_frame_index, pathway_frame_indices
 from pipeline.features.backbone import PRESETS
-from pipeline.features.clips import KeyframeClips, VideoBatchSampler, clip_loader, collate_clips, resized_size
+from pipeline.features.clips import (
+    KeyframeClips,
+    VideoBatchSampler,
+    VideoClipBatches,
+    clip_loader,
+    collate_clips,
+    resized_size,
+    slow_positions,
+    to_model_input,
+)
+from pipeline.features.runtime import available_cores
 from pipeline.errors import InputError
 
 torch.set_num_threads(1)
@@ -148,3 +161,100 @@ def test_loader_with_workers_equals_in_process(frames_root):
     for a, b in zip(serial, parallel):
         assert a["video_id"] == b["video_id"]
         torch.testing.assert_close(a["fast"], b["fast"], rtol=0, atol=0)
+
+
+def _model_input(batch, mean=0.45, std=0.225, alpha=4):
+    return to_model_input(batch, "cpu", mean=mean, std=std, alpha=alpha)
+
+
+@pytest.mark.parametrize("t_fast, alpha, window, center, num_frames", [
+    (32, 4, 64, 60, 150), (32, 4, 64, 3, 150), (32, 4, 64, 148, 150), (8, 2, 16, 5, 9), (16, 8, 64, 30, 40)])
+def test_slow_frames_are_the_fast_frames_at_slow_positions(t_fast, alpha, window, center, num_frames):
+    slow, fast = pathway_frame_indices(center, num_frames, t_fast, alpha, window)
+    np.testing.assert_array_equal(fast[slow_positions(t_fast, alpha)], slow)
+    assert slow_positions(32, 4).tolist() == [0, 4, 8, 13, 17, 22, 26, 31]  # pytorchvideo's PackPathway, not ::4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_items_give_the_model_input_of_the_float_path(frames_root, workers):
+    # clamped at the start (901: frame 0 repeats), inside, and a resize (48x64 -> 24x32); two clips per batch
+    keyframes = [("-vidA_00000", s) for s in (901, 902, 904)]
+    kw = dict(short_side=24, mean=0.4, std=0.3, alpha=4)
+    floats = list(clip_loader(KeyframeClips(frames_root, keyframes, **kw), batch_size=2))
+    raws = list(clip_loader(KeyframeClips(frames_root, keyframes, raw_uint8=True, **kw), batch_size=2,
+                            num_workers=workers))
+    assert len(floats) == len(raws) == 2
+    for f, r in zip(floats, raws):
+        assert r["frames"].dtype == torch.uint8 and "slow" not in r and r["sec"] == f["sec"]
+        assert len(r["frames"]) == len(np.unique(r["fast_index"]))  # each distinct frame of a clip once
+        slow, fast = _model_input(r, mean=0.4, std=0.3)
+        assert slow.shape == f["slow"].shape and fast.shape == f["fast"].shape
+        torch.testing.assert_close(slow, f["slow"], rtol=0, atol=0)
+        torch.testing.assert_close(fast, f["fast"], rtol=0, atol=0)
+    # frame 0 repeats at 901: 31 distinct frames; a float batch is moved as it is
+    assert len(raws[0]["frames"]) == 31 + 32
+    torch.testing.assert_close(_model_input(floats[0])[1], floats[0]["fast"], rtol=0, atol=0)
+
+
+def _recording_decoder(monkeypatch, log):
+    """decode_frames that appends every path it decodes to the file ``log`` (forked workers write to it too)."""
+    real = clips_module.decode_frames
+
+    def recording(paths):
+        with open(log, "a") as f:
+            f.writelines(f"{p}\n" for p in paths)
+        return real(paths)
+
+    monkeypatch.setattr(clips_module, "decode_frames", recording)
+    return lambda: log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("workers, run_frames", [(0, 16), (2, 5)])
+def test_video_batches_decode_each_frame_once_and_equal_the_per_keyframe_clips(frames_root, monkeypatch, tmp_path,
+                                                                             workers, run_frames):
+    # keyframes one second apart: the windows overlap by half; runs of 5 frames straddle the batches
+    keyframes = [("-vidA_00000", s) for s in (900, 901, 902, 903, 904)]
+    kw = dict(short_side=24, mean=0.4, std=0.3)
+    expected = list(clip_loader(KeyframeClips(frames_root, keyframes, **kw), batch_size=2))
+    decoded = _recording_decoder(monkeypatch, tmp_path / "decoded.txt")
+    batches = VideoClipBatches(KeyframeClips(frames_root, keyframes, **kw), batch_size=2, num_workers=workers,
+                               run_frames=run_frames)
+    got = list(batches)
+    distinct = np.unique([pathway_frame_indices(keyframe_frame_index(s), NUM_FRAMES)[1] for _, s in keyframes])
+    paths = sorted((frames_root / "-vidA_00000").glob("*.jpg"))
+    assert sorted(decoded()) == [str(paths[i]) for i in distinct]  # each distinct frame once (workers interleave)
+    assert len(distinct) < 5 * 32 - 60  # what decoding per keyframe would cost
+    assert len(got) == len(batches) == 3
+    for e, g in zip(expected, got):
+        assert g["sec"] == e["sec"] and g["video_id"] == e["video_id"] and (g["height"], g["width"]) == (24, 32)
+        assert len(g["frames"]) <= 2 * 32  # a batch carries its own span of frames only
+        slow, fast = _model_input(g, mean=0.4, std=0.3)
+        torch.testing.assert_close(slow, e["slow"], rtol=0, atol=0)
+        torch.testing.assert_close(fast, e["fast"], rtol=0, atol=0)
+    np.testing.assert_array_equal(torch.cat([g["index"] for g in got]).numpy(), np.arange(5))
+
+
+def test_video_batches_refuse_what_they_cannot_order_and_bad_frames(frames_root, monkeypatch):
+    with pytest.raises(ValueError, match="one video's keyframes"):
+        VideoClipBatches(KeyframeClips(frames_root, [("-vidA_00000", 902), ("vidB_000000", 903)], 24), 2)
+    with pytest.raises(ValueError, match="increasing seconds"):
+        VideoClipBatches(KeyframeClips(frames_root, [("-vidA_00000", 903), ("-vidA_00000", 902)], 24), 2)
+    folder = frames_root / "badmid"
+    folder.mkdir()
+    for i in range(NUM_FRAMES):
+        Image.new("RGB", (40, 30), (_level(i),) * 3).save(folder / f"badmid_{i + 1:06d}.jpg")
+    (folder / "badmid_000071.jpg").write_bytes(b"not a jpeg")
+    # the error of a decoding process is the one-line InputError that names the frame
+    with pytest.raises(InputError, match=r"badmid_000071.jpg: cannot read frame") as err:
+        list(VideoClipBatches(KeyframeClips(frames_root, [("badmid", 901), ("badmid", 902)], 24), 1, num_workers=2))
+    assert "\n" not in str(err.value)
+
+
+def test_decoding_workers_default_to_the_available_cores(frames_root, monkeypatch):
+    clips = KeyframeClips(frames_root, [("-vidA_00000", 902)], 24)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)  # e.g. taskset -c 0,2,5
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert available_cores() == 3
+    assert VideoClipBatches(clips, 2).num_workers == 3 and VideoClipBatches(clips, 2, num_workers=0).num_workers == 0
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS
+    assert available_cores() == 8

@@ -1,16 +1,26 @@
-"""Extraction's optional stage timings: every stage reported, and the features written are the same."""
+"""Extraction: its optional stage timings (every stage reported, the features written the same), the uint8 batches of a
+video with each frame decoded once (the features of the float clips), the checkpoint read once per process."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
+import pipeline.features.clips as clips_module
 from cache import CacheSpec, FeatureStore, StorageConfig
+from pipeline.ava import files as ava
+from pipeline.ava import splits
 from pipeline.ava.proposals import groundtruth_proposals
+from pipeline.errors import InputError
+from pipeline.features import checkpoints, extract
 from pipeline.features.backbone import PRESETS, build_backbone
+from pipeline.features.checkpoints import save_checkpoint
+from pipeline.features.clips import KeyframeClips, VideoClipBatches, clip_loader
 from pipeline.features.extract import extract_video
 
 STAGES = {"first_batch", "load", "to_device", "backbone", "pool_roi", "to_host", "write_wait"}
@@ -45,9 +55,6 @@ def test_extract_video_timings_cover_the_call_and_change_nothing(tmp_path):
 
 def test_extract_split_video_leaves_torch_global_state_alone(tiny_ava, tiny_backbone, tmp_path):
     """One CPU thread and the backbone's random initialisation hold for the call only."""
-    from pipeline.ava import splits
-    from pipeline.features import extract
-
     extraction = extract.ExtractionConfig(dtype="float32")
     spec = extract.cache_spec(tiny_backbone, extraction)
     video = splits.split_videos(tiny_ava, "val")[0]
@@ -59,3 +66,61 @@ def test_extract_split_video_leaves_torch_global_state_alone(tiny_ava, tiny_back
     assert not out.get("skipped") and FeatureStore.open(extract.store_url(tmp_path, spec)).is_complete(video)
     assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _float32_store(tmp_path, cfg, name: str) -> FeatureStore:
+    spec = CacheSpec("ab" * 32, {"backbone": cfg.name, "run": name}, aligned=cfg.aligned,
+                     storage=StorageConfig("float32", "none", 0))
+    return FeatureStore.create(tmp_path / spec.name, spec)
+
+
+def test_video_batches_write_the_features_of_the_float_clips_decoding_each_frame_once(tiny_ava, tiny_backbone,
+                                                                                     tmp_path, monkeypatch):
+    model, _ = extract.loaded_backbone(tiny_backbone)
+    proposals, keyframes = splits.split_annotations(tiny_ava, "val")
+    video = keyframes[0][0]
+    secs = list(range(902, 908))  # every second (AVA's spacing): the windows overlap, unlike mini-AVA's keyframes
+    clips = KeyframeClips.from_config(ava.AvaPaths(tiny_ava).frames, [(video, s) for s in secs], model.cfg)
+    decoded = []
+    real = clips_module.decode_frames
+    stored = {}
+    for name in ("float", "uint8"):
+        if name == "float":
+            loader = clip_loader(clips, batch_size=4)  # every keyframe's frames decoded, normalised on the CPU
+        else:
+            loader = VideoClipBatches(clips, batch_size=4, num_workers=0, run_frames=7)
+            monkeypatch.setattr(clips_module, "decode_frames", lambda paths: decoded.extend(paths) or real(paths))
+        store = _float32_store(tmp_path, model.cfg, name)
+        out = extract_video(model, model.cfg, loader, proposals, store, video, secs=secs)
+        assert out["keyframes"] == len(secs) and out["boxes"] > 0
+        stored[name] = store.video(video)
+    frames = clips.video_frames(video)
+    distinct = sorted({int(i) for k in range(len(secs)) for i in clips.fast_frame_indices(k)})
+    assert decoded == [frames[i] for i in distinct] and len(distinct) < len(secs) * model.cfg.t_fast * 0.6
+    for name in ("slow", "fast", "fast_seq", "actor", "sec"):
+        np.testing.assert_array_equal(stored["float"][name][...], stored["uint8"][name][...], err_msg=name)
+
+
+def test_the_checkpoint_is_read_and_hashed_once_per_process(tiny_ava, tiny_backbone, tmp_path, monkeypatch):
+    ckpt = shutil.copy(tiny_backbone, tmp_path / "mini.pt")  # a file that no earlier test loaded
+    reads, hashes = [], []
+    real_read, real_hash = checkpoints._read, checkpoints.file_sha256
+    monkeypatch.setattr(checkpoints, "_read", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr(checkpoints, "file_sha256", lambda p: hashes.append(p) or real_hash(p))
+    extraction = extract.ExtractionConfig(dtype="float32")
+    spec = extract.cache_spec(ckpt, extraction)
+    url = extract.store_url(tmp_path, spec)
+    videos = splits.split_videos(tiny_ava, "train")
+    assert len(videos) == 2
+    for video in videos:
+        extract.extract_split_video(tiny_ava, "train", video, ckpt, url, spec, extraction, device="cpu", num_workers=0)
+    assert len(reads) == len(hashes) == 1
+    # a new version of the file (ours are written and renamed: a new inode) is read again, and refused for a store
+    # named after the old one before the store is touched
+    torch.manual_seed(1)
+    save_checkpoint(build_backbone(PRESETS["mini"]), PRESETS["mini"], ckpt)
+    other = tmp_path / "other.zarr"
+    with pytest.raises(InputError, match="mini.pt: sha256 .* the file changed since"):
+        extract.extract_split_video(tiny_ava, "train", videos[0], ckpt, other, spec, extraction, device="cpu",
+                                    num_workers=0)
+    assert len(reads) == 2 and not other.exists()

@@ -8,11 +8,16 @@ refused if it was extracted for another split or other proposal boxes); a partia
 deleted and rewritten; the group's completion marker is written last, so a killed extraction leaves nothing
 that looks complete. The video is claimed first (``cache.claims``): while another run or host writes it, the
 call waits, then finds it complete and skips it, or takes it over if that writer died.
+
+Each distinct frame of a video is decoded once (``pipeline.features.clips.VideoClipBatches``) and crosses to the
+device once, as uint8; normalisation and the pathways are cut there (``to_model_input``). The checkpoint is read and
+hashed once per process (``loaded_backbone``), not once per video.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import time
@@ -34,9 +39,10 @@ from cache.writer import VideoOriginError, VideoWriter, check_origin
 from pipeline.ava import files as ava
 from pipeline.ava.files import make_key
 from pipeline.ava.splits import read_split_index, split_annotations
-from pipeline.features.backbone import PRESETS, BackboneConfig, pool_maps
-from pipeline.features.checkpoints import backbone_from_checkpoint, file_sha256
-from pipeline.features.clips import KeyframeClips, clip_loader
+from pipeline.errors import InputError
+from pipeline.features.backbone import BackboneConfig, SlowFastBackbone, pool_maps
+from pipeline.features.checkpoints import backbone_from_checkpoint
+from pipeline.features.clips import KeyframeClips, VideoClipBatches, to_model_input
 from pipeline.features.runtime import resolve_device, torch_settings
 
 
@@ -66,10 +72,12 @@ class ExtractionConfig:
 
 
 def cache_spec(checkpoint: str | Path, extraction: ExtractionConfig) -> CacheSpec:
-    """The identity of the store that ``checkpoint`` and ``extraction`` produce."""
-    model_cfg = _backbone_config(checkpoint)
+    """The identity of the store that ``checkpoint`` and ``extraction`` produce (the backbone as ``loaded_backbone``
+    reads it: our checkpoints carry their config, pytorchvideo's AVA/Kinetics files are the ``r50`` preset)."""
+    model, info = loaded_backbone(checkpoint)
+    model_cfg = model.cfg
     return CacheSpec(
-        backbone_sha256=file_sha256(checkpoint),
+        backbone_sha256=info["sha256"],
         extraction={"backbone": model_cfg.name, "backbone_config": model_cfg.to_dict(),
                     **{k: v for k, v in dataclasses.asdict(extraction).items() if k not in ("dtype", "compressor", "level")}},
         aligned=model_cfg.aligned,
@@ -77,10 +85,33 @@ def cache_spec(checkpoint: str | Path, extraction: ExtractionConfig) -> CacheSpe
     )
 
 
-def _backbone_config(checkpoint: str | Path) -> BackboneConfig:
-    """Our checkpoints carry their config; pytorchvideo's AVA/Kinetics files are the ``r50`` preset."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return BackboneConfig.from_dict(ckpt["config"]) if "config" in ckpt else PRESETS["r50"]
+# (path, inode, size, mtime_ns) of one checkpoint file, and a device -> (backbone, load_checkpoint info)
+_LOADED: dict[tuple, tuple[SlowFastBackbone, dict]] = {}
+
+
+def loaded_backbone(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[SlowFastBackbone, dict]:
+    """The checkpoint's backbone in eval mode on ``device``, and its ``load_checkpoint`` info (``sha256`` included).
+
+    Read and hashed once per process and version of the file (path, inode, size, modification time: our checkpoints
+    are written to a temporary file and renamed, a new inode each time), not once per video; forked processes
+    (Luigi's parallel workers) inherit what their parent loaded. One file is held at a time, on the CPU and on each
+    device asked for. The model is shared between calls: run it, do not train it.
+    """
+    path = Path(checkpoint).resolve()
+    try:
+        st = path.stat()
+    except OSError:
+        model, info = backbone_from_checkpoint(path)  # raises the InputError that names the file
+        return model.to(device).eval(), info
+    version, device = (str(path), st.st_ino, st.st_size, st.st_mtime_ns), torch.device(device)
+    if (version, "cpu") not in _LOADED:
+        _LOADED.clear()
+        model, info = backbone_from_checkpoint(path)
+        _LOADED[version, "cpu"] = (model.eval(), info)
+    if (version, str(device)) not in _LOADED:
+        model, info = _LOADED[version, "cpu"]
+        _LOADED[version, str(device)] = (copy.deepcopy(model).to(device).eval(), info)
+    return _LOADED[version, str(device)]
 
 
 def store_url(root: str | Path, spec: CacheSpec) -> Path:
@@ -99,33 +130,36 @@ def store_location(cache: str | os.PathLike, spec: CacheSpec) -> str | Path:
 
 def extract_split_video(data_root: str | Path, split: str, video_id: str, checkpoint: str | Path, url: str | Path,
                         spec: CacheSpec, extraction: ExtractionConfig = ExtractionConfig(),
-                        device: str | None = None, num_workers: int = 0, index: str | Path | None = None,
+                        device: str | None = None, num_workers: int | None = None, index: str | Path | None = None,
                         cpu_threads: int | None = 1, worker: str | None = None, claim_ttl: float = DEFAULT_TTL) -> dict:
     """Extract one video of a split into the store at ``url`` (created with ``spec`` if absent).
 
     ``index``: the split's index folder (``write_split_index``); without it the annotation files and the frame list
-    are read here, which on AVA costs seconds per video. ``cpu_threads``: torch threads on a CPU device; one per
-    task lets Luigi's parallel workers share the cores (two workers with two threads each ran the mini-AVA train
-    split 3x slower than one worker), None keeps the caller's count. torch's thread count and random state are the
+    are read here, which on AVA costs seconds per video. ``num_workers``: frame decoding processes
+    (``VideoClipBatches``), None for the cores this process may use (``available_cores``). ``cpu_threads``: torch
+    threads on a CPU device; one per task lets Luigi's parallel workers share the cores (two workers with two threads
+    each ran the mini-AVA train split 3x slower than one worker), None keeps the caller's count. torch's thread count and random state are the
     caller's again on return. ``worker``, ``claim_ttl``: see ``extract_video``.
     """
     paths = ava.AvaPaths(data_root)
     device = resolve_device(device)
     threads = cpu_threads if device.type == "cpu" else None
     with torch_settings(threads=threads), store_errors(url):
+        model, info = loaded_backbone(checkpoint, device)
+        if info["sha256"] != spec.backbone_sha256:
+            raise InputError(checkpoint, None, f"sha256 {info['sha256'][:16]}... is not the backbone of the store's "
+                                               f"spec ({spec.backbone_sha256[:16]}...): the file changed since")
         store = FeatureStore.create(url, spec)
         if index is None:
             proposals, keyframes = split_annotations(data_root, split, extraction.split_threshold(split))
             frame_lists = ava.frames_by_video(ava.read_frame_list(paths.frame_list(split)))
         else:
             proposals, keyframes, frame_lists = read_split_index(index)
-        secs = [s for v, s in keyframes if v == video_id]
+        secs = sorted(s for v, s in keyframes if v == video_id)
         if not secs:
             raise ValueError(f"{paths.root}: video {video_id!r} has no keyframe in the {split} annotations")
-        model, _ = backbone_from_checkpoint(checkpoint)
-        model = model.to(device).eval()
         clips = KeyframeClips.from_config(paths.frames, [(video_id, s) for s in secs], model.cfg, frame_lists)
-        loader = clip_loader(clips, batch_size=extraction.batch_size, num_workers=num_workers)
+        loader = VideoClipBatches(clips, extraction.batch_size, num_workers=num_workers, device=device)
         # extract_video is the one place that finds a complete video and skips it
         return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
                              device=device, split=split, worker=worker, claim_ttl=claim_ttl)
@@ -157,10 +191,10 @@ class StageClock:
         if self.into is None:
             return fn
 
-        def call(*args):
+        def call(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 self.into[stage] = self.into.get(stage, 0.0) + time.perf_counter() - start
 
@@ -195,17 +229,19 @@ def extract_video(
 ) -> dict:
     """Extract the features of ``video_id`` into ``store`` (opened with ``FeatureStore.create``).
 
-    ``clips_loader`` yields ``pipeline.features.clips.collate_clips`` batches of this video's keyframes in
-    increasing seconds (``clip_loader`` over a ``KeyframeClips`` of the video, not shuffled); ``secs``
+    ``clips_loader`` yields ``pipeline.features.clips.collate_clips`` batches (uint8 or float, ``to_model_input``)
+    of this video's keyframes in increasing seconds (``VideoClipBatches``, or ``clip_loader`` over a
+    ``KeyframeClips`` of the video, not shuffled); ``secs``
     are those seconds (default: the loader dataset's keyframes of the video). ``proposals`` hold the
     boxes (``pipeline.ava.proposals.training_proposals`` or ``eval_proposals``); a keyframe without any gets its
     maps stored and no boxes. Mixed precision on CUDA when ``amp``.
 
     ``timings``: a dict to add wall seconds per stage to (``StageClock``: the device is synchronised after each
     stage, which slows the run down): ``first_batch`` waiting for the clips loader's first batch (its workers
-    start), ``load`` waiting for the others, ``to_device``, ``backbone``, ``pool_roi`` (time pooling and RoIAlign), ``to_host``, ``write_wait`` (waiting
-    for the writer thread, creating the group and the final flush); these add up to the call's time. ``write``
-    is the writer thread's time in ``append`` (compression and storage writes), overlapping the others.
+    start), ``load`` waiting for the others, ``to_device`` (with uint8 batches: normalising and cutting the
+    pathways), ``backbone``, ``pool_roi`` (time pooling and RoIAlign), ``to_host``, ``write_wait`` (waiting for the
+    writer thread, and the final flush); these add up to the call's time. ``write`` is the writer thread's time
+    creating the group and in ``append`` (compression and storage writes), overlapping the others.
 
     ``split``: recorded in the group. ``worker`` (a label, default ``host:pid``) and ``claim_ttl`` (seconds):
     the video's claim (``cache.claims``); while another writer holds a live claim the call waits for it.
@@ -262,7 +298,7 @@ def _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_i
                 want = [make_key(video_id, s) for s in secs[done : done + len(batch_secs)]]
                 raise ValueError(f"extract_video({video_id!r}): expected keyframes {want} in order, got {batch_secs}")
             h, w = int(batch["height"]), int(batch["width"])
-            clip = [batch["slow"].to(device, non_blocking=True), batch["fast"].to(device, non_blocking=True)]
+            clip = to_model_input(batch, device, mean=backbone_cfg.mean, std=backbone_cfg.std, alpha=backbone_cfg.alpha)
             clock.lap("to_device")
             with autocast:
                 Fs, Ff = backbone(clip)
@@ -279,7 +315,10 @@ def _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_i
             host = [x.to(to_host).cpu() for x in (slow, fast, fast_seq, actor)]
             clock.lap("to_host")
             if writer is None:
-                writer = VideoWriter(
+                # the group is created in the writer thread (its arrays: ~0.1 s of small files), while this one
+                # goes on with the next batch; the appends queue behind it
+                writer = pool.submit(
+                    clock.timed(VideoWriter, "write"),
                     store,
                     video_id,
                     boxes=table,
@@ -290,7 +329,7 @@ def _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_i
                     split=split,
                     claim=claim,
                 )
-                append = clock.timed(writer.append, "write")
+                append = clock.timed(lambda *maps: writer.result().append(*maps), "write")
             if pending is not None:
                 pending.result()  # one batch in flight at most; re-raises the writer's error
             clock.lap("write_wait")
@@ -300,7 +339,7 @@ def _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_i
             pending.result()
     if writer is None or done != len(secs):
         raise ValueError(f"extract_video({video_id!r}): the loader gave {done} of {len(secs)} keyframes")
-    marker = writer.finish()
+    marker = writer.result().finish()
     clock.lap("write_wait")
     return dict(video_id=video_id, keyframes=marker["keyframes"], boxes=marker["boxes"], skipped=False)
 

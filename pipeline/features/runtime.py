@@ -1,5 +1,5 @@
-"""torch's process-wide settings for one block of work, restored after it (extraction and the training loops), and
-the device a run asks for, checked before any work.
+"""torch's process-wide settings for one block of work, restored after it (extraction and the training loops), the
+device a run asks for, checked before any work, and the CPU cores a process may use.
 
 torch keeps the intra-op thread count, the deterministic-algorithms flag and the default random generators per
 process; a library function that set them would change every later computation of its caller.
@@ -8,6 +8,7 @@ process; a library function that set them would change every later computation o
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -49,6 +50,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     elif resolved.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(device, "stctx runs on 'cpu', 'cuda[:N]' or 'mps'")
     return resolved
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (``os.sched_getaffinity``, which taskset, cgroup
+    cpusets and batch schedulers set), ``os.cpu_count()`` where the platform has no affinity call (macOS)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _cuda_indices(device: str | torch.device | None) -> list[int]:
