@@ -29,7 +29,7 @@ from cache.schema import COMPRESSORS, STORAGE_DTYPES, StorageConfig
 from cache.store import CacheError, StoreUnreachableError, local_path, store_errors
 from heads.config import ABLATION, PAPER_MAP
 from pipeline.ava import fingerprint
-from pipeline.ava.files import AvaPaths
+from pipeline.ava.files import SPLITS, AvaPaths, present_splits
 from pipeline.errors import InputError
 from pipeline.outputs import OutputError, write_json
 
@@ -369,7 +369,7 @@ class _CacheTask(luigi.Task):
 
     dataset = DatasetParameter()
     threshold = luigi.FloatParameter(default=0.8, description="detector score for training proposals")
-    eval_threshold = luigi.FloatParameter(default=0.8, description="detector score for evaluation proposals (val)")
+    eval_threshold = luigi.FloatParameter(default=0.8, description="detector score for evaluation proposals (val, test)")
     dtype = luigi.ChoiceParameter(choices=STORAGE_DTYPES, default=StorageConfig.dtype)
     compressor = luigi.ChoiceParameter(choices=COMPRESSORS, default=StorageConfig.compressor)
     device = luigi.OptionalParameter(default=None, significant=False)
@@ -382,9 +382,10 @@ class _CacheTask(luigi.Task):
         return PrepareData(dataset=self.dataset)
 
     def indexes(self) -> dict[str, SplitIndex]:
+        """The index of every split of the dataset (``dataset_splits``): the store holds them all."""
         extraction = self.extraction()
         return {split: SplitIndex(dataset=self.dataset, split=split, threshold=extraction.split_threshold(split))
-                for split in ("train", "val")}
+                for split in dataset_splits(self.dataset)}
 
     def extraction(self):
         from pipeline.features.extract import ExtractionConfig
@@ -394,8 +395,8 @@ class _CacheTask(luigi.Task):
 
     def data_identity(self) -> dict | None:
         """What the store's features depend on in the data, by content: each split's index (proposals with their
-        labels, keyframes, frame counts) and frames (``pipeline.ava.fingerprint.frames_digest``); None until both
-        split indexes exist. Exclusions, the label map and the val labels are not in it: they change evaluation
+        labels, keyframes, frame counts) and frames (``pipeline.ava.fingerprint.frames_digest``); None until every
+        split index exists. Exclusions, the label map and the val labels are not in it: they change evaluation
         (``TrainHead``), not features."""
         indexes = self.indexes()
         if not all(index.complete() for index in indexes.values()):
@@ -467,7 +468,7 @@ class SplitIndex(luigi.Task):
     Named by the content of the files it reads (ground truth, detector boxes, frame list), not by their folder."""
 
     dataset = DatasetParameter()
-    split = luigi.ChoiceParameter(choices=["train", "val"])
+    split = luigi.ChoiceParameter(choices=SPLITS)
     threshold = luigi.FloatParameter(default=0.8, description="detector score of the split's proposals")
 
     def requires(self):
@@ -504,7 +505,7 @@ class SplitIndex(luigi.Task):
 class ExtractVideo(_CacheTask):
     """One video's features in the split's cache store (one Zarr group, its completion marker written last)."""
 
-    split = luigi.ChoiceParameter(choices=["train", "val"])
+    split = luigi.ChoiceParameter(choices=SPLITS)
     video = luigi.Parameter()
 
     def requires(self):
@@ -527,7 +528,7 @@ class ExtractVideo(_CacheTask):
 class FeatureCache(_CacheTask):
     """Every video of a split extracted, then the split's manifest committed (written last)."""
 
-    split = luigi.ChoiceParameter(choices=["train", "val"], default="val")
+    split = luigi.ChoiceParameter(choices=SPLITS, default="val")
 
     def requires(self):
         """The videos' ExtractVideo tasks too once the split's index exists, so that the scheduler hands them out to
@@ -639,12 +640,12 @@ class TrainHead(_CacheTask):
         except (TypeError, ValueError) as err:
             raise ParameterError(f"TrainHead: {err}") from None
 
-    def eval_inputs(self) -> dict | list:
-        """Digests of the val split's evaluation files (ground truth, exclusions, label map)."""
+    def eval_inputs(self, split: str = "val") -> dict | list:
+        """Digests of a split's evaluation files (ground truth, exclusions, label map)."""
         data = self.data()
         if not data.ready():
             return ["pending", data.task_id]
-        digests = fingerprint.split_fingerprint(data.data_root(), "val", frames=False)
+        digests = fingerprint.split_fingerprint(data.data_root(), split, frames=False)
         return {"groundtruth": digests["groundtruth"], "exclusions": digests["exclusions"],
                 "labelmap": fingerprint.file_digest(AvaPaths(data.data_root()).labelmap)}
 
@@ -685,8 +686,60 @@ class TrainHead(_CacheTask):
                 f"-> {self.run_dir()}")
 
 
+class EvaluateHead(TrainHead):
+    """A trained head (``TrainHead``'s run, the same parameters) evaluated on the stored proposals of another split.
+
+    Output: ``<TrainHead's run dir>/eval-<split>-<hash>.json``, the hash of that split's evaluation files (ground
+    truth, exclusions, label map): the same metrics as ``metrics.json`` (``mAP``, ``per_class``, ...) and ``split``.
+    The head is never trained on, or chosen by, this split: FullAblation reports the mini-AVA's ``test`` split this
+    way, while every default was chosen on ``val``.
+    """
+
+    split = luigi.ChoiceParameter(choices=SPLITS, default="test")
+
+    def trained(self) -> TrainHead:
+        return self.clone(TrainHead)
+
+    def requires(self):
+        return {"head": self.trained(), "features": self.clone(FeatureCache, split=self.split)}
+
+    def output(self):
+        name = f"eval-{self.split}-{short_hash(self.eval_inputs(self.split))}.json"
+        return luigi.LocalTarget(self.trained().run_dir() / name)
+
+    def run(self):
+        from pipeline.ava.splits import annotations
+        from pipeline.features.runtime import resolve_device
+        from pipeline.training.head import check_groundtruth, evaluate_head, load_head
+
+        files = annotations(self.data().data_root(), self.split)
+        check_groundtruth(files["groundtruth"], files["labelmap"], files["exclusions"], self.split)
+        device = resolve_device(self.device)
+        head_file = self.trained().run_dir() / "head.pt"
+        model, ckpt = load_head(head_file, device)
+        store = self.store_url()
+        with store_errors(store):
+            result, seconds = evaluate_head(model, store, self.split, groundtruth=files["groundtruth"],
+                                            labelmap=files["labelmap"], exclusions=files["exclusions"],
+                                            device=device, local_cache=stctx().local_cache or None)
+        write_json(self.output().path, {
+            "variant": ckpt["variant"], "seed": ckpt["seed"], "split": self.split, "mAP": result.mAP,
+            "per_class": {str(k): v for k, v in result.per_class.items()},
+            "category_mAP": getattr(result, "category_mAP", None),
+            "num_gt": {str(k): v for k, v in getattr(result, "num_gt", {}).items()},
+            "eval_time_s": seconds, "head": str(head_file), "val_mAP": ckpt["mAP"]})
+
+    def result_line(self) -> str:
+        metrics = json.loads(Path(self.output().path).read_text())
+        return (f"EvaluateHead {self.label()} seed {self.seed} on {self.split}: frame-mAP {100 * metrics['mAP']:.2f} "
+                f"-> {self.output().path}")
+
+
 class FullAblation(_CacheTask):
     """Table 1: every variant over several seeds -> ``<root>/ablation/<dataset>/table1.{md,csv,png}``.
+
+    On the split of ``report_split``: the mini-AVA's held-out ``test`` (``EvaluateHead`` of each run; every default
+    was chosen on ``val``), AVA's ``val`` as in the paper (``TrainHead``'s own evaluation).
 
     The table of a given set of runs is written to ``<root>/ablation/<dataset>/<data id>/<hash>/`` (the task's
     output) and copied to ``<root>/ablation/<dataset>/<data id>/`` (the latest of that data) and
@@ -716,8 +769,10 @@ class FullAblation(_CacheTask):
     def requires(self):
         # clone() copies epochs=None over a [TrainHead] epochs of luigi.cfg; pass that setting on instead
         epochs = self.epochs if self.epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
-        return [self.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides=self.overrides_of(v))
+        split = report_split(self.dataset)
+        runs = [self.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides=self.overrides_of(v))
                 for v in self.variants for s in self.seeds]
+        return runs if split == "val" else [run.clone(EvaluateHead, split=split) for run in runs]
 
     def latest_dir(self) -> Path:
         return ablation_dir() / self.dataset
@@ -734,25 +789,26 @@ class FullAblation(_CacheTask):
         runs = self.requires()
         labels = {Path(t.output().path): t.label() for t in runs}
         order = list(dict.fromkeys(t.label() for t in runs))
-        title = (f"Table 1 on {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} val ({len(self.seeds)} seeds, "
-                 f"detector boxes with score >= {self.eval_threshold:g})")
+        title = (f"Table 1 on {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} {report_split(self.dataset)} "
+                 f"({len(self.seeds)} seeds, detector boxes with score >= {self.eval_threshold:g})")
         out = self.table_dir()
         publish_ablation(list(labels), out, [out.parent, self.latest_dir()], PAPER_MAP, order, title, labels=labels,
                          blind=self.direction_blind())
 
     def direction_blind(self) -> dict[int, float] | None:
         """The direction-blind AP (percent, mean of ``BLIND_DRAWS`` draws) of each class of the dataset's order pairs
-        on the val proposals the heads are evaluated on (``pipeline.ava.bounds``); None for a dataset without them or
-        a val split without their ground truth."""
+        on the proposals of the reported split (``pipeline.ava.bounds``); None for a dataset without them or a split
+        without their ground truth."""
         pairs = order_pairs(self.dataset)
         if not pairs:
             return None
         from pipeline.ava.bounds import direction_blind_ap
         from pipeline.ava.splits import annotations, read_split_index
 
-        proposals, _, _ = read_split_index(self.indexes()["val"].folder())
-        val = annotations(self.data().data_root(), "val")
-        aps = direction_blind_ap(proposals, val["groundtruth"], val["labelmap"], val["exclusions"], pairs,
+        split = report_split(self.dataset)
+        proposals, _, _ = read_split_index(self.indexes()[split].folder())
+        files = annotations(self.data().data_root(), split)
+        aps = direction_blind_ap(proposals, files["groundtruth"], files["labelmap"], files["exclusions"], pairs,
                                  draws=BLIND_DRAWS)
         return {c: 100.0 * sum(v) / len(v) for c, v in aps.items()} or None
 
@@ -762,6 +818,18 @@ class FullAblation(_CacheTask):
 
 
 BLIND_DRAWS = 20  # the bound's spread over draws is about 2.4 AP on the mini-AVA val split; the mean's, 0.5
+
+
+def dataset_splits(dataset: str) -> tuple[str, ...]:
+    """The splits of a dataset, all held by its feature store: the mini-AVA's train, val and test; an AVA folder's
+    train and val, and test when the folder has one (``pipeline.ava.files.present_splits``)."""
+    return SPLITS if dataset == "mini" else present_splits(stctx().ava_root)
+
+
+def report_split(dataset: str) -> str:
+    """The split Table 1 reports: the mini-AVA's held-out ``test``; AVA's ``val``, as the paper (AVA's test labels are
+    not public)."""
+    return "test" if dataset == "mini" else "val"
 
 
 def order_pairs(dataset: str) -> tuple[tuple[int, int], ...]:

@@ -27,11 +27,13 @@ CONTEXT_CLASSES: dict[int, str] = {
 
 def ablation_frame(results: Sequence[Mapping], paper: Mapping[str, float], order: Sequence[str],
                    blind: Mapping[int, float] | None = None) -> pd.DataFrame:
-    """One row per variant: ``variant, map_mean, map_std, n_seeds, paper_map`` (mAP in percent), then the mean AP
-    (percent) of each context class as ``ap_<id>``.
+    """One row per variant: ``variant, split, map_mean, map_std, n_seeds, paper_map`` (mAP in percent), then the
+    mean AP (percent) of each context class as ``ap_<id>``.
 
-    ``results`` are metrics dicts of single runs: ``variant``, ``seed``, ``mAP`` (a fraction) and ``per_class``
-    (``{"<id>": AP fraction or None}``). ``blind``: the direction-blind AP (percent) of each class of the dataset's
+    ``results`` are metrics dicts of single runs: ``variant``, ``seed``, ``mAP`` (a fraction), ``per_class``
+    (``{"<id>": AP fraction or None}``) and ``split``, the split evaluated (``val`` when absent: ``TrainHead``'s own
+    evaluation); the runs of one variant must share it. Runs evaluated on another split that carry ``val_mAP`` (the
+    split their defaults were chosen on) add ``val_map_mean``. ``blind``: the direction-blind AP (percent) of each class of the dataset's
     order pairs (``pipeline.ava.bounds``); with it the rows also have ``temporal_ap`` (mean over seeds of the runs'
     mean AP over those classes), ``temporal_ap_std`` (over seeds) and ``temporal_ap_blind`` (the bound's mean over
     the classes, the same on every row).
@@ -42,14 +44,20 @@ def ablation_frame(results: Sequence[Mapping], paper: Mapping[str, float], order
         if not runs:
             continue
         maps = np.array([100.0 * r["mAP"] for r in runs])
+        splits = sorted({r.get("split", "val") for r in runs})
+        if len(splits) != 1:
+            raise ValueError(f"the runs of {name} were evaluated on different splits: {splits}")
         row = {
             "variant": name,
+            "split": splits[0],
             "map_mean": maps.mean(),
             "map_std": maps.std(ddof=1) if len(maps) > 1 else 0.0,
             "n_seeds": len(runs),
             "paper_map": paper.get(name, math.nan),
             "seeds": " ".join(str(r["seed"]) for r in runs),
         }
+        if splits[0] != "val" and all(r.get("val_mAP") is not None for r in runs):
+            row["val_map_mean"] = float(np.mean([100.0 * r["val_mAP"] for r in runs]))
         for class_id in CONTEXT_CLASSES:
             aps = [r["per_class"].get(str(class_id)) for r in runs]
             aps = [100.0 * a for a in aps if a is not None]
@@ -69,12 +77,16 @@ def format_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = (),
     order classes' AP beside the direction-blind bound."""
     class_cols = [c for c in table.columns if c.startswith("ap_")]
     order = "temporal_ap" in table.columns
-    header = ["variant", "frame-mAP (ours)", "seeds", "paper (AVA v2.2)"] + [
+    val = "val_map_mean" in table.columns
+    split = table["split"].iloc[0] if "split" in table.columns and len(table) else "val"
+    header = ["variant", f"frame-mAP {split} (ours)", "seeds"] + (["val (selection)"] if val else []) + [
+        "paper (AVA v2.2)"] + [
         f"AP {CONTEXT_CLASSES[int(c[3:])].split(' (')[0]} ({c[3:]})" for c in class_cols
     ] + (["AP order classes"] if order else [])
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
-        cells = [r["variant"], f"{r['map_mean']:.2f} ± {r['map_std']:.2f}", str(r["n_seeds"]), _num(r["paper_map"])]
+        cells = [r["variant"], f"{r['map_mean']:.2f} ± {r['map_std']:.2f}", str(r["n_seeds"])]
+        cells += ([_num(r["val_map_mean"])] if val else []) + [_num(r["paper_map"])]
         cells += [_num(r[c]) for c in class_cols]
         if order:
             cells.append(f"{r['temporal_ap']:.2f} ± {r['temporal_ap_std']:.2f}")

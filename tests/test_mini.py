@@ -42,7 +42,7 @@ def test_layout_is_read_by_the_ava_readers(tiny):
     paths = ava.AvaPaths(tiny)
     config = m.MiniAvaConfig.make(tiny=True)
     marker = json.loads((tiny / ".complete").read_text())
-    assert marker["args"] == {"videos": 3, "seconds": 10, "seed": 0, "tiny": True} and marker["version"] == m.VERSION
+    assert marker["args"] == {"videos": 4, "seconds": 10, "seed": 0, "tiny": True} and marker["version"] == m.VERSION
     assert paths.labelmap.read_bytes() == ava.SHIPPED_LABELMAP.read_bytes()
     labelmap = ava.read_labelmap(paths.labelmap)
     assert len(labelmap) == 60 and set(m.ACTIONS) <= set(labelmap)
@@ -74,7 +74,7 @@ def test_layout_is_read_by_the_ava_readers(tiny):
             assert re.fullmatch(r"[A-Za-z0-9_-]{11},\d{4},(\d\.\d{3},){4}\d+,\d+", line), line
         det = ava.read_detections(paths.detections(split)).frame()
         assert det["score"].between(0, 1).all() and (det["score"] >= 0.8).any() and (det["score"] < 0.8).any()
-        assert ((det["action_id"] == -1).all()) == (split == "val")
+        assert ((det["action_id"] == -1).all()) == (split != "train")
         excluded = ava.read_exclusions(paths.exclusions(split))
         assert excluded and excluded <= {ava.make_key(v, t) for v, t in zip(gt["video_id"], gt["timestamp"])}
     assert sizes == {(80, 45), (60, 45)}  # 16:9 and 4:3
@@ -96,11 +96,27 @@ def test_episodes_hold_their_keyframe_windows(plans):
 
 def test_default_size(plans):
     config = m.MiniAvaConfig.make()
-    assert config.split_videos == {"train": 48, "val": 16} and config.keyframes_per_video == 24
+    assert config.split_videos == {"train": 48, "val": 16, "test": 16} and config.keyframes_per_video == 24
     assert {(v.width, v.height) for v in plans} == {(160, 90), (120, 90)}
     for video, episode, actor in actors_of(plans):
         box = m.keyframe_boxes(video, episode)[episode.actors.index(actor)][1]
         assert 0.3 < box[3] - box[1] < 0.6  # an actor is a third to a half of the frame height
+
+
+def test_test_split_is_held_out(plans):
+    """test: a fifth of the videos, disjoint from train and val, drawn by the same rules and labelled the same way."""
+    small = m.MiniAvaConfig.make(videos=24)
+    assert small.split_videos == {"train": 14, "val": 5, "test": 5}
+    ids = m.video_ids(small)
+    assert set(ids) == set(ava.SPLITS) and len(set().union(*ids.values())) == 24
+    by_split = {s: [v for v in plans if v.split == s] for s in ava.SPLITS}
+    assert [len(v) for v in by_split.values()] == [48, 16, 16]
+    for split in ("val", "test"):
+        gt = [line for v in by_split[split] for line in m.annotation_rows(v)[0]]
+        actions = {int(line.split(",")[6]) for line in gt}
+        assert actions == set(m.ACTIONS)  # every class is in both held-out splits
+    with pytest.raises(ValueError, match="videos must be >= 3"):
+        m.MiniAvaConfig(videos=2)
 
 
 def test_pytorchvideo_reads_the_folder(tiny):
@@ -150,9 +166,9 @@ def test_a_crash_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
 
 
 def test_cli_writes_and_reruns(tmp_path, capsys):
-    assert cli.main(["mini-ava", str(tmp_path / "mini"), "--tiny", "--seconds", "7", "--videos", "2"]) == 0
-    assert "2 train / 2 val keyframes" in capsys.readouterr().out
-    assert cli.main(["mini-ava", str(tmp_path / "mini"), "--tiny", "--seconds", "7", "--videos", "2"]) == 0
+    assert cli.main(["mini-ava", str(tmp_path / "mini"), "--tiny", "--seconds", "7", "--videos", "3"]) == 0
+    assert "2 train / 2 val / 2 test keyframes" in capsys.readouterr().out
+    assert cli.main(["mini-ava", str(tmp_path / "mini"), "--tiny", "--seconds", "7", "--videos", "3"]) == 0
     assert cli.main(["mini-ava", str(tmp_path / "bad"), "--seconds", "2"]) == 2
 
 

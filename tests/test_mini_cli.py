@@ -28,7 +28,7 @@ def test_cli_refuses_counts_below_one(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--videos", "1"], "videos must be >= 2 (one train and one val video at least), got 1"),
+    (["--videos", "1"], "videos must be >= 3 (one train, one val and one test video at least), got 1"),
     (["--seed", "-1"], "seed must be >= 0 (a numpy seed), got -1"),
 ])
 def test_cli_states_the_generator_rule(tmp_path, capsys, args, message):
@@ -38,8 +38,8 @@ def test_cli_states_the_generator_rule(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"videos": 0}, "videos must be >= 2"),
-    ({"videos": -1}, "videos must be >= 2"),
+    ({"videos": 0}, "videos must be >= 3"),
+    ({"videos": -1}, "videos must be >= 3"),
     ({"seconds": 0}, "seconds must be in 4..900"),
     ({"seed": -3}, "seed must be >= 0"),
 ])
@@ -51,13 +51,13 @@ def test_zero_is_refused_not_taken_for_the_default(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match="workers must be >= 1"):
         m.generate_mini_ava(tmp_path / "mini", tiny=True, workers=0)
     assert list(tmp_path.iterdir()) == []
-    assert m.MiniAvaConfig.make(tiny=True) == m.MiniAvaConfig(videos=3, seconds=10, tiny=True)  # None: the default
+    assert m.MiniAvaConfig.make(tiny=True) == m.MiniAvaConfig(videos=4, seconds=10, tiny=True)  # None: the default
 
 
 def test_prepare_data_with_zero_videos_fails_clearly():
     import tasks
 
-    with pytest.raises(ValueError, match="videos must be >= 2 .* got 0"):
+    with pytest.raises(ValueError, match="videos must be >= 3 .* got 0"):
         tasks.PrepareData(dataset="mini", videos=0, tiny=True).data_root()
 
 
@@ -74,7 +74,7 @@ def test_generation_removes_the_temporary_folder_of_a_killed_run(tmp_path):
     dead = tmp_path / f"{prefix}-{dead_pid()}-abc"
     (dead / "frames").mkdir(parents=True)
     (dead / "frames" / "half-written.jpg").write_bytes(b"\xff\xd8")
-    assert m.generate_mini_ava(out, videos=2, seconds=4, tiny=True) == out
+    assert m.generate_mini_ava(out, videos=3, seconds=4, tiny=True) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])  # the live one stays
     umask = os.umask(0)
     os.umask(umask)

@@ -14,7 +14,8 @@ def test_write_ablation(tmp_path):
     ]
     paths = write_ablation(results, tmp_path, {"baseline": 24.8, "st": 26.65}, ["baseline", "st", "spatial"], "t")
     table = pd.read_csv(paths["csv"])
-    assert list(table.columns[:5]) == ["variant", "map_mean", "map_std", "n_seeds", "paper_map"]
+    assert list(table.columns[:6]) == ["variant", "split", "map_mean", "map_std", "n_seeds", "paper_map"]
+    assert set(table["split"]) == {"val"}  # TrainHead's metrics name no split: its own evaluation is on val
     base = table.set_index("variant").loc["baseline"]
     assert base["map_mean"] == pytest.approx(25.0) and base["map_std"] == pytest.approx(7.0711, abs=1e-3)
     assert base["n_seeds"] == 2 and base["paper_map"] == 24.8 and base["ap_65"] == pytest.approx(20.0)
@@ -22,6 +23,19 @@ def test_write_ablation(tmp_path):
     md = paths["md"].read_text()
     assert "| baseline | 25.00 ± 7.07 | 2 | 24.80 |" in md
     assert paths["png"].stat().st_size > 10_000
+
+
+def test_a_held_out_split_is_named_with_the_selection_splits_mAP_beside_it(tmp_path):
+    results = [{"variant": "st", "seed": k, "split": "test", "mAP": 0.4 + 0.1 * k, "val_mAP": 0.6, "per_class": {}}
+               for k in range(2)]
+    paths = write_ablation(results, tmp_path, {}, ["st"], "Table 1 on test")
+    row = pd.read_csv(paths["csv"]).iloc[0]
+    assert row["split"] == "test" and row["map_mean"] == pytest.approx(45.0) and row["val_map_mean"] == 60.0
+    md = paths["md"].read_text()
+    assert "frame-mAP test (ours)" in md and "| st | 45.00 ± 7.07 | 2 | 60.00 |" in md
+    with pytest.raises(ValueError, match="different splits"):
+        write_ablation(results + [{"variant": "st", "seed": 2, "mAP": 0.5, "per_class": {}}], tmp_path / "x", {},
+                       ["st"], "t")
 
 
 def test_order_classes_and_the_direction_blind_bound(tmp_path):

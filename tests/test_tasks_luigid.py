@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 def project(tmp_path):
     """A folder with the project's luigi.cfg, its own root and a tiny mini-AVA of 6 train videos."""
     cfg = (ROOT / "luigi.cfg").read_text().replace("root = runs", f"root = {tmp_path / 'runs'}")
-    cfg = cfg.replace("[PrepareData]\n", "[PrepareData]\ntiny = true\nvideos = 8\n")
+    cfg = cfg.replace("[PrepareData]\n", "[PrepareData]\ntiny = true\nvideos = 10\n")
     cfg = cfg.replace("[core]\n", "[core]\nrpc-retry-attempts = 1\nrpc-retry-wait = 1\n")  # an absent luigid fails fast
     (tmp_path / "luigi.cfg").write_text(cfg + "\n[Backbone]\nepochs = 1\n")
     return tmp_path
@@ -86,7 +86,8 @@ def test_two_workers_extract_one_split_together(project, luigid):
     args = ["FeatureCache", "--split", "train", "--scheduler-host", "127.0.0.1", "--scheduler-port", str(luigid),
             "--workers", "1", "--worker-keep-alive", "--no-lock"]  # --no-lock: two hosts stand for one (the lock is per host)
     # the shared prerequisites first (local scheduler), so that both workers see every ExtractVideo when they start
-    for prereq in (["Backbone"], ["SplitIndex", "--split", "train"], ["SplitIndex", "--split", "val"]):
+    for prereq in (["Backbone"], ["SplitIndex", "--split", "train"], ["SplitIndex", "--split", "val"],
+                   ["SplitIndex", "--split", "test"]):
         out = subprocess.run([str(BIN / "luigi"), "--module", "tasks", *prereq], cwd=project, capture_output=True,
                              text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -95,9 +95,11 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_ava(root: str | Path, splits: tuple[str, ...] = ava.SPLITS, check_frames: bool = True,
+def check_ava(root: str | Path, splits: tuple[str, ...] | None = None, check_frames: bool = True,
               deep: bool = False) -> CheckReport:
     """Validate every file of an AVA folder; never raises on bad content, reports it.
+
+    ``splits``: default ``train``, ``val`` and, when the folder has it, ``test`` (``files.present_splits``).
 
     ``deep``: also decode the frames of every annotated keyframe's window (minutes on real AVA; a progress bar on
     stderr when it is a terminal).
@@ -108,6 +110,8 @@ def check_ava(root: str | Path, splits: tuple[str, ...] = ava.SPLITS, check_fram
         report.add("missing files", str(paths.root), "not a directory")
         return report
     _check_labelmap(paths, report)
+    if splits is None:
+        splits = ava.present_splits(paths.root)
     if check_frames:
         _check_partial_folders(paths, report)
     for split in splits:
@@ -186,7 +190,7 @@ def _check_split(paths: ava.AvaPaths, split: str, report: CheckReport, check_fra
 
     gt = _check_boxes(paths.groundtruth(split), "groundtruth", report) if paths.groundtruth(split).exists() else None
     det = _check_boxes(paths.detections(split), "detections", report) if paths.detections(split).exists() else None
-    if gt is not None and split == "val" and not len(gt[0]):
+    if gt is not None and split != "train" and not len(gt[0]):
         report.add("no ground truth", str(paths.groundtruth(split)), ava.NO_GROUNDTRUTH)
     if det is not None:
         _check_proposals(*det, paths.detections(split), report)
@@ -353,6 +357,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args) -> int:
-    report = check_ava(args.ava_dir, tuple(args.split or ava.SPLITS), check_frames=not args.no_frames, deep=args.deep)
+    report = check_ava(args.ava_dir, tuple(args.split) if args.split else None, check_frames=not args.no_frames, deep=args.deep)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
     return 0 if report.ok else 1

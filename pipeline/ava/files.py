@@ -6,7 +6,7 @@ Reads every file of the AVA folder layout (see README, "Real AVA"), one function
 them, which collect every problem with its line instead of stopping at the first.
 
     <root>/frames/<video_id>/<video_id>_%06d.jpg          30 fps from second 900; frame 1 = first frame after 900 s
-    <root>/frame_lists/{train,val}.csv                    space separated, header, 5 columns
+    <root>/frame_lists/{train,val,test}.csv               space separated, header, 5 columns
     <root>/annotations/ava_{split}_v2.2.csv               video_id,timestamp,x1,y1,x2,y2,action_id,person_id
     <root>/annotations/ava_{split}_excluded_timestamps_v2.2.csv
     <root>/annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt
@@ -46,7 +46,18 @@ WINDOW = 64
 LABELMAP_NAME = "ava_action_list_v2.2_for_activitynet_2019.pbtxt"
 SHIPPED_LABELMAP = Path(__file__).parent / "data" / "ava_action_list_v2.2.pbtxt"
 FRAME_LIST_HEADER = ("original_vido_id", "video_id", "frame_id", "path", "labels")
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+"""Every split name. ``train`` and ``val`` are AVA's; ``test`` is the held-out split of the mini-AVA (AVA's own test
+set has no public labels, so real-AVA results are on ``val``, as the paper's). A folder's splits: ``present_splits``."""
+REQUIRED_SPLITS = ("train", "val")
+
+
+def present_splits(root: str | Path) -> tuple[str, ...]:
+    """The splits of an AVA folder: ``train`` and ``val`` always (their files are required), ``test`` when the
+    folder has its frame list or ground truth."""
+    paths = AvaPaths(root)
+    test = paths.frame_list("test").exists() or paths.groundtruth("test").exists()
+    return REQUIRED_SPLITS + (("test",) if test else ())
 
 
 def make_key(video_id: str, sec: int) -> str:
@@ -91,6 +102,7 @@ class AvaPaths:
         name = {
             "train": "ava_detection_train_boxes_and_labels_include_negative_v2.2.csv",
             "val": "ava_detection_val_boxes_and_labels.csv",
+            "test": "ava_detection_test_boxes_and_labels.csv",
         }[_split(split)]
         return self.annotations / "person_box_67091280_iou90" / name
 
@@ -493,7 +505,7 @@ def read_groundtruth(path: str | Path) -> BoxRows:
     return read_boxes(path, "groundtruth")
 
 
-NO_GROUNDTRUTH = "no ground-truth boxes: frame-mAP of the val split would be undefined"
+NO_GROUNDTRUTH = "no ground-truth boxes: frame-mAP of an evaluation split (val, test) would be undefined"
 
 
 def read_eval_groundtruth(path: str | Path) -> BoxRows:

@@ -116,6 +116,7 @@ def split_fingerprint(data_root: str | Path, split: str, frames: bool = True) ->
 
 
 def dataset_fingerprint(data_root: str | Path) -> dict[str, Mapping | str | None]:
-    """Every input of the folder: the label map and each split's ``split_fingerprint``."""
+    """Every input of the folder: the label map and each split's ``split_fingerprint`` (the splits of
+    ``files.present_splits``)."""
     return {"labelmap": file_digest(ava.AvaPaths(data_root).labelmap),
-            **{split: split_fingerprint(data_root, split) for split in ava.SPLITS}}
+            **{split: split_fingerprint(data_root, split) for split in ava.present_splits(data_root)}}

@@ -109,11 +109,15 @@ def video_splits(paths: ava.AvaPaths) -> dict[str, str]:
 
 
 def write_frame_lists(paths: ava.AvaPaths, splits: dict[str, str]) -> None:
-    """frame_lists/{train,val}.csv for every complete frame folder, in the PySlowFast format."""
+    """frame_lists/{train,val}.csv for every complete frame folder, in the PySlowFast format; test.csv too when a
+    video belongs to the test split (AVA itself has none with labels, and an empty test list would make a folder
+    look like it had one)."""
     (paths.root / "frame_lists").mkdir(parents=True, exist_ok=True)
     folders = sorted(p.name for p in paths.frames.iterdir() if p.is_dir() and not p.name.endswith(".partial"))
     for split in ava.SPLITS:
         videos = [v for v in folders if splits.get(v) == split]
+        if split not in ava.REQUIRED_SPLITS and not videos:
+            continue
         tmp = paths.frame_list(split).with_suffix(".csv.tmp")
         with open(tmp, "w") as f:
             f.write(" ".join(ava.FRAME_LIST_HEADER) + "\n")

@@ -24,7 +24,7 @@ def _count(text: str) -> int:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="folder to create (left alone if already complete with these arguments)")
-    parser.add_argument("--videos", type=_count, default=None, help="number of videos, a quarter of them val (default 64; --tiny 3)")
+    parser.add_argument("--videos", type=_count, default=None, help="number of videos, a fifth of them val and a fifth test (default 80; --tiny 4)")
     parser.add_argument("--seconds", type=_count, default=None, help="seconds per video, keyframes every 3 s (default 75; --tiny 10)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--tiny", action="store_true", help="a dataset made in seconds, for tests (half-size frames)")
@@ -42,7 +42,8 @@ def run_cli(args) -> int:
     out = generate_mini_ava(args.out, config.videos, config.seconds, config.seed, config.tiny, args.workers)
     n = {s: len(ava.read_groundtruth(ava.AvaPaths(out).groundtruth(s)).frame().groupby(["video_id", "timestamp"]))
          for s in ava.SPLITS}
-    print(f"{out}: {config.videos} videos x {config.seconds} s, {n['train']} train / {n['val']} val keyframes")
+    print(f"{out}: {config.videos} videos x {config.seconds} s, "
+          f"{n['train']} train / {n['val']} val / {n['test']} test keyframes")
     if args.contact_sheet is not None:
         contact_sheet(out, args.contact_sheet)
         print(f"contact sheet: {args.contact_sheet}")

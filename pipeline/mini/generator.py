@@ -3,12 +3,12 @@
 The folder it writes is an AVA folder (the layout of ``pipeline.ava.files``, read as is by PySlowFast and pytorchvideo):
 
     OUT/frames/<vid>/<vid>_%06d.jpg            JPEG (quality 90), 30 fps, frame 1 = first frame after second 900
-    OUT/frame_lists/{train,val}.csv            ``original_vido_id video_id frame_id path labels``, space separated
-    OUT/annotations/ava_{train,val}_v2.2.csv   ground truth, one row per (box, action), %.3f coordinates
-    OUT/annotations/ava_{train,val}_excluded_timestamps_v2.2.csv
+    OUT/frame_lists/{train,val,test}.csv       ``original_vido_id video_id frame_id path labels``, space separated
+    OUT/annotations/ava_{train,val,test}_v2.2.csv   ground truth, one row per (box, action), %.3f coordinates
+    OUT/annotations/ava_{train,val,test}_excluded_timestamps_v2.2.csv
     OUT/annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt   the real 60-class v2.2 label map (a copy)
     OUT/annotations/person_box_67091280_iou90/ava_detection_{train_boxes_and_labels_include_negative_v2.2,
-                                                               val_boxes_and_labels}.csv
+                                                               val_boxes_and_labels,test_boxes_and_labels}.csv
     OUT/.complete                              JSON (generator version and arguments), written last
 
 Time line of a video. A video of ``S`` seconds has ``30 S`` frames (seconds 900 .. 900 + S). It is cut into
@@ -44,20 +44,25 @@ Classes (real AVA v2.2 ids; every actor has exactly one posture, the rest are op
   Distractor: 25 % of the others raise the back arm the same way and keep it still at a random point of the swing,
   so a single frame of a waver and of a still raised arm have the same distribution.
 
-Detector boxes (both splits): each ground-truth box, missed with probability 0.05, else jittered (IoU mostly
-0.85-0.97 on train, 0.8-0.95 on val: ``DET_JITTER``) with a score mostly >= 0.8 (10 % in 0.5-0.8); plus low-score
+Splits: ``train``, ``val`` and ``test``, disjoint videos drawn by one rule. ``test`` is held out: stctx chooses every
+default (sizes, learning rates, epochs, the dataset size) by ``val`` mAP and reports Table 1 on ``test``, which no
+choice has seen. Each is a fifth of the videos (``MiniAvaConfig.split_videos``).
+
+Detector boxes (every split): each ground-truth box, missed with probability 0.05, else jittered (IoU mostly
+0.85-0.97 on train, 0.8-0.95 on val and test: ``DET_JITTER``) with a score mostly >= 0.8 (10 % in 0.5-0.8); plus low-score
 false positives on tall things and clutter
 (one in ten of them scores 0.8-0.9). As in AVA, the train file labels a detector box with the actions of the
 ground-truth box it overlaps with IoU >= 0.9 (one row per action) and leaves the action empty otherwise (a
-negative); the val file leaves every action empty. Exclusions: about 3 % of each split's keyframes (at least
+negative); the val and test files leave every action empty. Exclusions: about 3 % of each split's keyframes (at least
 one); as in the evaluation reference case, their ground truth rows stay in the file and the evaluator ignores them.
 
-Default size: 64 videos (48 train, 16 val) of 75 seconds, i.e. 24 keyframes per video, 1152 train and 384 val
-keyframes with about 2.7 actors each (seed 0: 3158 train and 1041 val person boxes), 144,000 frames, 755 MB, about
-50 CPU-seconds to generate. Share of actors per class (seed 0): stand 59 %, sit 21 %, walk 20 %, carry/hold 21 %,
+Default size: 80 videos (48 train, 16 val, 16 test) of 75 seconds, i.e. 24 keyframes per video, 1152 train and 384
+val and 384 test keyframes with about 2.7 actors each, 180,000 frames, about 940 MB, about 60 CPU-seconds to
+generate (the train and val videos are those of the 64-video size of version 2, before the test split existed).
+Share of actors per class (seed 0): stand 59 %, sit 21 %, walk 20 %, carry/hold 21 %,
 watch 69 % (57 % of those not in a give/take pair), give 14 %, take 14 %, hand wave 18 %. It was 16 videos until
 the context heads were found to need more training clips than 288 keyframes to generalise (README).
-``--tiny``: 3 videos (2 + 1) of 10 seconds, 3 keyframes each, half-size frames, under a second.
+``--tiny``: 4 videos (2 + 1 + 1) of 10 seconds, 3 keyframes each, half-size frames, under a second.
 Same arguments, same bytes: everything is drawn from numpy Generators seeded by (seed, split, video, purpose), and
 JPEGs are written by Pillow with fixed settings and no metadata; worker processes render whole videos, so their
 number does not change any byte.
@@ -82,7 +87,7 @@ from pipeline.ava import files as ava
 from pipeline.errors import InputError
 from pipeline.outputs import temporary_dir
 
-VERSION = 2  # bump whenever the bytes for the same arguments change
+VERSION = 3  # bump whenever the bytes for the same arguments change
 JPEG_QUALITY = 90
 
 SIT, STAND, WALK, CARRY, GIVE, WAVE, TAKE, WATCH = 11, 12, 14, 17, 65, 69, 78, 80
@@ -111,7 +116,7 @@ WATCH_RANGE = (0.25, 1.5)
 # Detector box jitter, std of each coordinate as a fraction of the box size. Tighter on train (IoU mostly >= 0.9, so
 # most train detector boxes carry their person's labels, as AVA's detector trained on train gives) than on val
 # (IoU mostly 0.8-0.95).
-DET_JITTER = {"train": 0.02, "val": 0.035}
+DET_JITTER = {"train": 0.02, "val": 0.035, "test": 0.035}
 DISTRACTOR_P = {"hold_pose": 0.3, "raised_still": 0.25, "prop_nearby": 0.5}
 
 Posture = Literal["stand", "sit", "walk"]
@@ -129,7 +134,7 @@ Point = tuple[float, float]
 class MiniAvaConfig:
     """What a mini-AVA is made of; the fields are exactly the generator's arguments (and its identity)."""
 
-    videos: int = 64
+    videos: int = 80
     seconds: int = 75
     seed: int = 0
     tiny: bool = False
@@ -137,8 +142,8 @@ class MiniAvaConfig:
     def __post_init__(self):
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0 (a numpy seed), got {self.seed}")
-        if self.videos < 2:
-            raise ValueError(f"videos must be >= 2 (one train and one val video at least), got {self.videos}")
+        if self.videos < 3:
+            raise ValueError(f"videos must be >= 3 (one train, one val and one test video at least), got {self.videos}")
         if not 4 <= self.seconds <= 900:
             raise ValueError(f"seconds must be in 4..900 (a keyframe needs frames 28..91), got {self.seconds}")
 
@@ -146,13 +151,14 @@ class MiniAvaConfig:
     def make(cls, videos: int | None = None, seconds: int | None = None, seed: int = 0, tiny: bool = False):
         """The defaults of the chosen size for the arguments left as ``None`` (only ``None``: 0 is refused, not
         taken for the default)."""
-        return cls(videos=(3 if tiny else 64) if videos is None else videos,
+        return cls(videos=(4 if tiny else 80) if videos is None else videos,
                    seconds=(10 if tiny else 75) if seconds is None else seconds, seed=seed, tiny=tiny)
 
     @property
     def split_videos(self) -> dict[str, int]:
-        val = max(1, round(self.videos / 4))
-        return {"train": self.videos - val, "val": val}
+        """A fifth of the videos each for val and test (one at least), the rest train."""
+        held = max(1, round(self.videos / 5))
+        return {"train": self.videos - 2 * held, "val": held, "test": held}
 
     @property
     def keyframes_per_video(self) -> int:
@@ -404,7 +410,7 @@ def keyframe_boxes(video: VideoPlan, episode: Episode) -> list[tuple[Actor, tupl
 # ----------------------------------------------------------------------------------------------- planning
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
-_SPLIT_CODE = {"train": 1, "val": 2}
+_SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
 _PROP_COLORS = ((230, 60, 40), (250, 200, 30), (40, 170, 230), (60, 200, 90), (230, 90, 200), (250, 140, 30))
 _SKINS = ((241, 194, 160), (224, 172, 130), (198, 134, 96), (141, 85, 54), (95, 60, 40))
 _HAIRS = ((30, 20, 15), (90, 50, 20), (200, 170, 90), (60, 60, 60), (140, 40, 20))
@@ -425,8 +431,9 @@ def video_ids(config: MiniAvaConfig) -> dict[str, list[str]]:
         vid = "".join(chars)
         if vid not in ids:
             ids.append(vid)
-    n_train = config.split_videos["train"]
-    return {"train": ids[:n_train], "val": ids[n_train:]}
+    n = config.split_videos
+    return {"train": ids[:n["train"]], "val": ids[n["train"]:n["train"] + n["val"]],
+            "test": ids[n["train"] + n["val"]:]}
 
 
 def _color(rng: np.random.Generator, lo: int = 40, hi: int = 230) -> Color:
@@ -444,7 +451,7 @@ def _shirt(rng: np.random.Generator) -> Color:
 def plan_video(config: MiniAvaConfig, split: str, index: int) -> VideoPlan:
     """The scene description of video ``index`` of ``split`` (no pixels); a pure function of its arguments."""
     video_id = video_ids(config)[split][index]
-    wide = (index + (split == "val")) % 2 == 0
+    wide = (index + (split != "train")) % 2 == 0
     width, height = config.frame_size(wide)
     num_frames = config.seconds * ava.FPS
     rng = _rng(config.seed, _SPLIT_CODE[split], index, 1)
@@ -802,7 +809,7 @@ def generate_mini_ava(out: str | Path, videos: int | None = None, seconds: int |
                       tiny: bool = False, workers: int | None = None) -> Path:
     """Write a mini-AVA folder at ``out`` (see the module docstring) and return its path.
 
-    ``videos``/``seconds`` default to 64/75 (``tiny``: 3/10). A folder already complete with the same arguments is
+    ``videos``/``seconds`` default to 80/75 (``tiny``: 4/10). A folder already complete with the same arguments is
     left alone. The folder is built in a temporary sibling and renamed into place with its ``.complete`` marker
     written last, so an interrupted run leaves nothing at ``out``. ``workers`` (processes rendering whole videos,
     default: the CPU count, 1 for ``tiny``) changes no byte of the result.
