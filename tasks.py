@@ -373,7 +373,8 @@ class _CacheTask(luigi.Task):
     dtype = luigi.ChoiceParameter(choices=STORAGE_DTYPES, default=StorageConfig.dtype)
     compressor = luigi.ChoiceParameter(choices=COMPRESSORS, default=StorageConfig.compressor)
     device = luigi.OptionalParameter(default=None, significant=False)
-    decode_workers = luigi.IntParameter(default=0, significant=False, description="clip decoding processes")
+    decode_workers = luigi.OptionalIntParameter(default=None, significant=False, description="frame decoding "
+                                                "processes (default: the available cores on a GPU, none on a CPU)")
 
     def backbone(self) -> Backbone:
         return Backbone(dataset=self.dataset)

@@ -136,7 +136,9 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
 
     ``index``: the split's index folder (``write_split_index``); without it the annotation files and the frame list
     are read here, which on AVA costs seconds per video. ``num_workers``: frame decoding processes
-    (``VideoClipBatches``), None for the cores this process may use (``available_cores``). ``cpu_threads``: torch
+    (``VideoClipBatches``); None: the cores this process may use (``available_cores``) on a GPU, 0 (decoding in this
+    process) on a CPU device, where decoding processes take the cores from the backbone (2 cores, docs/benchmarks.md
+    "Extraction efficiency": mini 0.53 with none vs 0.42 with 2, r50 0.80 vs 0.76). ``cpu_threads``: torch
     threads on a CPU device; one per task lets Luigi's parallel workers share the cores (two workers with two threads
     each ran the mini-AVA train split 3x slower than one worker), None keeps the caller's count. torch's thread count and random state are the
     caller's again on return. ``worker``, ``claim_ttl``: see ``extract_video``.
@@ -159,6 +161,8 @@ def extract_split_video(data_root: str | Path, split: str, video_id: str, checkp
         if not secs:
             raise ValueError(f"{paths.root}: video {video_id!r} has no keyframe in the {split} annotations")
         clips = KeyframeClips.from_config(paths.frames, [(video_id, s) for s in secs], model.cfg, frame_lists)
+        if num_workers is None and device.type == "cpu":
+            num_workers = 0
         loader = VideoClipBatches(clips, extraction.batch_size, num_workers=num_workers, device=device)
         # extract_video is the one place that finds a complete video and skips it
         return extract_video(model, model.cfg, loader, proposals.for_video(video_id), store, video_id, secs=secs,
