@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.ava.files import (
     NUM_CLASSES,
@@ -54,6 +55,7 @@ from pipeline.features.clips import KeyframeClips, clip_loader
 from pipeline.features.runtime import resolve_device, torch_settings
 from pipeline.outputs import check_writable
 from pipeline.progress import progress as progress_bar
+from pipeline.training import distributed
 from pipeline.training.optim import param_groups, warmup_cosine_schedule
 from pipeline.training.resume import Position, TrainingState, fingerprint, host_random_state, resumable_loader
 
@@ -193,14 +195,18 @@ def finetune_backbone(
     check_writable(Path(out_path).parent)
     if resume_path is not None:
         check_writable(Path(resume_path).parent)
-    with torch_settings(seed=cfg.seed, device=device), host_random_state(cfg.seed):
-        return _finetune(backbone_cfg, clips, proposals, out_path, cfg, init, device, log, progress, resume_path)
+    with distributed.process_group(device) as group, torch_settings(seed=cfg.seed, device=group.device), \
+            host_random_state(cfg.seed):
+        return _finetune(backbone_cfg, clips, proposals, out_path, cfg, init, group, log, progress, resume_path)
 
 
 def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: KeyframeBoxes, out_path: str | Path,
-              cfg: FinetuneConfig, init: str | Path | None, device: torch.device, log: Callable[[str], None] | None,
-              progress: bool, resume_path: str | Path | None = None) -> dict:
-    """The loop of ``finetune_backbone``, run inside its seeded ``torch_settings`` and ``host_random_state``."""
+              cfg: FinetuneConfig, init: str | Path | None, group: distributed.Group,
+              log: Callable[[str], None] | None, progress: bool, resume_path: str | Path | None = None) -> dict:
+    """The loop of ``finetune_backbone``, run inside its seeded ``torch_settings`` and ``host_random_state``, as
+    rank ``group.rank`` of ``group.world`` processes (one: the single-process run)."""
+    device, main = group.device, group.is_main
+    log = log if main else None
     backbone = build_backbone(backbone_cfg)
     head = baseline_head(backbone_cfg, cfg.dropout)
     init_info = None
@@ -210,16 +216,23 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
         if {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in head.state_dict().items()}:
             head.load_state_dict(state)  # an AVA detection head or ours; Kinetics' 400-way head does not fit
     model = ActionDetector(backbone, head).to(device)
+    # the model the loop calls: DDP averages the gradients over the ranks in backward (and gives every rank rank 0's
+    # weights and buffers at construction and its buffers at each forward); plain BatchNorm per rank, as PySlowFast
+    net = model if group.world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
     lookup = {k: i for i, k in enumerate(proposals.keys) if proposals.offsets[i + 1] > proposals.offsets[i]}
     keep = [i for i, (v, s) in enumerate(clips.keyframes) if make_key(v, s) in lookup]
     if not keep:
         raise ValueError("no clip keyframe has a training proposal")
     train_clips = clips.subset(keep)
-    loader = resumable_loader(
-        clip_loader(train_clips, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed), cfg.seed)
+    # the global order of one process at batch_size x world, each rank taking its part of every batch
+    global_batches = clip_loader(train_clips, cfg.batch_size * group.world, num_workers=cfg.num_workers, shuffle=True,
+                                 seed=cfg.seed)
+    loader = resumable_loader(distributed.sharded_loader(global_batches, group.rank, group.world), cfg.seed)
     batches = loader.batch_sampler  # ResumableBatches: the order of (seed, epoch), started at a batch
-    steps_per_epoch = len(batches.batches)
+    shards = batches.batches  # ShardedBatches: this rank's part of each global batch
+    steps_per_epoch = len(shards)
 
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -244,10 +257,13 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
             "data": fingerprint([list(k) for k in train_clips.keyframes],
                                 *(a for span in spans for a in (proposals.boxes[span], proposals.labels[span]))),
             "init": None if init_info is None else init_info["sha256"],
+            "world_size": group.world,  # the global batch, and each rank's part of it
         }
+        # every rank restores the same state (rank 0's: the flips' stream is the same on every rank); the ranks'
+        # own random streams are reseeded at each step (distributed.seed_rank), so nothing per rank is saved
         train_state = TrainingState(resume_path, identity,
                                     dict(model=model, optimizer=opt, scheduler=sched, scaler=scaler),
-                                    dict(flip=flip_rng), note=log)
+                                    dict(flip=flip_rng), note=log if main else lambda line: None)
         resumed = train_state.load()
         if resumed is not None:
             (position, run), resumed_from = resumed, dataclasses.asdict(resumed[0])
@@ -255,39 +271,51 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
     start = time.perf_counter()
 
     def save(at: Position) -> None:
-        train_state.save(at, {**run, "seconds": run["seconds"] + time.perf_counter() - start})
+        if main:
+            train_state.save(at, {**run, "seconds": run["seconds"] + time.perf_counter() - start})
+        distributed.barrier(group)
 
     bar = progress_bar(total=total, initial=position.step, desc=f"finetune {backbone_cfg.name}", unit="step",
-                       disable=not progress)
+                       disable=not (progress and main))
     step = position.step
     for epoch in range(position.epoch, cfg.epochs):
         first = position.batch if epoch == position.epoch else 0
         batches.set_position(epoch, first)
+        parts = shards.parts()  # [(this rank's slice, global batch size)] of the epoch's batches
         if first == 0:
             run.update(losses=[], weights=[])
-        model.train()
+        net.train()
         if cfg.freeze_bn:
             _set_bn_eval(model)
         for index, batch in enumerate(loader, start=first):
+            part, size = parts[index]
+            if group.world > 1:
+                distributed.seed_rank(cfg.seed, group.rank, step)  # this rank's dropout of this step
             boxes, labels = _boxes_of(batch, lookup, proposals)
-            if cfg.flip:
-                boxes = _flip(batch, boxes, torch.rand(len(boxes), generator=flip_rng) < 0.5)
+            if cfg.flip:  # drawn for the whole global batch on every rank, as one process draws them
+                flips = torch.rand(size, generator=flip_rng) < 0.5
+                boxes = _flip(batch, boxes, flips[part] if part.stop > part.start else flips[:1])
             flat = torch.from_numpy(np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]))  # (N, 4)
             box_clip = box_clip_index([len(b) for b in boxes])  # (N,)
             image_hw = torch.tensor([(batch["height"], batch["width"])] * len(boxes))  # (B, 2)
             slow, fast = (batch[k].to(device, non_blocking=True) for k in ("slow", "fast"))
             with torch.autocast(**amp):
-                logits = model(slow, fast, flat, box_clip, image_hw)
+                logits = net(slow, fast, flat, box_clip, image_hw)
             loss = F.binary_cross_entropy_with_logits(logits.float(), torch.from_numpy(labels).to(device))
+            # the global batch's mean over its boxes, and their count (this rank's in a single process)
+            n = len(labels) if part.stop > part.start else 0  # a borrowed item (empty part) weighs 0
+            step_loss, n_global = distributed.all_reduce_mean(loss.item(), n, group)
+            if group.world > 1:  # DDP averages over the ranks: weighted so the average is the global batch's mean
+                loss = loss * (group.world * n / n_global)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
-            run["step_loss"].append(loss.item())
-            run["losses"].append(loss.item() * len(labels))
-            run["weights"].append(len(labels))
-            run["boxes"] += len(labels)
+            run["step_loss"].append(step_loss)
+            run["losses"].append(step_loss * n_global)
+            run["weights"].append(n_global)
+            run["boxes"] += int(n_global)
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{run['step_loss'][-1]:.4f}", refresh=False)
             bar.update(1)
             if train_state is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
@@ -310,9 +338,12 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
         "clips": len(keep),
         "boxes_per_epoch": num_boxes // cfg.epochs,
     }
-    path = save_checkpoint(model.backbone, backbone_cfg, out_path, head=model.head, meta=meta)
-    if train_state is not None:
-        train_state.discard()
+    if main:
+        save_checkpoint(model.backbone, backbone_cfg, out_path, head=model.head, meta=meta)
+        if train_state is not None:
+            train_state.discard()
+    distributed.barrier(group)  # the other ranks return once the checkpoint is there
+    path = Path(out_path)
     return {
         "train_loss": epoch_loss,
         "step_loss": run["step_loss"],
@@ -420,5 +451,14 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)})
     metrics = finetune_on_ava(args.ava_root, args.out, PRESETS[args.preset], cfg, init=args.init, split=args.split,
                               device=args.device, resume_path=args.resume)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "step_loss"}, indent=1))
+    if distributed.is_main():  # under torchrun every rank returns the same metrics
+        print(json.dumps({k: v for k, v in metrics.items() if k != "step_loss"}, indent=1))
     return 0
+
+
+if __name__ == "__main__":  # `torchrun --nproc_per_node N -m pipeline.training.finetune AVA_ROOT OUT ...`
+    import sys
+
+    from pipeline.cli import main
+
+    sys.exit(main(["backbone", "finetune", *sys.argv[1:]]))
