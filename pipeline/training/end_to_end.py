@@ -1,0 +1,269 @@
+"""The end-to-end model: a SlowFast backbone and a context head (any ``heads`` variant) as one module on frames, its
+checkpoint, and its frame-mAP on an AVA split computed from frames instead of the feature cache.
+
+Shape legend: B clips, N boxes, T_s/T_f slow/fast frames, H W input frame, h w res5 map (H/16, W/16), C_s/C_f
+slow/fast channels, R RoI side (7), K classes (80). Box convention: see ``cache/schema.py``.
+
+``ContextDetector`` builds the head's inputs from the live res5 maps the way the two-stage path does, step for step:
+``pool_maps`` of the float32 maps, ``cache.roi.actor_features`` with the backbone's ``aligned`` (extraction,
+``pipeline.features.extract``), an all-true ``valid`` mask (``cache.reader.collate_runs``: the clips of one batch share
+a frame size, so nothing is padded) and ``pipeline.training.head.head_inputs``, which picks what the head's config
+needs and places the boxes on the map (``box_map``). So before any update its logits equal those of the head on
+features extracted into a float32 cache (``tests/test_training_end_to_end.py``). A cache stored in float16 (the
+default) or uint8 rounds the features the head trained on; the live path keeps them in float32.
+
+``evaluate_on_frames`` is ``pipeline.training.head.evaluate_head`` with the cache replaced by the backbone: the split's
+proposals as extraction stores them (``pipeline.ava.splits.split_proposals``), clips decoded as extraction decodes
+them (``KeyframeClips`` uint8 frames, ``to_model_input``), the same precision on CUDA (the backbone in float16
+autocast as extraction runs it, the head in bf16 autocast as ``predict`` runs it; float32 on the CPU), float32 logits
+before the sigmoid, and the official evaluator with the split's ground truth, label map and exclusions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cache.roi import actor_features, box_clip_index
+from cache.schema import NUM_CLASSES, ROI_SIZE, SCHEMA_VERSION
+from heads import HeadConfig, HeadInputs, build_head
+from pipeline.ava import files as ava
+from pipeline.ava.splits import annotations, split_proposals
+from pipeline.errors import InputError
+from pipeline.features.backbone import BackboneConfig, SlowFastBackbone, build_backbone, pool_maps
+from pipeline.features.checkpoints import backbone_from_checkpoint
+from pipeline.features.clips import KeyframeClips, clip_loader, to_model_input
+from pipeline.features.runtime import resolve_device
+from pipeline.outputs import atomic_file
+from pipeline.progress import progress as progress_bar
+from pipeline.training.head import head_inputs, load_head
+
+CHECKPOINT_FORMAT = "stctx-end-to-end"
+CHECKPOINT_VERSION = 1
+
+
+class ContextDetector(nn.Module):
+    """Backbone + context head on clips and boxes; ``forward`` has the signature of
+    ``pipeline.training.finetune.ActionDetector.forward``.
+
+    ``backbone``: a ``SlowFastBackbone``; ``head``: a ``heads`` model (``build_head``) whose ``config`` C_s/C_f are
+    the backbone's channels. ``features``: the feature spec the head was trained on (``head.pt``'s ``features``,
+    ``pipeline.training.head.feature_spec``), kept for the checkpoint; None when unknown.
+    """
+
+    def __init__(self, backbone: SlowFastBackbone, head: nn.Module, features: Mapping | None = None):
+        super().__init__()
+        check_fit(backbone.cfg, head.config, features)
+        self.backbone, self.head = backbone, head
+        self.features = None if features is None else dict(features)
+
+    @property
+    def config(self) -> HeadConfig:
+        """The head's config."""
+        return self.head.config
+
+    def forward(self, slow: torch.Tensor, fast: torch.Tensor, boxes: torch.Tensor, box_clip: torch.Tensor,
+                image_hw: torch.Tensor) -> torch.Tensor:
+        """slow (B,3,T_s,H,W), fast (B,3,T_f,H,W) normalised clips, boxes (N,4) normalised x1 y1 x2 y2, box_clip (N,)
+        long, image_hw (B,2) the clips' frame size (H, W) -> (N, K) logits. Boxes, box_clip and image_hw may be on
+        the CPU; they are moved to the clips' device."""
+        Fs, Ff = self.backbone([slow, fast])  # (B,C_s,T_s,h,w), (B,C_f,T_f,h,w)
+        return self.head(self.head_inputs(Fs, Ff, boxes, box_clip, image_hw))
+
+    def head_inputs(self, Fs: torch.Tensor, Ff: torch.Tensor, boxes: torch.Tensor, box_clip: torch.Tensor,
+                    image_hw: torch.Tensor) -> HeadInputs:
+        """res5 maps Fs (B,C_s,T_s,h,w), Ff (B,C_f,T_f,h,w) and the boxes -> the head's inputs, float32, as the cache
+        delivers them (module docstring)."""
+        device = Fs.device
+        boxes = boxes.to(device, torch.float32)  # the dtype the cache stores boxes in
+        box_clip, image_hw = box_clip.to(device, torch.long), image_hw.to(device, torch.long)
+        slow, fast, fast_seq = pool_maps(Fs.float(), Ff.float())  # (B,C_s,h,w) (B,C_f,h,w) (B,C_f,T_f)
+        batch = {
+            "actor": actor_features(slow, fast, boxes, box_clip, image_hw, self.backbone.cfg.aligned),  # (N,C,R,R)
+            "box_clip": box_clip, "boxes": boxes, "image_hw": image_hw,
+            "slow": slow, "fast": fast, "fast_seq": fast_seq,
+            "valid": torch.ones((len(slow), *slow.shape[-2:]), dtype=torch.bool, device=device),  # (B, h, w)
+        }
+        return head_inputs(batch, self.config.needs)
+
+
+def check_fit(backbone: BackboneConfig, head: HeadConfig, features: Mapping | None = None, *,
+              where: str = "the head and the backbone") -> None:
+    """Refuse a head whose sizes are not the backbone's: C_s, C_f, roi_size and, from the head's feature spec when
+    given, T_f (fast frames) and the RoIAlign ``aligned`` flag. The ValueError names ``where`` and the field."""
+    want = {"C_s": (head.C_s, backbone.slow_channels), "C_f": (head.C_f, backbone.fast_channels),
+            "roi_size": (head.roi_size, ROI_SIZE)}
+    if features is not None:
+        want |= {k: (features[k], v) for k, v in (("T_f", backbone.t_fast), ("aligned", backbone.aligned))
+                 if k in features}
+    wrong = [f"{k}: head {h!r}, backbone {b!r}" for k, (h, b) in want.items() if h != b]
+    if wrong:
+        raise ValueError(f"{where} do not fit (head {head.name!r}, backbone {backbone.name!r}): " + "; ".join(wrong))
+
+
+def build_end_to_end(backbone_checkpoint: str | Path, head_checkpoint: str | Path,
+                     device: str | torch.device = "cpu") -> ContextDetector:
+    """The end-to-end model from a backbone checkpoint (ours, or pytorchvideo's/PySlowFast's as the ``r50`` preset:
+    ``pipeline.features.checkpoints.backbone_from_checkpoint``) and a ``TrainHead`` ``head.pt``
+    (``pipeline.training.head.load_head``), in eval mode on ``device``. A fresh backbone (not the shared one of
+    ``loaded_backbone``), so the model can be trained. A head whose sizes are not the backbone's (C_s, C_f, roi_size,
+    T_f, aligned) is a ValueError that names both files and the field."""
+    head_checkpoint = Path(head_checkpoint)
+    if not head_checkpoint.is_file():
+        raise InputError(head_checkpoint, None, "head checkpoint file not found")
+    backbone, _ = backbone_from_checkpoint(backbone_checkpoint)
+    head, info = load_head(head_checkpoint)
+    features = info.get("features")
+    check_fit(backbone.cfg, head.config, features, where=f"head {head_checkpoint} and backbone {backbone_checkpoint}")
+    return ContextDetector(backbone, head, features).to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+
+
+def save_end_to_end(path: str | Path, model: ContextDetector, meta: Mapping | None = None) -> Path:
+    """Write a checkpoint that rebuilds ``model`` from the file alone, atomically (``pipeline.outputs.atomic_file``):
+    format tag and version, the backbone config, the head config (``HeadConfig.to_dict``) and variant, the head's
+    feature spec, the schema version, both state dicts and ``meta`` (plain values: it loads with
+    ``weights_only=True``)."""
+    payload = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "variant": model.config.name,
+        "backbone_config": model.backbone.cfg.to_dict(), "head_config": model.config.to_dict(),
+        "features": model.features, "schema_version": SCHEMA_VERSION,
+        "backbone_state": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
+        "head_state": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    path = Path(path)
+    with atomic_file(path) as f:  # a Python file object: a write error names the path
+        torch.save(payload, f)
+    return path
+
+
+def load_end_to_end(path: str | Path, device: str | torch.device = "cpu") -> tuple[ContextDetector, dict]:
+    """Rebuild ``save_end_to_end``'s model in eval mode on ``device``; returns (model, meta). A file that is not such
+    a checkpoint is an ``InputError`` naming it and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, None, "end-to-end checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt or non-weights file
+        raise InputError(path, None, f"cannot read as a torch checkpoint (weights_only=True): {err}") from None
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != CHECKPOINT_FORMAT:
+        raise InputError(path, None, f"not an stctx end-to-end checkpoint: format {fmt!r}, expected "
+                                     f"{CHECKPOINT_FORMAT!r} (save_end_to_end; a backbone checkpoint and a head.pt "
+                                     "combine with build_end_to_end)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise InputError(path, None, f"end-to-end checkpoint version {ckpt.get('version')}, this stctx reads "
+                                     f"{CHECKPOINT_VERSION}")
+    try:
+        backbone = build_backbone(BackboneConfig.from_dict(ckpt["backbone_config"]))
+        head = build_head(HeadConfig.from_dict(ckpt["head_config"]))
+        backbone.load_state_dict(ckpt["backbone_state"])
+        head.load_state_dict(ckpt["head_state"])
+        model = ContextDetector(backbone, head, ckpt.get("features"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # RuntimeError: load_state_dict's mismatch
+        raise InputError(path, None, f"end-to-end checkpoint does not rebuild its model: {err}") from None
+    return model.to(device).eval(), ckpt.get("meta", {})
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, *, threshold: float = 0.8,
+                      device: str | torch.device | None = None, batch_size: int = 8, num_workers: int = 0,
+                      amp: bool = True, skip_excluded: bool = True, progress: bool = False,
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Sigmoid scores of every proposal of an AVA split, from its frames: (video ids (M,), seconds (M,), boxes (M, 4),
+    scores (M, K)), in the order of the cache (videos sorted, keyframes by second, boxes as stored), like
+    ``pipeline.training.head.predict``.
+
+    Proposals: ``split_proposals(ava_root, split, threshold)``, the boxes extraction stores (detector boxes >=
+    ``threshold`` for val/test, ground truth + detector boxes for train). ``skip_excluded``: leave out the split's
+    excluded keyframes (the evaluator drops their rows first, so the result does not change; off: every keyframe
+    the cache holds). ``device``: None runs where the model is, else the model is moved there. ``amp``: on CUDA the
+    backbone in float16 autocast (extraction) and the head in bf16 autocast (``predict``). The model runs in eval
+    mode; its training mode is restored on return. ``progress``: a bar of the batches on stderr.
+    """
+    device = next(model.parameters()).device if device is None else resolve_device(device)
+    paths = ava.AvaPaths(ava_root)
+    proposals = split_proposals(ava_root, split, threshold)
+    if skip_excluded and paths.exclusions(split).exists():
+        excluded = ava.read_exclusions(paths.exclusions(split))
+        proposals = proposals.select(np.array([i for i, k in enumerate(proposals.keys) if k not in excluded], np.int64))
+    row = {(v, int(s)): k for k, (v, s) in enumerate(zip(proposals.video_ids, proposals.timestamps))}
+    frame_list = paths.frame_list(split)
+    frame_lists = ava.frames_by_video(ava.read_frame_list(frame_list)) if frame_list.exists() else None
+    cfg = model.backbone.cfg
+    clips = KeyframeClips.from_config(paths.frames, list(row), cfg, frame_lists, raw_uint8=True)
+    loader = clip_loader(clips, batch_size, num_workers=num_workers)
+    cuda = amp and device.type == "cuda"
+    backbone_amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+    head_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    training = model.training
+    model.to(device).eval()
+    videos, secs, boxes, scores = [], [], [], []
+    bar = progress_bar(total=len(loader), desc=f"evaluate {model.config.name} on {split} frames", unit="batch",
+                       disable=not progress)
+    try:
+        for batch in loader:
+            spans = [slice(proposals.offsets[k], proposals.offsets[k + 1])
+                     for k in (row[v, int(s)] for v, s in zip(batch["video_id"], batch["sec"]))]
+            flat = torch.from_numpy(np.concatenate([proposals.boxes[s] for s in spans]))  # (N, 4) float32
+            box_clip = box_clip_index([s.stop - s.start for s in spans])  # (N,)
+            image_hw = torch.tensor([(batch["height"], batch["width"])] * len(spans))  # (B, 2)
+            clip = to_model_input(batch, device, mean=cfg.mean, std=cfg.std, alpha=cfg.alpha)
+            with backbone_amp:
+                Fs, Ff = model.backbone(clip)
+            inputs = model.head_inputs(Fs, Ff, flat, box_clip, image_hw)
+            with head_amp:
+                logits = model.head(inputs)  # (N, K)
+            # float32 before the sigmoid: bf16 logits tie scores, and ties change AP
+            scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+            videos += [batch["video_id"][c] for c in box_clip.tolist()]
+            secs.append(np.asarray(batch["sec"], np.int64)[box_clip.numpy()])
+            boxes.append(flat.numpy())
+            bar.update(1)
+    finally:
+        bar.close()
+        model.train(training)
+    if not scores:
+        return [], np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros((0, model.config.K), np.float32)
+    return videos, np.concatenate(secs), np.concatenate(boxes), np.concatenate(scores)
+
+
+def evaluate_on_frames(model: ContextDetector, ava_root: str | Path, split: str, *, threshold: float = 0.8,
+                       device: str | torch.device | None = None, batch_size: int = 8, num_workers: int = 0,
+                       amp: bool = True, progress: bool = False):
+    """Frame-mAP@0.5 of the end-to-end model on an AVA split's proposals, from its frames; returns
+    (``FrameMapResult``, seconds), as ``pipeline.training.head.evaluate_head`` does on the cache.
+
+    Scores from ``predict_on_frames`` (same arguments), the 60 label-map classes of the K = 80, then
+    ``pipeline.ava.evaluation.evaluate_frame_map`` with the split's ground truth, label map and exclusions
+    (``pipeline.ava.splits.annotations``), exactly as ``evaluate_head`` calls it.
+    """
+    from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
+
+    start = time.perf_counter()
+    if model.config.K != NUM_CLASSES:
+        raise ValueError(f"head {model.config.name!r} has K={model.config.K} classes; the evaluation reads the "
+                         f"{NUM_CLASSES} AVA action ids")
+    videos, secs, boxes, scores = predict_on_frames(model, ava_root, split, threshold=threshold, device=device,
+                                                    batch_size=batch_size, num_workers=num_workers, amp=amp,
+                                                    progress=progress)
+    files = annotations(ava_root, split)
+    labels = load_labelmap(files["labelmap"])
+    class_ids = np.array(sorted(labels), dtype=np.int64)
+    detections = detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
+    result = evaluate_frame_map(files["groundtruth"], detections, labels, files["exclusions"])
+    return result, time.perf_counter() - start
