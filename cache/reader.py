@@ -37,7 +37,7 @@ from cache.schema import (
     SOURCE_DET,
     group_shapes,
 )
-from cache.remote import group_attrs, local_folders
+from cache.remote import BOX_META, LocalCache, group_attrs
 from cache.shards import RowReader
 from cache.store import CacheError, FeatureStore
 
@@ -66,8 +66,9 @@ class CacheDataset(Dataset):
 
     - ``local_cache``: a local folder for copies of the arrays of a remote store's complete videos (``cache.remote``;
       default: the ``local_cache`` the store was opened with). The arrays this dataset reads are copied there on
-      opening, when not already there (with the same check for missing files), and every read is then local; the
-      store's and groups' metadata are still read from the store.
+      opening, when not already there (with the same check for missing files), and every read is then local (the
+      box metadata from one file per video, ``LocalCache.box_meta``); the store's, the manifest's and the groups'
+      metadata are still read from the store, the groups' all at once (``group_attrs``).
     """
 
     def __init__(
@@ -129,10 +130,11 @@ class CacheDataset(Dataset):
         if cached is not None:
             for vid, attrs in cached.items():
                 check_committed(vid, attrs)
-            arrays = {"sec", "box_offsets", *BOX_FIELDS, *self.read_fields}
+            arrays = {*BOX_META, *self.read_fields}
             if self.storage.quantised:
                 arrays |= {f"{n}_{p}" for n in QUANTISED_MAPS if n in self.read_fields for p in ("scale", "offset")}
-            folders = local_folders(store, cached, arrays)
+            local = LocalCache(store.local_cache, store)
+            folders = local.ensure(cached, arrays)
         self._folders: list | None = None if cached is None else [folders[v] for v in self.video_ids]
         kf_video, kf_t = [], []
         for i, vid in enumerate(self.video_ids):
@@ -141,17 +143,17 @@ class CacheDataset(Dataset):
                 attrs = group.attrs.asdict()
                 check_committed(vid, attrs)
                 store.check_chunks(vid)  # zarr and the shard reader would read a missing file as zeros
-                small = group.__getitem__
+                small = {name: group[name][...] for name in BOX_META}
             else:  # the local copy was checked for missing files when it was made
                 attrs = cached[vid]
-                small = lambda name, folder=self._folders[i]: zarr.open_array(folder / name, mode="r")  # noqa: E731
+                small = local.box_meta(vid, attrs)  # one file, made from the copies of BOX_META
             self.shapes.append(group_shapes(attrs))
             meta = {
-                "sec": small("sec")[...],
-                "offsets": small("box_offsets")[...],
+                "sec": small["sec"],
+                "offsets": small["box_offsets"],
                 "image_hw": np.asarray(attrs["image_hw"], np.int64),
                 "map_hw": np.asarray(attrs["map_hw"], np.int64),
-                **{f: small(f)[...] for f in BOX_FIELDS},
+                **{f: small[f] for f in BOX_FIELDS},
             }
             self.meta.append(meta)
             t = np.arange(len(meta["sec"]))
@@ -353,14 +355,26 @@ def to_device(
     return out
 
 
-class KeyframeBlockSampler(Sampler[int]):
-    """Yields dataset indices in blocks of consecutive keyframes of one video, aligned to shards
-    (``block`` keyframes, default the store's ``keyframes_per_shard``); with ``shuffle``, the order of
-    the blocks is shuffled each epoch (``set_epoch``), the keyframes inside a block stay in order."""
+MIX = 8  # default blocks per window of ``KeyframeBlockSampler``: chosen by ``benchmarks/bench_cache.py --sampler``
 
-    def __init__(self, dataset: CacheDataset, *, block: int | None = None, shuffle: bool = True, seed: int = 0):
+
+class KeyframeBlockSampler(Sampler[int]):
+    """Yields every dataset index once per epoch, from blocks of consecutive keyframes of one video that are
+    aligned to shards (``block`` keyframes, default the store's ``keyframes_per_shard``).
+
+    With ``shuffle``, each epoch (``set_epoch``; the order depends on ``(seed, epoch)`` only) shuffles the blocks,
+    takes them in windows of ``mix`` blocks and shuffles the keyframes inside each window: a batch cut from the
+    stream then holds keyframes of up to ``mix`` blocks (mostly as many videos), and each block is still read within
+    one window, so its shard's reads stay close in time. ``mix=1``: whole blocks in order, one video per block.
+    Without ``shuffle``: dataset order (every video's keyframes in time order).
+    """
+
+    def __init__(self, dataset: CacheDataset, *, block: int | None = None, shuffle: bool = True, seed: int = 0,
+                 mix: int = MIX):
+        if mix < 1:
+            raise ValueError(f"KeyframeBlockSampler.mix must be >= 1, got {mix}")
         self.block = block or dataset.storage.keyframes_per_shard
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle, self.seed, self.mix, self.epoch = shuffle, seed, mix, 0
         # a block = the dataset indices of one video whose keyframe falls into one shard
         key = dataset.kf_video.astype(np.int64) * (1 << 32) + dataset.kf_t // self.block
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
@@ -372,12 +386,21 @@ class KeyframeBlockSampler(Sampler[int]):
     def __len__(self) -> int:
         return sum(len(b) for b in self.blocks)
 
+    def windows(self) -> list[np.ndarray]:
+        """This epoch's windows in order, each the dataset indices it yields, in the order it yields them."""
+        if not self.shuffle:
+            return [np.arange(len(self))]
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(len(self.blocks))
+        out = []
+        for w in range(0, len(order), self.mix):
+            window = np.concatenate([self.blocks[i] for i in order[w : w + self.mix]])
+            out.append(rng.permutation(window) if self.mix > 1 else window)  # mix=1: the block order alone
+        return out
+
     def __iter__(self) -> Iterator[int]:
-        order = np.arange(len(self.blocks))
-        if self.shuffle:
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.blocks))
-        for i in order:
-            yield from self.blocks[i].tolist()
+        for window in self.windows():
+            yield from window.tolist()
 
 
 class DeviceLoader:

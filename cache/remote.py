@@ -17,10 +17,25 @@ What is copied and what is not:
   checksum) and of the claim id of the writer that wrote it (unique per extraction). A video that was deleted and
   extracted again has another marker or at least another claim, so its old copy is never looked up again and the
   new bytes are fetched.
+- Besides the copies, one file per version, ``box-meta.npz``: the small arrays that every reader loads whole on
+  opening (``BOX_META``: seconds, box offsets and the box fields), made from the finished copies on first use. It is
+  what those copies hold, in one file: a reader opens one file per video instead of seven zarr arrays (about 1.5 ms
+  each on a local disk, so 3 s for AVA's 299 videos). Like the copies it never changes, being filed under the same
+  version; zip's CRC-32 of each member is checked on reading (``LocalCache.box_meta``).
+
+What each open still asks the server, and why none of it comes from the local cache: the root ``zarr.json`` (the URL
+may hold another store by now), the split's manifest (a split can be committed again with other videos) and each
+video's group ``zarr.json`` (its marker, hence the version; a group deleted since is refused). A store's name is a
+hash of its content, but that makes its videos' *versions* immutable, not the store's current state: what is
+committed, and at which versions, is only known from the store. These are one GET each (``WholeReadStore``), the
+groups' all at once (``group_attrs``). Beyond them, what a second pass pays over a local store is starting the
+client once per process: importing s3fs (with aiobotocore and aiohttp) and making its S3 client, about 0.35 s of CPU
+(``benchmarks/bench_remote_cache.py`` measures it).
 
 Layout (one folder per store name, so one ``DIR`` serves several stores)::
 
     DIR/<store name>/<video id>/<version>/<array>/...        a finished copy: the array's folder as in the store
+    DIR/<store name>/<video id>/<version>/box-meta.npz       the version's ``BOX_META`` arrays, from its copies
     DIR/<store name>/<video id>/<version>/.tmp-<array>-<id>/  a copy in progress, never read
 
 A copy is written into its ``.tmp-`` folder, each file flushed to disk, then checked against the store (every file
@@ -51,15 +66,18 @@ import re
 import secrets
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from zarr.abc.store import OffsetByteRequest
+import numpy as np
+import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache.schema import ARRAYS, COMPLETE_ATTR, VIDEOS_GROUP, WRITER_ATTR
+from cache.schema import ARRAYS, BOX_FIELDS, COMPLETE_ATTR, VIDEOS_GROUP, WRITER_ATTR, group_shapes
 from cache.store import (
+    WHOLE,
     CacheError,
     FeatureStore,
     IncompleteVideoError,
@@ -70,8 +88,8 @@ from cache.store import (
 )
 
 CONCURRENCY = 16  # requests in flight while copying (s3fs's own default for bulk transfers is larger)
-# Whole files are read as the range "from byte 0": one GET, where a plain whole-key get costs s3fs a HEAD first.
-WHOLE = OffsetByteRequest(0)
+BOX_META = ("sec", "box_offsets", *BOX_FIELDS)  # the small arrays a reader loads whole on opening (``CacheDataset``)
+BOX_META_FILE = "box-meta.npz"
 STALE_TMP_S = 24 * 3600  # a ``.tmp-`` folder this old is a dead copy's
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 
@@ -93,34 +111,17 @@ def version(attrs: Mapping) -> str:
 
 def group_attrs(store: FeatureStore, video_ids: Iterable[str]) -> dict[str, dict]:
     """The attributes of the complete video groups ``video_ids``, read from the store (never from a local copy), all
-    at once: one GET of each group's ``zarr.json``, concurrently. A missing or incomplete group raises as
-    ``FeatureStore.video`` does."""
+    at once: one GET of each group's ``zarr.json``, concurrently (``FeatureStore.read_documents``). A missing or
+    incomplete group raises as ``FeatureStore.video`` does."""
     video_ids = [check_video_id(v) for v in video_ids]
-
-    async def one(vid: str):
-        return vid, await store.root.store.get(f"{VIDEOS_GROUP}/{vid}/zarr.json", default_buffer_prototype(), WHOLE)
-
-    async def run():
-        limit = asyncio.Semaphore(CONCURRENCY)
-
-        async def bounded(vid):
-            async with limit:
-                return await one(vid)
-
-        return await asyncio.gather(*(bounded(v) for v in video_ids))
-
-    with store_errors(store.url):
-        found = sync(run())
+    docs = store.read_documents(f"{VIDEOS_GROUP}/{vid}/zarr.json" for vid in video_ids)
     out = {}
-    for vid, buf in found:
-        if buf is None:
+    for vid in video_ids:
+        meta = docs[f"{VIDEOS_GROUP}/{vid}/zarr.json"]
+        if meta is None:
             raise CacheError(f"{store.url}: no video {vid!r} in the cache")
-        try:
-            meta = json.loads(buf.to_bytes())
-            attrs = meta.get("attributes", {}) if meta.get("node_type") == "group" else None
-        except (ValueError, AttributeError) as e:
-            raise CacheError(f"{store.url}: video {vid!r}: unreadable group metadata ({type(e).__name__}: {e})") from e
-        if attrs is None:
+        attrs = meta.get("attributes", {}) if isinstance(meta, dict) and meta.get("node_type") == "group" else None
+        if not isinstance(attrs, dict):
             raise CacheError(f"{store.url}: video {vid!r}: its zarr.json is not a group's")
         if COMPLETE_ATTR not in attrs:
             raise IncompleteVideoError(f"{store.url}: video {vid!r} is incomplete (no completion marker)")
@@ -172,6 +173,28 @@ class LocalCache:
             with store_errors(self.store.url):
                 sync(self._copy_all({v: (videos[v], arrays) for v, arrays in todo.items()}))
         return {vid: self.folder(vid, attrs) for vid, attrs in videos.items()}
+
+    def box_meta(self, video_id: str, attrs: Mapping) -> dict[str, np.ndarray]:
+        """The ``BOX_META`` arrays of a video whose copies of them are finished (``ensure``), from its ``box-meta.npz``;
+        made from the copies (read through zarr, so every chunk's CRC-32C is checked) when absent or unreadable.
+
+        The file's members carry zip's CRC-32, which ``np.load`` checks on reading; each array's shape is also checked
+        against the group's counts (``group_shapes``), so a damaged or foreign file is never used: it is made again."""
+        folder = self.folder(video_id, attrs)
+        shapes = group_shapes(attrs)
+        path = folder / BOX_META_FILE
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                out = {name: f[name] for name in BOX_META}
+            if all(out[name].shape == tuple(shapes[name]) for name in BOX_META):
+                return out
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # damaged (a disk error, or a file not of ours): made again below
+        out = {name: zarr.open_array(folder / name, mode="r")[...] for name in BOX_META}
+        _write_npz(path, out)
+        return out
 
     # -- copying ---------------------------------------------------------------------------------------------------
     async def _copy_all(self, todo: Mapping[str, tuple[Mapping, list[str]]]) -> None:
@@ -245,6 +268,21 @@ def _write_file(path: Path, data) -> None:
         os.fsync(f.fileno())  # on disk before the rename publishes the copy (a power cut leaves no short file)
 
 
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``arrays`` as an uncompressed ``.npz`` at ``path``, in one step: a temporary file beside it, flushed to disk,
+    then renamed over it (two processes writing it at once write the same bytes; the last rename wins)."""
+    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -255,12 +293,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _remove_stale_tmp(folder: Path) -> None:
-    """Remove ``.tmp-`` folders of copies that died (older than ``STALE_TMP_S``); a live copy's is younger."""
+    """Remove ``.tmp-`` folders and files of copies that died (older than ``STALE_TMP_S``); a live copy's is younger."""
     cutoff = time.time() - STALE_TMP_S
     for tmp in folder.glob(".tmp-*"):
         with contextlib.suppress(OSError):
             if tmp.stat().st_mtime < cutoff:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink()  # a ``box-meta.npz`` being written
 
 
 def local_folders(store: FeatureStore, videos: Mapping[str, Mapping], names: Iterable[str]) -> dict[str, Path] | None:

@@ -9,6 +9,7 @@ with another identity or schema version raises instead of mixing features.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import hashlib
@@ -23,7 +24,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import zarr
+from zarr.abc.store import ByteRequest, OffsetByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import FsspecStore
 
 from cache.schema import (
     ARRAYS,
@@ -204,6 +208,23 @@ def _is_local(url: str) -> bool:
     return "://" not in url and "::" not in url  # "::" chains fsspec filesystems (simplecache::s3://...)
 
 
+class WholeReadStore(FsspecStore):
+    """zarr's fsspec store, reading a whole key as the byte range "from 0": one GET on object storage.
+
+    A whole-key get is what zarr does for every metadata document (each group's and array's ``zarr.json``) and every
+    unsharded chunk; s3fs answers it with a HEAD for the object's size (to split objects over its block size, 50 MiB,
+    into parallel ranged GETs), then the GET. Those keys are far smaller than that, so the HEAD only doubles the
+    requests, and opening a split makes one per video (a few milliseconds each, one at a time on a server that queues
+    them). The range "from 0" is a plain fsspec ``cat_file(path, start=0)``, valid for every fsspec filesystem."""
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        return await super().get(key, prototype, WHOLE if byte_range is None else byte_range)
+
+
+WHOLE = OffsetByteRequest(0)  # a whole file as the range "from byte 0" (see ``WholeReadStore``)
+METADATA_CONCURRENCY = 16  # metadata documents requested at once (``FeatureStore.read_documents``)
+
+
 def local_path(url: str | os.PathLike) -> Path | None:
     """The local folder that ``url`` names (a path or ``file://PATH``); None for any other fsspec URL."""
     url = _url(url)
@@ -246,9 +267,12 @@ class FeatureStore:
         of a remote store (``cache.remote``); ignored for a store on a local path, which is read in place."""
         url = _url(url)
         try:
+            # a remote store through ``WholeReadStore`` (one GET per metadata document, not a HEAD and a GET), so that
+            # everything opened through ``self.root.store`` reads that way
+            where = url if _is_local(url) else WholeReadStore.from_url(url, read_only=mode == "r")
             # zarr_format=3 (the cache's format): zarr would also probe for Zarr v2 metadata, three more reads of
             # keys that never exist, each a HEAD and a LIST on object storage
-            root = zarr.open_group(url, mode=mode, zarr_format=3)
+            root = zarr.open_group(where, mode=mode, zarr_format=3)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as e:
             raise CacheError(f"{url}: no cache store here") from e
         except connection_errors() as e:
@@ -460,6 +484,46 @@ class FeatureStore:
             return None
         except (ValueError, TypeError, zarr.errors.BaseZarrError) as e:
             raise CacheError(f"{self.url}: split {split!r}: unreadable manifest ({type(e).__name__}: {e}); commit the split again") from e
+
+    def manifests(self, splits: Iterable[str]) -> dict[str, dict | None]:
+        """``manifest`` of each of ``splits`` (None for a split not committed), all read at once (``read_documents``)."""
+        splits = list(dict.fromkeys(splits))
+        docs = self.read_documents(f"{MANIFESTS_GROUP}/{split}/zarr.json" for split in splits)
+        out = {}
+        for split in splits:
+            doc = docs[f"{MANIFESTS_GROUP}/{split}/zarr.json"]
+            attrs = doc.get("attributes", {}) if isinstance(doc, dict) and doc.get("node_type") == "group" else None
+            if doc is not None and not isinstance(attrs, dict):
+                raise CacheError(f"{self.url}: split {split!r}: unreadable manifest (its zarr.json is not a group's); "
+                                 "commit the split again")
+            out[split] = attrs
+        return out
+
+    def read_documents(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The JSON documents at ``keys`` (relative to the store root; None for a key that does not exist), read at
+        once: one GET each on object storage, ``METADATA_CONCURRENCY`` in flight, where reading them one by one costs
+        a round trip each. ``StoreUnreachableError`` when the server does not answer; ``CacheError`` naming the key
+        for a document that is not JSON."""
+        keys = list(dict.fromkeys(keys))
+
+        async def run():
+            limit = asyncio.Semaphore(METADATA_CONCURRENCY)
+
+            async def one(key: str):
+                async with limit:
+                    return await self.root.store.get(key, default_buffer_prototype(), WHOLE)
+
+            return await asyncio.gather(*(one(k) for k in keys))
+
+        with store_errors(self.url):
+            found = sync(run()) if keys else []
+        out = {}
+        for key, buf in zip(keys, found):
+            try:
+                out[key] = None if buf is None else json.loads(buf.to_bytes())
+            except ValueError as e:
+                raise CacheError(f"{self.url}: {key} is not JSON ({e}); run `stctx cache verify {self.url}`") from e
+        return out
 
     def has_manifests_group(self) -> bool:
         """False when ``manifests/`` (made with the store) is gone: every split's commit is lost."""

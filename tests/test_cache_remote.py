@@ -1,10 +1,12 @@
 """The local read-through cache of a store in object storage (``cache.remote``), against a real S3-protocol server
 (moto's, on 127.0.0.1, through s3fs as AWS would be): reads through the cache equal direct reads, a second read
-needs no data from the server, a video extracted again is fetched again, a half-made copy is never read."""
+needs no data from the server and only one request per metadata document, a video extracted again is fetched again,
+a split no longer committed is refused, a half-made copy is never read."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from cache.reader import CacheDataset, collate_runs, make_loader
-from cache.remote import LocalCache, VideoChangedError, group_attrs, version
+from cache.remote import BOX_META, BOX_META_FILE, LocalCache, VideoChangedError, group_attrs, version
 from cache.schema import StorageConfig
 from cache.store import CacheError, CacheSpec, FeatureStore, MissingChunkError
 from cache.synthetic import write_synthetic_video
@@ -124,6 +126,33 @@ def _array_objects(url: str) -> list[str]:
     return [p for p in _objects(url) if "/videos/" in p and p.split("/videos/", 1)[1].count("/") >= 2]
 
 
+class Requests(logging.Handler):
+    """The requests s3fs sends while installed (its ``CALL:`` debug records), as (method, key) pairs."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.calls: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("CALL:") and len(record.args or ()) == 3:
+            method, _, kwargs = record.args
+            key = kwargs.get("Key", kwargs.get("Prefix", "")) if isinstance(kwargs, dict) else ""
+            self.calls.append((getattr(method, "__name__", str(method)), str(key)))
+
+    def __enter__(self) -> "Requests":
+        logger = self.logger = logging.getLogger("s3fs")
+        self.level, self.propagate = logger.level, logger.propagate
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+        self.logger.propagate = self.propagate
+
+
 @pytest.mark.parametrize("dtype", ["float16", "uint8"])
 def test_cached_read_equals_direct_read(remote, template, tmp_path, dtype):
     """Through the cache the data equals a direct read (of the bucket for float16; of the local store that was
@@ -165,6 +194,74 @@ def test_second_read_needs_no_data_from_the_server(remote, template, tmp_path):
     batches = list(make_loader(ds, batch_size=16, shuffle=False, num_workers=1, prefetch_factor=1).loader)
     assert len(batches) == 1
     _assert_equal({k: v for k, v in batches[0].items() if isinstance(v, torch.Tensor)}, direct)
+
+
+def test_second_open_reads_each_metadata_document_once(remote, tmp_path):
+    """Opening the split again through a filled local cache asks the server for the root, the manifest and each
+    video's group metadata, one GET each (no HEAD before it, no listing, no array file); ``feature_spec`` likewise
+    reads the manifest and every group once. The box metadata then comes from one local file per video."""
+    from pipeline.training.head import feature_spec
+
+    url, _ = remote()
+    local = tmp_path / "local"
+    first = _read(url, local_cache=local)
+    _forget_listings()
+    with Requests() as requests:
+        store = FeatureStore.open(url, local_cache=local)
+        ds = CacheDataset(store, split="train", fields=FIELDS, keep_empty=True)
+    key = url.removeprefix("s3://").split("/", 1)[1]
+    documents = [f"{key}/zarr.json", f"{key}/manifests/train/zarr.json", *(f"{key}/videos/{v}/zarr.json" for v in VIDEOS)]
+    assert sorted(requests.calls) == sorted(("get_object", d) for d in documents)
+    _assert_equal({k: v for k, v in collate_runs(ds.__getitems__(list(range(len(ds))))).items()
+                   if isinstance(v, torch.Tensor)}, first)
+    assert all((folder / BOX_META_FILE).is_file() for folder in ds._folders)
+
+    with Requests() as requests:
+        spec = feature_spec(store, ("train",))
+    assert sorted(requests.calls) == sorted(("get_object", d) for d in documents[1:])
+    assert spec["map_hw"] == [list(ds.meta[0]["map_hw"])]
+
+
+def test_damaged_box_meta_file_is_made_again(remote, template, tmp_path):
+    """A ``box-meta.npz`` with a flipped byte (zip's CRC-32 fails) or of another video (shapes differ from the
+    group's counts) is never used: the arrays are read from the copies and the file is written anew."""
+    url, store = remote()
+    local = tmp_path / "local"
+    direct = _read(str(template()))
+    _assert_equal(_read(url, local_cache=local), direct)
+    cache = LocalCache(local, store)
+    attrs = group_attrs(store, VIDEOS)
+    files = {v: cache.folder(v, attrs[v]) / BOX_META_FILE for v in VIDEOS}
+    good = {v: f.read_bytes() for v, f in files.items()}
+    damaged = bytearray(good["vid-a"])
+    at = damaged.index(b"NUMPY", damaged.index(b"boxes.npy")) + 200  # inside the boxes array's data
+    damaged[at] ^= 0xFF
+    files["vid-a"].write_bytes(bytes(damaged))
+    with np.load(files["vid-a"]) as f, pytest.raises(Exception, match="CRC"):
+        f["boxes"]
+    _write_npz_of = {name: np.zeros(KEYFRAMES + 1, np.int64) if name == "box_offsets" else np.zeros(1)
+                     for name in BOX_META}  # loads, but the shapes are not the group's
+    np.savez(files["vid-b"], **_write_npz_of)
+    _assert_equal(_read(url, local_cache=local), direct)
+    assert {v: f.read_bytes() for v, f in files.items()} == good
+
+
+def test_split_no_longer_committed_is_refused(remote, tmp_path):
+    """Everything of the split is in the local cache, but its manifest was deleted from the store: the next read
+    refuses the split (the manifest and the groups always come from the store), as a direct read does; a video
+    deleted from the store is refused although its copies are still there."""
+    url, _ = remote()
+    local = tmp_path / "local"
+    _read(url, local_cache=local)
+    _delete(_objects(f"{url}/manifests/train"))
+    with pytest.raises(CacheError, match="split 'train' has no manifest"):
+        _read(url, local_cache=local)
+    with pytest.raises(CacheError, match="split 'train' has no manifest"):
+        _read(url)
+    _delete(_objects(f"{url}/videos/vid-b"))
+    _forget_listings()
+    with pytest.raises(CacheError, match="no video 'vid-b'"):
+        CacheDataset(url, videos=list(VIDEOS), fields=FIELDS, local_cache=local)
 
 
 def test_reextracted_video_is_fetched_again(remote, template, tmp_path):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.reader import CacheDataset, collate_runs, make_loader, to_device
+from cache.remote import group_attrs
 from cache.roi import actor_features as recompute_actor_features, box_pixels
 from cache.schema import BOX_FIELDS, SCHEMA_VERSION, SPATIAL_SCALE
 from cache.store import CacheError, FeatureStore
@@ -231,14 +232,13 @@ def feature_spec(store: FeatureStore, splits: Sequence[str] = ("train", "val")) 
     that record different channels.
     """
     videos: set[str] = set()
+    manifests = store.manifests(splits)  # all at once, as the groups below: on object storage each is a round trip
     for split in splits:
-        manifest = store.manifest(split)
-        if manifest is None:
+        if manifests[split] is None:
             raise CacheError(f"{store.url}: split {split!r} has no manifest (not committed)")
-        videos |= set(manifest["videos"])
+        videos |= set(manifests[split]["videos"])
     channels, map_hw = {}, set()
-    for vid in sorted(videos):
-        attrs = store.video(vid).attrs.asdict()
+    for vid, attrs in sorted(group_attrs(store, videos).items()):
         channels.setdefault(tuple(int(attrs["channels"][k]) for k in ("slow", "fast", "time_fast")), vid)
         map_hw.add(tuple(int(v) for v in attrs["map_hw"]))
     if len(channels) != 1:
