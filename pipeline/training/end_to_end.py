@@ -15,7 +15,7 @@ default) or uint8 rounds the features the head trained on; the live path keeps t
 ``evaluate_on_frames`` is ``pipeline.training.head.evaluate_head`` with the cache replaced by the backbone: the split's
 proposals as extraction stores them (``pipeline.ava.splits.split_proposals``), clips decoded as extraction decodes
 them (``KeyframeClips`` uint8 frames, ``to_model_input``), the same precision on CUDA (the backbone in float16
-autocast as extraction runs it, the head in bf16 autocast as ``predict`` runs it; float32 on the CPU), float32 logits
+autocast as extraction runs it, the head in float32 as ``predict`` runs it; float32 throughout on the CPU), float32 logits
 before the sigmoid, and the official evaluator with the split's ground truth, label map and exclusions.
 """
 
@@ -191,7 +191,7 @@ def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, 
     ``threshold`` for val/test, ground truth + detector boxes for train). ``skip_excluded``: leave out the split's
     excluded keyframes (the evaluator drops their rows first, so the result does not change; off: every keyframe
     the cache holds). ``device``: None runs where the model is, else the model is moved there. ``amp``: on CUDA the
-    backbone in float16 autocast (extraction) and the head in bf16 autocast (``predict``). The model runs in eval
+    backbone in float16 autocast (extraction), the head in float32 (``predict``: bf16 logits tie scores). The model runs in eval
     mode; its training mode is restored on return. ``progress``: a bar of the batches on stderr.
     """
     device = next(model.parameters()).device if device is None else resolve_device(device)
@@ -208,7 +208,7 @@ def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, 
     loader = clip_loader(clips, batch_size, num_workers=num_workers)
     cuda = amp and device.type == "cuda"
     backbone_amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
-    head_amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    head_amp = contextlib.nullcontext()  # float32 logits: bf16 rounding ties scores, and tied scores change AP
 
     training = model.training
     model.to(device).eval()

@@ -368,13 +368,15 @@ def check_groundtruth(groundtruth, labelmap, exclusions, split: str = "val") -> 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torch.device, batch_size: int,
             ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Sigmoid scores of every box of a split: (video ids (M,), seconds (M,), boxes (M, 4), scores (M, K))."""
+    """Sigmoid scores of every box of a split: (video ids (M,), seconds (M,), boxes (M, 4), scores (M, K)).
+
+    In float32 on every device, never under autocast: bf16 logits carry 8 bits of mantissa, so nearby scores tie,
+    and tied scores change AP (the evaluator's order among ties is arbitrary). A head's forward is a small part of
+    evaluation; training keeps bf16 autocast on CUDA."""
     model.eval()
     videos, secs, boxes, scores = [], [], [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for batch in _iterate(split_data, batch_size, device, None, 0, 0, 0):
-        with autocast:
-            logits = model(head_inputs(batch, config.needs))  # (N, K)
+        logits = model(head_inputs(batch, config.needs))  # (N, K) float32
         clip = batch["box_clip"].cpu().numpy()
         videos += [batch["video_id"][c] for c in clip]
         secs.append(batch["sec"].cpu().numpy()[clip])
