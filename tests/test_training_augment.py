@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from pipeline.features.clips import slow_positions
 from pipeline.training.augment import (
-    MIN_VISIBLE, ClipTransform, augment_batch, augment_clip, clip_generator, draw_transforms, eval_resize,
+    MIN_VISIBLE, ClipTransform, augment_batch, augment_clip, clip_generator, clip_transforms, draw_transforms,
+    eval_resize, transform_batch,
 )
 
 torch.set_num_threads(1)
@@ -201,6 +202,31 @@ def test_clip_generator_is_a_function_of_seed_epoch_index():
     draw = lambda g: torch.rand(4, generator=g).tolist()  # noqa: E731
     assert draw(clip_generator(0, 1, 2)) == draw(clip_generator(0, 1, 2))
     assert len({tuple(draw(clip_generator(*k))) for k in [(0, 1, 2), (0, 1, 3), (0, 2, 2), (1, 1, 2)]}) == 4
+
+
+def test_a_clips_transform_depends_on_seed_epoch_and_index_alone():
+    """Not on the batch it is drawn in: what every rank of a data-parallel run and every resumed run draws."""
+    together = clip_transforms(3, 1, [4, 9, 2], (H, W), **JITTER)
+    assert together == [clip_transforms(3, 1, [i], (H, W), **JITTER)[0] for i in (4, 9, 2)]
+    assert together[0] == draw_transforms(clip_generator(3, 1, 4), 1, (H, W), **JITTER)[0]
+    epochs = {clip_transforms(3, e, [4], (H, W), **JITTER)[0] for e in range(8)}
+    assert len(epochs) > 4  # another epoch, other draws (8 draws of ~36 sizes x 2000 corners x 2 flips)
+
+
+def test_transform_batch_applies_the_given_transforms():
+    float_batch, uint8_batch, boxes, labels = _batches()
+    mirror = [ClipTransform(flip=True), ClipTransform()]
+    out, oboxes, olabels = transform_batch(float_batch, boxes, labels, mirror)
+    assert torch.equal(out["fast"][0], float_batch["fast"][0].flip(-1)) and out["fast"][1].equal(float_batch["fast"][1])
+    np.testing.assert_allclose(oboxes[0][0], [1 - BOX[0, 2], BOX[0, 1], 1 - BOX[0, 0], BOX[0, 3]], atol=1e-6)
+    np.testing.assert_array_equal(oboxes[1], BOX.astype(np.float32))
+    u8, u8boxes, _ = transform_batch(uint8_batch, boxes, labels, mirror)
+    assert torch.equal(u8["frames"][u8["fast_index"][0]], uint8_batch["frames"][uint8_batch["fast_index"][0]].flip(-1))
+    assert all(np.array_equal(a, b) for a, b in zip(oboxes, u8boxes))
+    with pytest.raises(ValueError, match="one frame size"):
+        transform_batch(float_batch, boxes, labels, [ClipTransform(short_side=100, crop=80), ClipTransform()])
+    with pytest.raises(ValueError, match="a transform for each of the batch's 2 clips"):
+        transform_batch(float_batch, boxes, labels, mirror[:1])
 
 
 def test_bad_input_is_refused():

@@ -6,9 +6,10 @@ part of the batch (plain BatchNorm per rank, as PySlowFast trains), so 2 process
 process from the first step on, and with dropout each rank draws its own masks. The comparison therefore freezes the
 BatchNorm statistics (``freeze_bn``, the setting for a pretrained init) and sets dropout to 0: the model is then a
 function of each clip alone, and 2 ranks differ from one process only in the order of floating-point sums (a
-convolution over 1 clip instead of 2, the gradient summed across ranks instead of within a batch). Flips, the data
-order and the loss weighting are the same by construction, and a mistake in any of them moves the loss by far more
-than the tolerances below (a swapped flip or an unweighted part: > 1e-3 at the first step).
+convolution over 1 clip instead of 2, the gradient summed across ranks instead of within a batch). The augmentation
+(jitter, crop, flips: each clip's drawn from (seed, epoch, clip index)), the data order and the loss weighting are the
+same by construction, and a mistake in any of them moves the loss by far more than the tolerances below (a swapped
+flip or an unweighted part: > 1e-3 at the first step).
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from pipeline.features.clips import VideoBatchSampler
 from pipeline.training import distributed
 from pipeline.training.distributed import Group, ShardedBatches, part_of
 from pipeline.training.finetune import FinetuneConfig, finetune_on_ava
+from pipeline.training.recipe import Recipe
 from pipeline.training.resume import ResumableBatches
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dataclasses.replace(PRESETS["mini"], name="mini-ddp", short_side=32)
+# SGD on 28x28 crops of frames jittered in [32, 40], flipped; no dropout, frozen BatchNorm statistics (see above)
+RECIPE = Recipe(name="ddp-test", epochs=2, batch_size=2, lr=5e-2, linear_scaling=False, optimizer="sgd", momentum=0.9,
+                nesterov=False, weight_decay=1e-4, schedule="cosine", warmup="ramp", warmup_steps=2, dropout=0.0,
+                freeze_bn=True, train_short_side=(32, 40), crop=28, flip=True)
 # per rank 1 clip, 2 ranks: global batches of 2 over the tiny mini-AVA's 5 training clips in 2 videos (3 + 2), so one
 # batch per epoch has a single clip and rank 1's part of it is empty; saves at steps 2 (mid-epoch), 3, 4 and 6
-FT = FinetuneConfig(epochs=2, batch_size=1, optimizer="sgd", lr=5e-2, warmup_steps=2, dropout=0.0, freeze_bn=True,
-                    checkpoint_every=2, seed=3)
+FT = FinetuneConfig(batch_size=1, checkpoint_every=2, seed=3)
 WORLD = 2
 # float32 sums in another order: measured differences 1e-8 to 1e-7 (loss, weights); 100x margin
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
@@ -45,15 +50,21 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 # uninterrupted; "resumed" interrupted on every rank right after its first training-state save (the barrier that
 # follows it), then the same call again. Records which rank wrote what (training state, checkpoint) and each run's
 # metrics in RECORDS (the test's own folder).
+# The first run joins the process group itself (from torchrun's environment) and leaves it. The other two run in a
+# group this script creates on a store prefix of their own: torch 2.14's second env:// group of a process can read
+# the first one's gloo addresses from the launcher's store and fail ("connection refused"; about every other launch
+# here); a group the caller created is used as it is (``distributed.init``).
 RANK_RUN = """
 import dataclasses, json, os, sys
 from pathlib import Path
 import torch
+import torch.distributed as dist
 torch.set_num_threads(1)
 from pipeline.features.backbone import PRESETS
 from pipeline.training import distributed, finetune, resume
+from pipeline.training.recipe import Recipe
 
-root, out, records, ft = sys.argv[1:5]
+root, out, records, recipe, ft = sys.argv[1:6]
 out, records = Path(out), Path(records)
 rank, run = int(os.environ["RANK"]), None
 save_state, save_checkpoint, barrier = resume.TrainingState.save, finetune.save_checkpoint, distributed.barrier
@@ -81,14 +92,20 @@ def interrupting_barrier(group):
 resume.TrainingState.save, finetune.save_checkpoint = recorded_state, recorded_checkpoint
 distributed.barrier = interrupting_barrier
 cfg = dataclasses.replace(PRESETS["mini"], name="mini-ddp", short_side=32)
-ft = finetune.FinetuneConfig(**json.loads(ft))
+recipe, ft = Recipe.from_dict(json.loads(recipe)), finetune.FinetuneConfig(**json.loads(ft))
+store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
 for run, name in (("plain", "plain"), ("interrupted", "resumed"), ("resumed", "resumed")):
+    if run != "plain":
+        dist.init_process_group("gloo", store=dist.PrefixStore(run, store), rank=rank,
+                                world_size=int(os.environ["WORLD_SIZE"]))
     try:
-        metrics = finetune.finetune_on_ava(root, out / f"{name}.pt", cfg, ft, device="cpu", log=None,
+        metrics = finetune.finetune_on_ava(root, out / f"{name}.pt", cfg, recipe, ft, device="cpu", log=None,
                                            resume_path=out / f"{name}.state.pt")
     except Interrupted:
         state = torch.load(out / f"{name}.state.pt", weights_only=True)
         metrics = {"interrupted_at": state["position"], "checkpoint_exists": (out / f"{name}.pt").exists()}
+    if dist.is_initialized():
+        dist.destroy_process_group()
     (records / f"{run}-{rank}.json").write_text(json.dumps(metrics))
 """
 
@@ -104,7 +121,7 @@ def _torchrun(tiny_ava, out: Path, records: Path) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
          "--monitor_interval=0.1", str(script), str(tiny_ava), str(out), str(records),
-         json.dumps(dataclasses.asdict(FT))],
+         json.dumps(RECIPE.to_dict()), json.dumps(dataclasses.asdict(FT))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -119,7 +136,7 @@ def _writes(records: Path) -> dict[str, list[str]]:
 
 
 def test_two_processes_follow_one_at_the_same_global_batch_only_rank_0_writes_and_a_resume_is_exact(tiny_ava, tmp_path):
-    one = finetune_on_ava(tiny_ava, tmp_path / "one" / "ckpt.pt", CFG,
+    one = finetune_on_ava(tiny_ava, tmp_path / "one" / "ckpt.pt", CFG, RECIPE,
                           dataclasses.replace(FT, batch_size=FT.batch_size * WORLD), device="cpu", log=None)
     assert one["steps"] == 6
     assert one["step_loss"][-1] < one["step_loss"][0] - 1e-2  # the weights moved: the comparison below means something

@@ -15,6 +15,7 @@ from pipeline.features.checkpoints import save_checkpoint
 from pipeline.outputs import OutputError
 from pipeline.training import finetune
 from pipeline.training.finetune import FinetuneConfig, train_mini_backbone
+from pipeline.training.recipe import MINI
 
 
 def _no_training(monkeypatch):
@@ -28,8 +29,11 @@ def _no_training(monkeypatch):
     ("--epochs", "0", "--epochs must be >= 1, got 0"),
     ("--epochs", "-3", "--epochs must be >= 1, got -3"),
     ("--epochs", "two", "--epochs must be int, got 'two'"),
-    ("--lr", "0", "--lr must be > 0, got 0"),
-    ("--dropout", "1", "--dropout must be in [0, 1), got 1"),
+    ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+    ("--seed", "-1", "--seed must be >= 0, got -1"),
+    ("--checkpoint-every", "-1", "--checkpoint-every must be >= 0, got -1"),
+    ("--num-workers", "1.5", "--num-workers must be int, got '1.5'"),
+    ("--recipe", "kinetics", "argument --recipe: invalid choice: 'kinetics'"),
 ])
 def test_bad_settings_are_usage_errors(tmp_path, capsys, monkeypatch, flag, value, message):
     _no_training(monkeypatch)
@@ -43,7 +47,7 @@ def test_the_library_refuses_zero_epochs_with_a_clear_message(tmp_path, monkeypa
     _no_training(monkeypatch)
     with pytest.raises(ValueError, match=r"^FinetuneConfig: epochs must be >= 1, got 0$"):
         FinetuneConfig(epochs=0)
-    with pytest.raises(ValueError, match="epochs must be >= 1, got -1; batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0; epochs must be >= 1, got -1"):
         FinetuneConfig(epochs=-1, batch_size=0)
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         train_mini_backbone(tmp_path, tmp_path / "out.pt", epochs=0)
@@ -84,8 +88,8 @@ def test_a_full_disk_in_save_checkpoint_names_the_path(tmp_path, monkeypatch):
 
 
 def test_the_fine_tune_shows_its_steps_as_lines_in_a_log(tiny_ava, tmp_path, capsys):
-    metrics = finetune.finetune_on_ava(tiny_ava, tmp_path / "m.pt", PRESETS["mini"],
-                                       FinetuneConfig(epochs=1, batch_size=8, flip=False), device="cpu", log=None)
+    metrics = finetune.finetune_on_ava(tiny_ava, tmp_path / "m.pt", PRESETS["mini"], MINI,
+                                       FinetuneConfig(epochs=1, batch_size=8), device="cpu", log=None)
     err = capsys.readouterr().err  # pytest's captured stderr is not a terminal
     steps = metrics["steps"]
     assert "\r" not in err and f"{steps}/{steps}" in err.splitlines()[-1] and err.startswith("finetune mini")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from types import SimpleNamespace
 
@@ -12,10 +11,11 @@ import torch
 import torch.nn as nn
 
 from pipeline.features.backbone import PRESETS, build_backbone
-from pipeline.training.finetune import FinetuneConfig, finetune_on_ava
+from pipeline.training.finetune import FinetuneConfig
 from pipeline.training.optim import warmup_cosine
 from pipeline.training.recipe import (
-    MINI, RECIPES, SLOWFAST_AVA, Recipe, base_lr, build_optimizer, build_scheduler, lr_at, lr_factor,
+    MINI, PRESET_RECIPES, RECIPES, SLOWFAST_AVA, Recipe, base_lr, build_optimizer, build_scheduler, default_recipe,
+    lr_at, lr_factor,
 )
 
 torch.set_num_threads(1)
@@ -88,17 +88,29 @@ def test_mini_schedule_is_warmup_cosine_exactly():
         assert [lr_factor(MINI, s, spe) for s in range(total)] == [warmup_cosine(s, total, 10) for s in range(total)]
 
 
-def test_mini_recipe_is_finetune_config_defaults():
-    """Every FinetuneConfig field but the run settings is a recipe field of the same value, and the rules that
-    ``finetune`` applies without a field (its schedule, SGD's call, the proposal threshold) are MINI's."""
-    run_settings = {"seed", "num_workers", "checkpoint_every"}
-    defaults = FinetuneConfig()
-    shared = {f.name for f in dataclasses.fields(FinetuneConfig)} - run_settings
-    assert shared <= {f.name for f in dataclasses.fields(Recipe)}, shared - {f.name for f in dataclasses.fields(Recipe)}
-    assert {k: getattr(MINI, k) for k in shared} == {k: getattr(defaults, k) for k in shared}
+def test_mini_recipe_is_the_former_finetune_defaults():
+    """MINI holds what the fine-tune's own config held before recipes (its optimisation fields' defaults, tuned for the
+    mini backbone from random weights), and the rules it applied without a field: warmup_cosine's ramp and cosine,
+    SGD without Nesterov, the absolute rate, frames at the preset's size, proposals at 0.8."""
+    former = dict(epochs=8, batch_size=8, optimizer="adamw", lr=1e-2, weight_decay=1e-4, momentum=0.9,
+                  warmup_steps=10, dropout=0.5, flip=True, freeze_bn=False)
+    assert {k: getattr(MINI, k) for k in former} == former
     assert (MINI.schedule, MINI.warmup, MINI.linear_scaling, MINI.nesterov) == ("cosine", "ramp", False, False)
     assert (MINI.train_short_side, MINI.crop, MINI.test_short_side) == (None, None, None)
-    assert MINI.proposal_threshold == inspect.signature(finetune_on_ava).parameters["threshold"].default
+    assert MINI.proposal_threshold == 0.8
+    # the run config holds the run's own settings, and overrides of two recipe fields
+    run, recipe = {f.name for f in dataclasses.fields(FinetuneConfig)}, {f.name for f in dataclasses.fields(Recipe)}
+    assert run & recipe == {"batch_size", "epochs"}
+
+
+def test_default_recipe_per_preset_at_the_backbones_short_side():
+    assert default_recipe(PRESETS["mini"]) is MINI and default_recipe(PRESETS["r50"]) is SLOWFAST_AVA
+    small = dataclasses.replace(PRESETS["r50"], name="r50-64", short_side=64)
+    assert default_recipe(small) == SLOWFAST_AVA.at_short_side(64)
+    assert default_recipe(dataclasses.replace(PRESETS["mini"], name="mini-32", short_side=32)) is MINI
+    # a backbone like no preset is fine-tuned as a pretrained SlowFast
+    assert default_recipe(dataclasses.replace(PRESETS["mini"], stem_width=8)) == SLOWFAST_AVA.at_short_side(90)
+    assert set(PRESET_RECIPES) == set(PRESETS) and set(PRESET_RECIPES.values()) <= set(RECIPES)
 
 
 def _bn_params(model: nn.Module) -> list[nn.Parameter]:

@@ -1,13 +1,16 @@
-"""Resumable fine-tuning: a SIGKILLed run continued by the same call ends with the uninterrupted run's weights; another
-run's state is not resumed but replaced; a failed save leaves the previous state readable; a corrupt one is refused."""
+"""Resumable fine-tuning: a SIGKILLed run continued by the same call ends with the uninterrupted run's weights, with
+the recipe's augmentation on (jitter, crop, flips); another run's state is not resumed but replaced; a failed save
+leaves the previous state readable; a corrupt one is refused."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
 import io
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,24 +26,32 @@ from pipeline.features.backbone import PRESETS
 from pipeline.outputs import OutputError
 from pipeline.training import resume
 from pipeline.training.finetune import FinetuneConfig, finetune_on_ava
+from pipeline.training.recipe import MINI, SLOWFAST_AVA
 from pipeline.training.resume import Position, ResumableBatches, TrainingState
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dataclasses.replace(PRESETS["mini"], name="mini-resume", short_side=32)
+# PySlowFast's recipe at short side 32 (frames jittered in [32, 40], 28x28 crops, flips), at a learning rate that moves
+# the weights in a few steps of batch 2
+AUGMENTED = dataclasses.replace(SLOWFAST_AVA.at_short_side(32), name="augmented-test", epochs=2, batch_size=2, lr=0.2,
+                                warmup_epochs=0.5)
+# flips only, AdamW
+FLIPS = dataclasses.replace(MINI, name="flips-test", epochs=2, batch_size=2, lr=5e-3, warmup_steps=2)
 # 5 training clips of the tiny mini-AVA in 2 videos: 3 batches of 2 per epoch, a first save at step 2, mid-epoch
-FT = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, warmup_steps=2, checkpoint_every=2, seed=3)
+FT = FinetuneConfig(checkpoint_every=2, seed=3)
 
 # the same fine-tune in another process; it waits after its first save, where the test kills it with SIGKILL
 KILLED_RUN = """
-import dataclasses, sys, time
+import dataclasses, json, sys, time
 import torch
 torch.set_num_threads(1)
 from pipeline.features.backbone import PRESETS
 from pipeline.training import resume
 from pipeline.training.finetune import FinetuneConfig, finetune_on_ava
+from pipeline.training.recipe import Recipe
 
-root, out, state = sys.argv[1:4]
+root, out, state, recipe = sys.argv[1:5]
 save = resume.TrainingState.save
 
 def save_then_wait(self, *args, **kwargs):
@@ -50,8 +61,8 @@ def save_then_wait(self, *args, **kwargs):
 
 resume.TrainingState.save = save_then_wait
 cfg = dataclasses.replace(PRESETS["mini"], name="mini-resume", short_side=32)
-ft = FinetuneConfig(epochs=2, batch_size=2, lr=5e-3, warmup_steps=2, checkpoint_every=2, seed=3)
-finetune_on_ava(root, out, cfg, ft, device="cpu", log=None, resume_path=state)
+ft = FinetuneConfig(checkpoint_every=2, seed=3)
+finetune_on_ava(root, out, cfg, Recipe.from_dict(json.loads(recipe)), ft, device="cpu", log=None, resume_path=state)
 """
 
 
@@ -83,13 +94,15 @@ def _interrupt_after_epoch(n: int, lines: list[str]):
 
 
 def test_a_run_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(tiny_ava, tmp_path):
-    plain = finetune_on_ava(tiny_ava, tmp_path / "plain.pt", CFG, FT, device="cpu", log=None)
+    plain = finetune_on_ava(tiny_ava, tmp_path / "plain.pt", CFG, AUGMENTED, FT, device="cpu", log=None)
     assert plain["steps"] == 6 and plain["resumed_from"] is None
+    # the weights move: a resumed run that drew other crops or flips than this one would not match it
+    assert plain["step_loss"][-1] < plain["step_loss"][0] - 1e-2, plain["step_loss"]
 
     state = tmp_path / "state" / "finetune.state.pt"
     state.parent.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tiny_ava), str(tmp_path / "resumed.pt"), str(state)],
-                            cwd=ROOT, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tiny_ava), str(tmp_path / "resumed.pt"), str(state),
+                             json.dumps(AUGMENTED.to_dict())], cwd=ROOT, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 50
         while not state.exists():
@@ -106,7 +119,7 @@ def test_a_run_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(ti
     assert saved["position"] == {"epoch": 0, "batch": 2, "step": 2}  # mid-epoch: 1 batch of epoch 1 left
 
     lines = []
-    resumed = finetune_on_ava(tiny_ava, tmp_path / "resumed.pt", CFG, FT, device="cpu", log=lines.append,
+    resumed = finetune_on_ava(tiny_ava, tmp_path / "resumed.pt", CFG, AUGMENTED, FT, device="cpu", log=lines.append,
                               resume_path=state)
     assert resumed["resumed_from"] == {"epoch": 0, "batch": 2, "step": 2}
     assert lines[0] == f"resume: {state}: continuing at epoch 1 batch 2 (after 2 steps)"
@@ -118,26 +131,34 @@ def test_a_run_killed_mid_epoch_and_rerun_ends_with_the_uninterrupted_weights(ti
 def test_another_runs_state_is_not_resumed_but_replaced(tiny_ava, tmp_path):
     state = tmp_path / "finetune.state.pt"
     with pytest.raises(Interrupted):
-        finetune_on_ava(tiny_ava, tmp_path / "a.pt", CFG, FT, device="cpu", log=_interrupt_after_epoch(1, []),
+        finetune_on_ava(tiny_ava, tmp_path / "a.pt", CFG, FLIPS, FT, device="cpu", log=_interrupt_after_epoch(1, []),
                         resume_path=state)
     assert torch.load(state, weights_only=True)["position"] == {"epoch": 1, "batch": 0, "step": 3}
 
-    other = dataclasses.replace(FT, lr=2e-3)
+    other = dataclasses.replace(FLIPS, lr=2e-3)
     lines = []
     with pytest.raises(Interrupted):
-        finetune_on_ava(tiny_ava, tmp_path / "b.pt", CFG, other, device="cpu", log=_interrupt_after_epoch(1, lines),
-                        resume_path=state)
-    assert lines[0] == (f"resume: {state} is the state of another run (differs in finetune.lr): starting fresh; "
+        finetune_on_ava(tiny_ava, tmp_path / "b.pt", CFG, other, FT, device="cpu",
+                        log=_interrupt_after_epoch(1, lines), resume_path=state)
+    assert lines[0] == (f"resume: {state} is the state of another run (differs in recipe.lr): starting fresh; "
                         "the next save replaces it")
     saved = torch.load(state, weights_only=True)
-    assert saved["identity"]["finetune"]["lr"] == 2e-3 and saved["position"]["step"] == 3
+    assert saved["identity"]["recipe"]["lr"] == 2e-3 and saved["position"]["step"] == 3
 
+    # a run setting that changes the weights makes another run too (tried on a copy of the state)
+    shutil.copy(state, tmp_path / "c.state.pt")
+    lines = []
+    with pytest.raises(Interrupted):
+        finetune_on_ava(tiny_ava, tmp_path / "c.pt", CFG, other, dataclasses.replace(FT, seed=4), device="cpu",
+                        log=_interrupt_after_epoch(1, lines), resume_path=tmp_path / "c.state.pt")
+    assert "(differs in finetune.seed)" in lines[0]
     # settings that do not change the weights may differ: the run continues at the epoch end
     lines = []
-    resumed = finetune_on_ava(tiny_ava, tmp_path / "b.pt", CFG, dataclasses.replace(other, checkpoint_every=1),
-                              device="cpu", log=lines.append, resume_path=state)
+    resumed = finetune_on_ava(tiny_ava, tmp_path / "b.pt", CFG, other,
+                              dataclasses.replace(FT, checkpoint_every=1, num_workers=1), device="cpu",
+                              log=lines.append, resume_path=state)
     assert resumed["resumed_from"] == {"epoch": 1, "batch": 0, "step": 3} and resumed["steps"] == 6
-    plain = finetune_on_ava(tiny_ava, tmp_path / "plain.pt", CFG, other, device="cpu", log=None)
+    plain = finetune_on_ava(tiny_ava, tmp_path / "plain.pt", CFG, other, FT, device="cpu", log=None)
     assert resumed["step_loss"] == plain["step_loss"]
     _assert_same_weights(plain["checkpoint"], resumed["checkpoint"])
 

@@ -26,10 +26,14 @@ is dropped. A clip may lose all its boxes.
 
 Testing: the full frame with its short side resized to the test size (``eval_resize``), boxes unchanged.
 
-Randomness comes only from a ``torch.Generator`` the caller passes (saved and restored with a training state, or
-``clip_generator(seed, epoch, index)`` where a DataLoader worker draws). ``draw_transforms`` makes a fixed number of
-draws per batch for a given recipe, in this order, each only when the recipe uses it: the flips
-(``torch.rand(B) < 0.5``), the sizes (``torch.rand(B)``), the crop corners (``torch.rand(B, 2)``).
+Randomness comes only from a ``torch.Generator`` the caller passes (saved and restored with a training state), or
+from ``clip_generator(seed, epoch, index)``: ``clip_transforms`` draws each clip's transform from its own generator,
+so that a clip's augmentation depends on nothing but (seed, epoch, clip index), not on the batch it is in, the process
+that draws it (every rank of a data-parallel run draws what one process would) or what was drawn before (a resumed
+run draws what an uninterrupted one would). ``draw_transforms`` makes a fixed number of draws per batch for a given
+recipe, in this order, each only when the recipe uses it: the flips (``torch.rand(B) < 0.5``), the sizes
+(``torch.rand(B)``), the crop corners (``torch.rand(B, 2)``). ``transform_batch`` applies drawn transforms to a batch
+on its device; ``augment_batch`` is the two in one.
 """
 
 from __future__ import annotations
@@ -169,21 +173,30 @@ def augment_clip(pathways: Sequence[torch.Tensor], boxes: np.ndarray, generator:
 def augment_batch(batch: dict, boxes: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                   generator: torch.Generator, *, train_short_side: tuple[int, int] | None, crop: int | None,
                   flip: bool) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
-    """The training transform of each clip of a ``pipeline.features.clips.collate_clips`` batch, on the batch's
-    device.
+    """The training transform of each clip of a ``pipeline.features.clips.collate_clips`` batch, drawn from
+    ``generator`` (``draw_transforms``) and applied by ``transform_batch`` (which gives the layouts and the result)."""
+    transforms = draw_transforms(generator, len(boxes), (int(batch["height"]), int(batch["width"])),
+                                 train_short_side=train_short_side, crop=crop, flip=flip)
+    return transform_batch(batch, boxes, labels, transforms)
+
+
+def transform_batch(batch: dict, boxes: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                    transforms: Sequence[ClipTransform]) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
+    """Each clip of a ``pipeline.features.clips.collate_clips`` batch under its transform, on the batch's device.
 
     ``batch``: float (``slow`` (B,3,T_s,H,W), ``fast`` (B,3,T_f,H,W)) or uint8 (``frames`` (U,3,H,W), ``fast_index``
-    (B,T_f)); ``boxes`` [(N_b, 4)] normalised and ``labels`` [(N_b, K)] per clip. Returns a new batch dict of the
-    same layout at the output size (``height``, ``width`` updated; a uint8 batch holds each clip's distinct frames
-    once, transformed; frames no clip's transform changes are the input's tensors) and the kept boxes (float32) and
-    labels per clip.
+    (B,T_f)); ``boxes`` [(N_b, 4)] normalised, ``labels`` [(N_b, K)] and ``transforms`` one per clip, all with one
+    output size. Returns a new batch dict of the same layout at the output size (``height``, ``width`` updated; a uint8
+    batch holds each clip's distinct frames once, transformed; frames no clip's transform changes are the input's
+    tensors) and the kept boxes (float32) and labels per clip: a clip may be left with none.
     """
-    if len(boxes) != len(labels) or len(boxes) != len(batch["index"]):
-        raise ValueError(f"need boxes and labels for each of the batch's {len(batch['index'])} clips, "
-                         f"got {len(boxes)} and {len(labels)}")
+    if not len(boxes) == len(labels) == len(transforms) == len(batch["index"]):
+        raise ValueError(f"need boxes, labels and a transform for each of the batch's {len(batch['index'])} clips, "
+                         f"got {len(boxes)}, {len(labels)} and {len(transforms)}")
     image_hw = (int(batch["height"]), int(batch["width"]))
-    transforms = draw_transforms(generator, len(boxes), image_hw, train_short_side=train_short_side, crop=crop,
-                                 flip=flip)
+    sizes = {t.output_hw(image_hw) for t in transforms}
+    if len(sizes) != 1:
+        raise ValueError(f"the transforms of one batch must give one frame size, got {sorted(sizes)}")
     out = dict(batch)
     if all(t == ClipTransform() for t in transforms):
         pass  # frames as they are
@@ -191,14 +204,14 @@ def augment_batch(batch: dict, boxes: Sequence[np.ndarray], labels: Sequence[np.
         frames, fast_index, start = [], [], 0
         for t, index in zip(transforms, batch["fast_index"]):
             used, inverse = torch.unique(index, return_inverse=True)  # (U_b,), (T_f,)
-            frames.append(t.frames(batch["frames"][used]))  # (U_b, 3, H', W')
+            frames.append(t.frames(batch["frames"][used.to(batch["frames"].device)]))  # (U_b, 3, H', W')
             fast_index.append(inverse + start)
             start += len(used)
         out.update(frames=torch.cat(frames), fast_index=torch.stack(fast_index))
     else:
         for key in ("slow", "fast"):
             out[key] = torch.stack([t.frames(x) for t, x in zip(transforms, batch[key])])  # (B, 3, T, H', W')
-    out["height"], out["width"] = transforms[0].output_hw(image_hw)
+    (out["height"], out["width"]), = sizes
     kept_boxes, kept_labels = [], []
     for t, b, lab in zip(transforms, boxes, labels):
         b, keep = t.boxes(b, image_hw)
@@ -218,3 +231,12 @@ def clip_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     DataLoader worker must use to stay resumable (``pipeline.training.resume``)."""
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def clip_transforms(seed: int, epoch: int, indices: Sequence[int], image_hw: tuple[int, int], *,
+                    train_short_side: tuple[int, int] | None, crop: int | None, flip: bool) -> list[ClipTransform]:
+    """The training transform of each clip ``indices`` (dataset indices) in ``epoch`` of a run seeded with ``seed``,
+    each drawn from its own ``clip_generator``: a clip's transform is the same in any batch, on any rank, after any
+    resume. Arguments as ``draw_transforms``'."""
+    return [draw_transforms(clip_generator(seed, epoch, int(i)), 1, image_hw, train_short_side=train_short_side,
+                            crop=crop, flip=flip)[0] for i in indices]
