@@ -14,6 +14,7 @@ are one line, not a traceback; a failed or incomplete run exits non-zero (luigi.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -158,6 +159,8 @@ class stctx(luigi.Config):  # noqa: N801 - the section name of luigi.cfg
                                 "s3://BUCKET/PREFIX or another fsspec URL (default: <root>/cache)")
     local_cache = luigi.Parameter(default="", description="a local folder that keeps copies of a remote store's "
                                   "features for head training (cache.remote); unset: read the store directly")
+    short_side = luigi.OptionalIntParameter(default=None, description="the backbone's input short side in pixels "
+                                            "(default: the preset's, mini 90 and r50 256)")
 
 
 class DatasetParameter(luigi.ChoiceParameter):
@@ -305,57 +308,156 @@ def cached_cache_spec(checkpoint: Path, extraction):
     stat = checkpoint.stat()
     key = (str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, extraction)
     if key not in _SPEC_CACHE:
-        _SPEC_CACHE[key] = cache_spec(checkpoint, extraction)
+        with single_threaded_torch():
+            _SPEC_CACHE[key] = cache_spec(checkpoint, extraction)
     return _SPEC_CACHE[key]
 
 
-class Backbone(luigi.Task):
-    """The SlowFast checkpoint that extraction uses.
+@contextlib.contextmanager
+def single_threaded_torch():
+    """torch on one intra-op thread for the block, the caller's count again after it.
 
-    mini: the ``mini`` SlowFast trained end to end with the baseline head on the mini-AVA training split (the
-    minimal step this project runs until the end-to-end fine-tuning task exists); its checkpoint ``<slug>.pt`` is
-    written first, its training record ``<slug>.json`` (the task's output) last, both atomically. ava:
-    ``[Backbone] checkpoint``, an AVA-fine-tuned SlowFast on disk (pytorchvideo's detection checkpoint or ours);
-    nothing is downloaded.
+    For the Luigi scheduler's own process, which forks a process for each task it runs: once torch has run a parallel
+    region there (loading an r50 checkpoint does), the OpenMP thread pool exists in that process and not in its forked
+    children, and the first parallel region of a child waits forever for it. On one thread no pool is made, and the
+    count restored after it is only a setting that each child's first parallel region starts its own pool with."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+_SHA256: dict[tuple, str] = {}
+
+
+def cached_sha256(path: Path) -> str:
+    """The file's sha256, remembered per (file, size, mtime): a task's identity names its init checkpoint by content,
+    and Luigi asks for outputs many times."""
+    from pipeline.features.checkpoints import file_sha256
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = file_sha256(path)
+    return _SHA256[key]
+
+
+def backbone_config(dataset: str):
+    """The backbone of a dataset: the ``mini`` preset for the mini-AVA, ``r50`` (SlowFast R50 8x8) for AVA, at
+    ``[stctx] short_side`` when it is set (a CPU dry run of the r50 path sets a small one)."""
+    from pipeline.features.backbone import PRESETS
+
+    cfg = PRESETS["mini" if dataset == "mini" else "r50"]
+    side = stctx().short_side
+    if side is None:
+        return cfg
+    if side < 16:
+        raise ParameterError(f"[stctx] short_side {side}: expected at least 16 pixels (the backbone's output stride)")
+    return dataclasses.replace(cfg, short_side=side)
+
+
+class FinetuneBackbone(luigi.Task):
+    """The SlowFast checkpoint that extraction uses: Table 1's baseline, SlowFast and the RoI baseline head trained end
+    to end on frames of the training split (``pipeline.training.finetune``), or an AVA-fine-tuned detector imported.
+
+    Where the weights come from:
+
+    - ``init = PATH``: fine-tune from a checkpoint on disk, a Kinetics-400 SlowFast R50 8x8 in pytorchvideo's layout
+      (``SLOWFAST_8x8_R50.pyth``) or PySlowFast's (``pipeline.features.checkpoints`` names every key that does not
+      fit); the file's sha256 is part of the output's name.
+    - ``checkpoint = PATH``: import an already AVA-fine-tuned detector (pytorchvideo's
+      ``SLOWFAST_8x8_R50_DETECTION.pyth``, PySlowFast's, or ours) and train nothing: the backbone (and its head, where
+      it has an 80-way projection) is written as our self-describing checkpoint, at ``[stctx] short_side`` when set.
+    - neither: the mini-AVA trains the ``mini`` SlowFast from random weights; AVA needs one of the two.
+
+    Output: ``<root>/backbone/<dataset>-<preset>-<hash>.pt`` (the checkpoint, written first) and ``.json`` beside it
+    (the training or import record, written last: the task's output), both atomically. Training is resumable: its
+    state is saved to ``<name>.state.pt`` every ``checkpoint_every`` steps and at each epoch end, and a rerun of the
+    same command after a kill continues from there.
     """
 
     dataset = DatasetParameter()
-    epochs = luigi.IntParameter(default=4, description="mini: fine-tuning epochs")
-    seed = luigi.IntParameter(default=0)
+    init = luigi.OptionalPathParameter(default=None, significant=False,
+                                       description="fine-tune from this checkpoint (Kinetics-400 SlowFast R50 8x8)")
     checkpoint = luigi.OptionalPathParameter(default=None, significant=False,
-                                             description="ava: the backbone checkpoint file")
+                                             description="import this AVA-fine-tuned detector, train nothing")
+    epochs = luigi.OptionalIntParameter(default=None, description="fine-tuning epochs (default: mini 4, AVA the recipe's)")
+    batch_size = luigi.OptionalIntParameter(default=None, description="clips per step (default: the recipe's)")
+    seed = luigi.IntParameter(default=0)
+    checkpoint_every = luigi.IntParameter(default=200, significant=False,
+                                          description="save the training state every this many steps (0: epoch ends)")
     device = luigi.OptionalParameter(default=None, significant=False)
 
     def requires(self):
-        return PrepareData(dataset=self.dataset) if self.dataset == "mini" else []
+        if self.checkpoint is not None:
+            return []
+        if self.dataset == "ava" and self.init is None:  # before the AVA folder is checked: nothing to train from
+            raise ParameterError("dataset = ava needs [FinetuneBackbone] init = <Kinetics-400 SlowFast R50 checkpoint> "
+                                 "(to fine-tune) or checkpoint = <AVA-fine-tuned detector> (to import) in luigi.cfg")
+        if self.init is not None and not Path(self.init).is_file():
+            raise InputError(self.init, None, "[FinetuneBackbone] init: no such file")
+        return PrepareData(dataset=self.dataset)
+
+    def config(self):
+        return backbone_config(self.dataset)
+
+    def identity(self) -> dict:
+        """What the weights depend on: the backbone config and, for an import, the file's content; for training, the
+        data, the init file's content, the recipe (``default_recipe``), the epochs, batch and seed."""
+        cfg = self.config().to_dict()
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint)
+            return {"import": cached_sha256(path) if path.is_file() else ["missing", str(path)], "backbone": cfg}
+        init = None
+        if self.init is not None:
+            path = Path(self.init)
+            init = cached_sha256(path) if path.is_file() else ["missing", str(path)]
+        from pipeline.training.recipe import default_recipe
+
+        return {"data": self.requires().data_id(), "backbone": cfg, "init": init, "epochs": self.epochs,
+                "batch_size": self.batch_size, "seed": self.seed,
+                "recipe": default_recipe(self.config()).to_dict()}
 
     def checkpoint_path(self) -> Path:
-        if self.dataset == "ava":
-            return Path(self.checkpoint) if self.checkpoint is not None else root() / "backbone" / "(checkpoint not set)"
-        data = self.requires()
-        slug = f"mini-{short_hash({'data': data.data_root().name, 'epochs': self.epochs, 'seed': self.seed})}"
-        return root() / "backbone" / f"{slug}.pt"
+        kind = "import" if self.checkpoint is not None else self.dataset
+        return root() / "backbone" / f"{kind}-{self.config().name}-{short_hash(self.identity())}.pt"
 
     def output(self):
-        path = self.checkpoint_path()
-        return luigi.LocalTarget(path if self.dataset == "ava" else path.with_suffix(".json"))
+        return luigi.LocalTarget(self.checkpoint_path().with_suffix(".json"))
 
     def run(self):
-        if self.dataset == "ava":
-            if self.checkpoint is None:
-                raise ParameterError("dataset = ava needs [Backbone] checkpoint = <SlowFast checkpoint> in luigi.cfg")
-            raise InputError(self.checkpoint, None, "[Backbone] checkpoint: no such file")
-        if self.epochs < 1:
-            raise ParameterError(f"Backbone --epochs {self.epochs}: expected at least 1")
-        from pipeline.training.finetune import train_mini_backbone
-
         out = self.checkpoint_path()
-        metrics = train_mini_backbone(self.requires().data_root(), out, epochs=self.epochs, seed=self.seed,
-                                      device=self.device)
+        if self.checkpoint is not None:
+            from pipeline.features.checkpoints import import_detector
+
+            if not Path(self.checkpoint).is_file():
+                raise InputError(self.checkpoint, None, "[FinetuneBackbone] checkpoint: no such file")
+            record = import_detector(self.checkpoint, out, self.config(), short_side=stctx().short_side)
+            write_json(self.output().path, record, default=str)
+            return
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ParameterError(f"FinetuneBackbone --{name.replace('_', '-')} {getattr(self, name)}: "
+                                     "expected at least 1")
+        from pipeline.training.finetune import MINI_BACKBONE_EPOCHS, FinetuneConfig, finetune_on_ava
+
+        given = {"epochs": self.epochs or (MINI_BACKBONE_EPOCHS if self.dataset == "mini" else None),
+                 "batch_size": self.batch_size, "seed": self.seed, "checkpoint_every": self.checkpoint_every}
+        run = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+        metrics = finetune_on_ava(self.requires().data_root(), out, self.config(), None, run, init=self.init,
+                                  device=self.device, log=None, resume_path=out.with_suffix(".state.pt"))
         write_json(self.output().path, metrics, default=str)
 
     def result_line(self) -> str:
-        return f"Backbone {self.dataset}: {self.epochs} epochs -> {self.checkpoint_path()}"
+        if self.checkpoint is not None:
+            return f"FinetuneBackbone {self.dataset}: imported {self.checkpoint} -> {self.checkpoint_path()}"
+        record = json.loads(Path(self.output().path).read_text())
+        return (f"FinetuneBackbone {self.dataset}: {len(record.get('train_loss', []))} epochs "
+                f"({'from ' + str(self.init) if self.init else 'from random weights'}) -> {self.checkpoint_path()}")
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -376,8 +478,8 @@ class _CacheTask(luigi.Task):
     decode_workers = luigi.OptionalIntParameter(default=None, significant=False, description="frame decoding "
                                                 "processes (default: the available cores on a GPU, none on a CPU)")
 
-    def backbone(self) -> Backbone:
-        return Backbone(dataset=self.dataset)
+    def backbone(self) -> FinetuneBackbone:
+        return FinetuneBackbone(dataset=self.dataset)
 
     def data(self) -> PrepareData:
         return PrepareData(dataset=self.dataset)
@@ -736,6 +838,88 @@ class EvaluateHead(TrainHead):
                 f"-> {self.output().path}")
 
 
+class FinetuneEndToEnd(_CacheTask):
+    """The final model: backbone and context head trained jointly on frames, from FinetuneBackbone's checkpoint and
+    TrainHead's head (``pipeline.training.end_to_end``), with the fine-tuning loop, recipe and resume of the backbone
+    step, then evaluated on frames: on ``val`` (what its settings are chosen by) and, for the mini-AVA, on the held-out
+    ``test`` (``report_split``).
+
+    Output: ``<root>/end_to_end/<variant>-<hash>/seed-<k>/metrics.json`` (written last) beside ``model.pt`` (both
+    configs and both weights, ``load_end_to_end``); the hash covers the head run it starts from (which names the
+    backbone, the features and the head), the fine-tuning settings and the evaluation files. The metrics have the
+    fields of EvaluateHead's (``variant`` reads "<variant> (end to end)", ``mAP`` on the reported split, ``val_mAP``)
+    and ``start_val_mAP``, the same model's val mAP on frames before any update.
+    """
+
+    variant = luigi.Parameter(default="st-sa")
+    seed = luigi.IntParameter(default=0)
+    overrides = luigi.DictParameter(default={}, description="HeadConfig overrides of the head it starts from")
+    head_epochs = luigi.OptionalIntParameter(default=None, description="epochs of the TrainHead run it starts from")
+    epochs = luigi.IntParameter(default=1, description="end-to-end fine-tuning epochs")
+    batch_size = luigi.OptionalIntParameter(default=None, description="clips per step (default: the recipe's)")
+    lr_scale = luigi.FloatParameter(default=0.1, description="the recipe's learning rate times this (both parts start "
+                                    "trained)")
+    checkpoint_every = luigi.IntParameter(default=200, significant=False)
+
+    def head_run(self) -> TrainHead:
+        epochs = self.head_epochs if self.head_epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
+        return self.clone(TrainHead, variant=self.variant, seed=self.seed, overrides=self.overrides, epochs=epochs)
+
+    def requires(self):
+        return {"backbone": self.backbone(), "head": self.head_run(), "data": self.data()}
+
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(["val", report_split(self.dataset)]))
+
+    def run_dir(self) -> Path:
+        head = self.head_run()
+        ident = {"head": str(head.run_dir().relative_to(root())), "epochs": self.epochs, "batch_size": self.batch_size,
+                 "lr_scale": self.lr_scale, "eval": {s: head.eval_inputs(s) for s in self.splits()},
+                 "eval_threshold": self.eval_threshold}
+        return root() / "end_to_end" / f"{self.variant}-{short_hash(ident)}" / f"seed-{self.seed}"
+
+    def output(self):
+        return luigi.LocalTarget(self.run_dir() / "metrics.json")
+
+    def label(self) -> str:
+        return f"{self.head_run().label()} (end to end)"
+
+    def run(self):
+        from pipeline.training.end_to_end import build_end_to_end, evaluate_on_frames, finetune_end_to_end
+
+        if self.epochs < 1:
+            raise ParameterError(f"FinetuneEndToEnd --epochs {self.epochs}: expected at least 1")
+        if not self.lr_scale > 0:
+            raise ParameterError(f"FinetuneEndToEnd --lr-scale {self.lr_scale}: expected > 0")
+        data_root = self.data().data_root()
+        out = self.run_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        head_file = self.head_run().run_dir() / "head.pt"
+        model = build_end_to_end(self.backbone().checkpoint_path(), head_file, device="cpu")
+        evaluate = lambda split: evaluate_on_frames(model, data_root, split, threshold=self.eval_threshold,  # noqa: E731
+                                                    device=self.device)[0]
+        start = evaluate("val")
+        train = finetune_end_to_end(model, data_root, out / "model.pt", epochs=self.epochs, batch_size=self.batch_size,
+                                    lr_scale=self.lr_scale, seed=self.seed, checkpoint_every=self.checkpoint_every,
+                                    device=self.device, resume_path=out.parent / f"seed-{self.seed}.state.pt",
+                                    start={"backbone": cached_sha256(self.backbone().checkpoint_path()),
+                                           "head": cached_sha256(head_file)},
+                                    meta={"head": str(head_file), "backbone": str(self.backbone().checkpoint_path())})
+        results = {split: evaluate(split) for split in self.splits()}
+        report = results[report_split(self.dataset)]
+        write_json(self.output().path, {
+            "variant": self.label(), "seed": self.seed, "split": report_split(self.dataset), "mAP": report.mAP,
+            "per_class": {str(k): v for k, v in report.per_class.items()},
+            "val_mAP": results["val"].mAP, "start_val_mAP": start.mAP, "model": str(out / "model.pt"),
+            "head": str(head_file), "train": train}, default=str)
+
+    def result_line(self) -> str:
+        metrics = json.loads(Path(self.output().path).read_text())
+        return (f"FinetuneEndToEnd {self.label()} seed {self.seed}: frame-mAP {metrics['split']} "
+                f"{100 * metrics['mAP']:.2f} (val {100 * metrics['val_mAP']:.2f}, before fine-tuning "
+                f"{100 * metrics['start_val_mAP']:.2f}) -> {self.run_dir()}")
+
+
 class FullAblation(_CacheTask):
     """Table 1: every variant over several seeds -> ``<root>/ablation/<dataset>/table1.{md,csv,png}``.
 
@@ -746,6 +930,9 @@ class FullAblation(_CacheTask):
     output) and copied to ``<root>/ablation/<dataset>/<data id>/`` (the latest of that data) and
     ``<root>/ablation/<dataset>/`` (the latest of that dataset). ``overrides``: HeadConfig fields for every variant
     (``{"width": 64}``) or per variant (``{"st-sa": {"width": 64}}``); overridden rows are named so in the table.
+    The last row is the final model, a variant trained end to end (``FinetuneEndToEnd``, seeds ``end_to_end_seeds``)
+    from its heads of those seeds, named "<variant> (end to end)": ``end_to_end``, by default the last of
+    ``variants`` (st-sa); "none" leaves the row out.
     """
 
     seeds = luigi.ListParameter(default=[0, 1, 2])
@@ -753,6 +940,9 @@ class FullAblation(_CacheTask):
     epochs = luigi.OptionalIntParameter(default=None,
                                         description="head epochs of every run (default: [TrainHead] epochs, else TrainConfig's)")
     overrides = luigi.DictParameter(default={}, description='HeadConfig overrides: {"width": 64} or {"st-sa": {...}}')
+    end_to_end = luigi.Parameter(default="last", description="the variant of the last row, the final model trained "
+                                 "end to end (FinetuneEndToEnd): a variant, 'last' (the last of --variants) or 'none'")
+    end_to_end_seeds = luigi.ListParameter(default=[0], description="seeds of the end-to-end row")
 
     def overrides_of(self, name: str) -> dict:
         given = plain(self.overrides)
@@ -773,7 +963,25 @@ class FullAblation(_CacheTask):
         split = report_split(self.dataset)
         runs = [self.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides=self.overrides_of(v))
                 for v in self.variants for s in self.seeds]
-        return runs if split == "val" else [run.clone(EvaluateHead, split=split) for run in runs]
+        rows = runs if split == "val" else [run.clone(EvaluateHead, split=split) for run in runs]
+        final = self.final_variant()
+        if final is None:
+            return rows
+        # clone() would copy this task's (head) epochs over the end-to-end epochs: pass the end-to-end setting on
+        e2e_epochs = FinetuneEndToEnd.epochs.task_value("FinetuneEndToEnd", "epochs")
+        return rows + [self.clone(FinetuneEndToEnd, variant=final, seed=s, head_epochs=epochs, epochs=e2e_epochs,
+                                  overrides=self.overrides_of(final)) for s in self.end_to_end_seeds]
+
+    def final_variant(self) -> str | None:
+        """The variant of the end-to-end row: ``end_to_end`` ("last": the last of ``variants``, st-sa by default;
+        "none": no such row)."""
+        if self.end_to_end == "none" or not self.variants:
+            return None
+        name = self.variants[-1] if self.end_to_end == "last" else self.end_to_end
+        if name not in self.variants:
+            raise ParameterError(f"FullAblation --end-to-end {name}: not one of --variants ({', '.join(self.variants)});"
+                                 " the final model starts from that variant's heads ('none': no end-to-end row)")
+        return name
 
     def latest_dir(self) -> Path:
         return ablation_dir() / self.dataset

@@ -50,7 +50,7 @@ def luigi_config(tmp_path):
     """luigi.cfg settings for a test: its own root, the tiny mini-AVA, a 1-epoch backbone; restored afterwards."""
     config = luigi.configuration.get_config()
     settings = {("stctx", "root"): str(tmp_path / "runs"), ("PrepareData", "tiny"): "true",
-                ("Backbone", "epochs"): "1"}
+                ("FinetuneBackbone", "epochs"): "1"}
     saved = {k: config.get(*k, None) for k in settings}
     for (section, option), value in settings.items():
         config.set(section, option, value)

@@ -244,3 +244,33 @@ def test_pytorchvideo_kinetics_r50_layout_loads_and_drops_blocks_6(tmp_path):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0, msg=k)
     assert info["head_state"]["proj.weight"].shape == (400, 2304)
+
+
+@pytest.mark.parametrize("num_classes, kept", [(80, True), (400, False)])
+def test_import_detector_writes_ours_with_the_weights_the_head_and_the_short_side(tmp_path, num_classes, kept):
+    """``[FinetuneBackbone] checkpoint``: an AVA detector (pytorchvideo's layout: ``model.`` prefix and
+    ``detection_head.proj``) becomes our self-describing checkpoint with the same backbone weights, its 80-way head
+    and the short side asked for; a Kinetics file's 400-way classifier is not taken for a head."""
+    from pipeline.features.checkpoints import backbone_from_checkpoint, import_detector
+
+    model = build_backbone("mini")
+    state = random_state(model, num_classes, seed=5)
+    head = {f"detection_head.proj.{k}": state.pop(f"blocks.6.proj.{k}") for k in ("weight", "bias")}
+    if kept:
+        layout = {**{f"model.{k}": v for k, v in state.items()}, **head}
+    else:  # the Kinetics layout: the classifier under blocks.6
+        layout = {**state, **{k.replace("detection_head", "blocks.6"): v for k, v in head.items()}}
+    src = tmp_path / "detector.pyth"
+    torch.save({"model_state": layout}, src)
+    record = import_detector(src, tmp_path / "ours.pt", PRESETS["mini"], short_side=48)
+    assert record["format"] == ("ava-detection" if kept else "kinetics") and record["head"] is kept
+    ours = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert ours["config"]["short_side"] == 48 and ours["meta"]["import"]["sha256"] == record["sha256"]
+    for k, v in state.items():
+        torch.testing.assert_close(ours["model_state"][k], v, rtol=0, atol=0, msg=k)
+    if kept:
+        torch.testing.assert_close(ours["head_state"]["proj.weight"], head["detection_head.proj.weight"], rtol=0, atol=0)
+    else:
+        assert ours["head_state"] is None
+    reread, info = backbone_from_checkpoint(tmp_path / "ours.pt")
+    assert info["format"] == "stctx" and reread.cfg.short_side == 48

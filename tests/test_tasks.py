@@ -10,6 +10,7 @@ import luigi
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import heads.config
 import tasks
@@ -18,18 +19,30 @@ import tasks
 def test_full_ablation_then_rerun_does_nothing(luigi_config, luigi_run, monkeypatch):
     ablation = tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)
     ran = luigi_run(ablation)
-    assert sorted(set(ran)) == ["Backbone", "EvaluateHead", "ExtractVideo", "FeatureCache", "FullAblation",
-                                "PrepareData", "SplitIndex", "TrainHead"]
+    assert sorted(set(ran)) == ["EvaluateHead", "ExtractVideo", "FeatureCache", "FinetuneBackbone",
+                                "FinetuneEndToEnd", "FullAblation", "PrepareData", "SplitIndex", "TrainHead"]
     assert ran.count("TrainHead") == 4 and ran.count("EvaluateHead") == 4 and ran.count("ExtractVideo") == 4
     table = pd.read_csv(luigi_config / "ablation" / "mini" / "table1.csv")
-    assert list(table["variant"]) == ["baseline", "st"] and (table["n_seeds"] == 2).all()
+    # the last row: the last variant trained end to end from its seed-0 head (end_to_end_seeds), on frames
+    assert list(table["variant"]) == ["baseline", "st", "st (end to end)"]
+    assert list(table["n_seeds"]) == [2, 2, 1]
+    final = [t for t in ablation.requires() if isinstance(t, tasks.FinetuneEndToEnd)]
+    assert [(t.variant, t.seed, t.head_epochs) for t in final] == [("st", 0, 2)]
+    e2e = json.loads(Path(final[0].output().path).read_text())
+    assert e2e["split"] == "test" and 0 <= e2e["mAP"] <= 1 and 0 <= e2e["start_val_mAP"] <= 1
+    assert e2e["head"] == str(final[0].head_run().run_dir() / "head.pt") and Path(e2e["model"]).is_file()
+    assert e2e["train"]["steps"] > 0
     assert {"map_mean", "map_std", "paper_map"} <= set(table.columns)
     # the mini-AVA's table is the held-out test split; the val mAP (what defaults are chosen by) stands beside it
     assert set(table["split"]) == {"test"} and "mini-AVA test" in (luigi_config / "ablation" / "mini" / "table1.md").read_text()
     for row in table.itertuples():
-        runs = [t.trained() for t in ablation.requires() if t.variant == row.variant]
-        val = [json.loads(Path(t.output().path).read_text())["mAP"] for t in runs]
-        test = [json.loads(Path(t.output().path).read_text())["mAP"] for t in ablation.requires() if t.variant == row.variant]
+        if row.variant == "st (end to end)":
+            assert row.val_map_mean == pytest.approx(100 * e2e["val_mAP"], abs=1e-3)
+            assert row.map_mean == pytest.approx(100 * e2e["mAP"], abs=1e-3)
+            continue
+        evaluated = [t for t in ablation.requires() if isinstance(t, tasks.EvaluateHead) and t.variant == row.variant]
+        val = [json.loads(Path(t.trained().output().path).read_text())["mAP"] for t in evaluated]
+        test = [json.loads(Path(t.output().path).read_text())["mAP"] for t in evaluated]
         assert row.val_map_mean == pytest.approx(100 * np.mean(val), abs=1e-3)
         assert row.map_mean == pytest.approx(100 * np.mean(test), abs=1e-3)
     annotations = next((luigi_config / "data").glob("mini-*")) / "annotations"
@@ -47,26 +60,32 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, luigi_run, monkeypa
     edited = dict(heads.config.VARIANTS, st=dataclasses.replace(heads.config.VARIANTS["st"], dropout=0.2))
     monkeypatch.setattr(heads.config, "VARIANTS", edited)
     ran = luigi_run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
-    assert sorted(ran) == ["EvaluateHead", "EvaluateHead", "FullAblation", "TrainHead", "TrainHead"]
+    # the end-to-end row starts from the edited variant's seed-0 head: it reruns too
+    assert sorted(ran) == ["EvaluateHead", "EvaluateHead", "FinetuneEndToEnd", "FullAblation", "TrainHead", "TrainHead"]
 
     # another backbone checkpoint: new store, every head retrained, the data kept
-    luigi.configuration.get_config().set("Backbone", "epochs", "2")
+    luigi.configuration.get_config().set("FinetuneBackbone", "epochs", "2")
     ran = luigi_run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2))
-    assert "PrepareData" not in ran and ran.count("Backbone") == 1 and ran.count("TrainHead") == 4
+    assert "PrepareData" not in ran and ran.count("FinetuneBackbone") == 1 and ran.count("TrainHead") == 4
 
 
 def test_ava_mode_runs_on_an_ava_folder_with_a_given_checkpoint(luigi_config, luigi_run, tiny_ava, tiny_backbone):
-    """dataset = ava: the folder is checked, the given checkpoint is used as is (no backbone training), the heads
-    take their sizes from it; the tiny mini-AVA stands in for an AVA folder."""
+    """dataset = ava: the folder is checked, the given checkpoint is imported (no backbone training: its weights are
+    the import's), the heads take their sizes from it; the tiny mini-AVA stands in for an AVA folder."""
     config = luigi.configuration.get_config()
     config.set("stctx", "ava_root", str(tiny_ava))
-    config.set("Backbone", "checkpoint", str(tiny_backbone))
+    config.set("FinetuneBackbone", "checkpoint", str(tiny_backbone))
     try:
-        ran = luigi_run(tasks.FullAblation(dataset="ava", seeds=[0], variants=["st"], epochs=1))
+        ran = luigi_run(tasks.FullAblation(dataset="ava", seeds=[0], variants=["st"], epochs=1, end_to_end="none"))
     finally:
         config.remove_option("stctx", "ava_root")
-        config.remove_option("Backbone", "checkpoint")
-    assert "Backbone" not in ran and ran.count("PrepareData") == 1 and ran.count("TrainHead") == 1
+        config.remove_option("FinetuneBackbone", "checkpoint")
+    assert ran.count("FinetuneBackbone") == 1 and ran.count("PrepareData") == 1 and ran.count("TrainHead") == 1
+    record = json.loads(next((luigi_config / "backbone").glob("import-*.json")).read_text())
+    assert record["imported_from"] == str(tiny_backbone) and record["format"] == "stctx"
+    imported = torch.load(record["checkpoint"], weights_only=True)["model_state"]
+    original = torch.load(tiny_backbone, weights_only=True)["model_state"]
+    assert imported.keys() == original.keys() and all(torch.equal(imported[k], original[k]) for k in original)
     assert any((luigi_config / "data").glob("ava-*-check.json"))
     table = pd.read_csv(luigi_config / "ablation" / "ava" / "table1.csv")
     assert list(table["variant"]) == ["st"] and "AVA v2.2" in (luigi_config / "ablation" / "ava" / "table1.md").read_text()
@@ -77,11 +96,11 @@ def test_full_ablation_passes_on_a_trainhead_setting(luigi_config):
     config = luigi.configuration.get_config()
     config.set("TrainHead", "epochs", "7")
     try:
-        assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"]).requires()} == {7}
-        assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"], epochs=3).requires()} == {3}
+        assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"], end_to_end="none").requires()} == {7}
+        assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"], epochs=3, end_to_end="none").requires()} == {3}
     finally:
         config.remove_option("TrainHead", "epochs")
-    assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"]).requires()} == {None}
+    assert {t.epochs for t in tasks.FullAblation(seeds=[0], variants=["st"], end_to_end="none").requires()} == {None}
 
 
 def test_mini_data_folder_follows_the_generator(luigi_config, monkeypatch):
@@ -100,12 +119,13 @@ def test_mini_data_folder_follows_the_generator(luigi_config, monkeypatch):
 
 
 def test_full_ablation_overrides_reach_the_runs_and_name_their_rows(luigi_config, luigi_run):
-    flat = tasks.FullAblation(seeds=[0], variants=["baseline", "st"], overrides={"dropout": 0.2})
+    flat = tasks.FullAblation(seeds=[0], variants=["baseline", "st"], overrides={"dropout": 0.2}, end_to_end="none")
     assert [dict(t.overrides) for t in flat.requires()] == [{"dropout": 0.2}] * 2
     with pytest.raises(tasks.ParameterError, match="not both"):
         tasks.FullAblation(variants=["st"], overrides={"st": {"dropout": 0.2}, "width": 8}).requires()
 
-    luigi_run(tasks.FullAblation(seeds=[0], variants=["baseline", "st"], epochs=1, overrides={"st": {"dropout": 0.2}}))
+    luigi_run(tasks.FullAblation(seeds=[0], variants=["baseline", "st"], epochs=1, overrides={"st": {"dropout": 0.2}},
+                                  end_to_end="none"))
     table = pd.read_csv(luigi_config / "ablation" / "mini" / "table1.csv")
     assert list(table["variant"]) == ["baseline", "st (dropout=0.2)"]
     # the paper has no number for an overridden run

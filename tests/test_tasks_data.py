@@ -11,13 +11,13 @@ import tasks
 from cache.store import CacheError
 from pipeline.ava.files import AvaPaths
 
-ABLATION = dict(dataset="ava", seeds=[0], variants=["st"], epochs=1)
+ABLATION = dict(dataset="ava", seeds=[0], variants=["st"], epochs=1, end_to_end="none")
 
 
 @pytest.fixture
 def ava_run(luigi_config, luigi_run, luigi_set, tiny_backbone, tmp_path):
     """Run the one-variant FullAblation on an AVA-layout folder; returns the families that ran."""
-    luigi_set("Backbone", "checkpoint", str(tiny_backbone))
+    luigi_set("FinetuneBackbone", "checkpoint", str(tiny_backbone))
 
     def run_on(folder):
         luigi_set("stctx", "ava_root", str(folder))

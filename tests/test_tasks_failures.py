@@ -34,9 +34,14 @@ def _errors(out: subprocess.CompletedProcess) -> list[str]:
 @pytest.mark.parametrize("args, code, message", [
     (["TrainHead", "--variant", "nope"], 35, "unknown head variant 'nope'"),
     (["TrainHead", "--overrides", '{"widht": 3}'], 35, "no HeadConfig field widht"),
-    (["TrainHead", "--stctx-dataset", "ava", "--stctx-ava-root", "missing"], 30, "ava_root: no such folder"),
-    (["Backbone", "--dataset", "ava", "--checkpoint", "nope.pt"], 30, "nope.pt: [Backbone] checkpoint: no such file"),
-    (["Backbone", "--dataset", "ava"], 30, "needs [Backbone] checkpoint"),
+    (["TrainHead", "--stctx-dataset", "ava", "--stctx-ava-root", "missing", "--FinetuneBackbone-checkpoint", "k.pt"],
+     30, "ava_root: no such folder"),
+    (["FinetuneBackbone", "--dataset", "ava", "--checkpoint", "nope.pt"], 30,
+     "nope.pt: [FinetuneBackbone] checkpoint: no such file"),
+    (["FinetuneBackbone", "--dataset", "ava", "--init", "k400.pyth"], 35,
+     "k400.pyth: [FinetuneBackbone] init: no such file"),
+    (["TrainHead", "--stctx-dataset", "ava", "--stctx-ava-root", "missing"], 35, "needs [FinetuneBackbone] init"),
+    (["FinetuneBackbone", "--stctx-short-side", "8"], 35, "short_side 8: expected at least 16"),
 ])
 def test_bad_parameters_exit_non_zero_with_one_line(luigi_cli, tmp_path, args, code, message):
     out = luigi_cli(*args)

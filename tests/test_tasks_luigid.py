@@ -86,7 +86,7 @@ def test_two_workers_extract_one_split_together(project, luigid):
     args = ["FeatureCache", "--split", "train", "--scheduler-host", "127.0.0.1", "--scheduler-port", str(luigid),
             "--workers", "1", "--worker-keep-alive", "--no-lock"]  # --no-lock: two hosts stand for one (the lock is per host)
     # the shared prerequisites first (local scheduler), so that both workers see every ExtractVideo when they start
-    for prereq in (["Backbone"], ["SplitIndex", "--split", "train"], ["SplitIndex", "--split", "val"],
+    for prereq in (["FinetuneBackbone"], ["SplitIndex", "--split", "train"], ["SplitIndex", "--split", "val"],
                    ["SplitIndex", "--split", "test"]):
         out = subprocess.run([str(BIN / "luigi"), "--module", "tasks", *prereq], cwd=project, capture_output=True,
                              text=True, timeout=600)

@@ -288,6 +288,37 @@ def backbone_from_checkpoint(path: str | Path, cfg: BackboneConfig | None = None
     return model, _load_into(model, path, ckpt)
 
 
+def import_detector(path: str | Path, out: str | Path, cfg: BackboneConfig | None = None,
+                    short_side: int | None = None) -> dict:
+    """Our self-describing copy (``save_checkpoint``) of an AVA-fine-tuned detector in any format ``load_checkpoint``
+    reads, so that extraction and the end-to-end model read one format with its config inside.
+
+    The backbone is built as ``backbone_from_checkpoint`` builds it (ours from the config it stores, pytorchvideo's
+    and PySlowFast's at ``cfg``, default ``r50``) and, with ``short_side``, set to take frames at that short side
+    (the weights do not depend on it). The file's head is kept where it is an 80-way projection of the actor
+    channels (``proj.weight`` (80, C_s + C_f), ``proj.bias`` (80,): AVA detection heads and ours); a Kinetics
+    classifier is not. Returns the import record: source path, format, sha256, the config written, whether a head
+    was kept."""
+    import dataclasses
+
+    from pipeline.ava.files import NUM_CLASSES
+
+    model, info = backbone_from_checkpoint(path, cfg)
+    if short_side is not None and short_side != model.cfg.short_side:
+        model.cfg = dataclasses.replace(model.cfg, short_side=short_side)
+    head, state = None, info["head_state"] or {}
+    weight, bias = state.get("proj.weight"), state.get("proj.bias")
+    if (set(state) == {"proj.weight", "proj.bias"} and tuple(weight.shape) == (NUM_CLASSES, model.cfg.actor_channels)
+            and tuple(bias.shape) == (NUM_CLASSES,)):
+        head = nn.Module()
+        head.proj = nn.Linear(model.cfg.actor_channels, NUM_CLASSES)
+        head.load_state_dict(state)
+    record = {"imported_from": str(Path(path)), "format": info["format"], "sha256": info["sha256"],
+              "config": model.cfg.to_dict(), "head": head is not None}
+    save_checkpoint(model, model.cfg, out, head=head, meta={"import": record})
+    return {**record, "checkpoint": str(out)}
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 

@@ -267,3 +267,39 @@ def evaluate_on_frames(model: ContextDetector, ava_root: str | Path, split: str,
     detections = detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
     result = evaluate_frame_map(files["groundtruth"], detections, labels, files["exclusions"])
     return result, time.perf_counter() - start
+
+
+def finetune_end_to_end(model: ContextDetector, ava_root: str | Path, out_path: str | Path, *, start: Mapping,
+                        recipe=None, epochs: int = 1, batch_size: int | None = None, lr_scale: float = 0.1,
+                        seed: int = 0, checkpoint_every: int = 200, device: str | torch.device | None = None,
+                        resume_path: str | Path | None = None, meta: Mapping | None = None,
+                        progress: bool = True) -> dict:
+    """Train ``model`` (backbone and head together) on the split ``train`` of ``ava_root`` with the backbone's
+    fine-tuning loop (``pipeline.training.finetune.finetune_on_ava``: the same clips, proposals, augmentation,
+    resume and torchrun data parallelism) and write it with ``save_end_to_end`` to ``out_path``.
+
+    ``recipe``: default the backbone's (``default_recipe``), its learning rate (and warm-up start) times
+    ``lr_scale``: both parts start trained, so the run refines rather than learns (0.1 by default). ``epochs``
+    replaces the recipe's. ``start``: what the initial weights are (e.g. the sha256 of the backbone checkpoint and of
+    the head file), part of the training state's identity with the head's config. Returns the loop's metrics."""
+    import dataclasses
+
+    from pipeline.training.finetune import FinetuneConfig, finetune_on_ava
+    from pipeline.training.recipe import default_recipe
+
+    if not lr_scale > 0:
+        raise ValueError(f"lr_scale must be > 0, got {lr_scale}")
+    backbone_cfg = model.backbone.cfg
+    recipe = recipe or default_recipe(backbone_cfg)
+    recipe = dataclasses.replace(recipe, name=f"{recipe.name}-end-to-end", lr=recipe.lr * lr_scale,
+                                 warmup_start_lr=recipe.warmup_start_lr * lr_scale)
+    identity = {"detector": "ContextDetector", "variant": model.config.name, "head": model.config.to_dict(),
+                "start": dict(start)}
+    extra = dict(meta or {})
+
+    def save(trained: nn.Module, path: Path, loop_meta: dict) -> None:
+        save_end_to_end(path, trained, {**extra, **loop_meta})
+
+    cfg = FinetuneConfig(seed=seed, batch_size=batch_size, epochs=epochs, checkpoint_every=checkpoint_every)
+    return finetune_on_ava(ava_root, out_path, backbone_cfg, recipe, cfg, device=device, log=None, progress=progress,
+                           resume_path=resume_path, model=model, model_identity=identity, save=save)
