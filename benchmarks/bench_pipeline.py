@@ -26,7 +26,8 @@ from pathlib import Path
 from benchdoc import publish
 
 ROOT = Path(__file__).resolve().parents[1]
-LUIGI = [sys.executable, "-m", "luigi", "--module", "tasks"]
+# the `luigi` command beside this Python (what users run; `python -m luigi` skips the choice of the local scheduler)
+LUIGI = [str(Path(sys.executable).with_name("luigi")), "--module", "tasks"]
 SECTION = "pipeline"
 
 

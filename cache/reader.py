@@ -5,9 +5,12 @@ H W map (padded to the batch maximum), T_f fast frames, R RoI side (7), K classe
 Box convention: see ``cache/schema.py``.
 
 Throughput: box metadata of every video is read once, up front (it is small); workers read only the
-big arrays a head uses (``fields``), in contiguous keyframe ranges that ``KeyframeBlockSampler``
-aligns to shards, so a block is one whole-shard read. Batches stay in the storage dtype (float16 or
-uint8) until ``to_device`` moves them, pinned, to the head's device and converts them there.
+big arrays a head uses (``fields``), each run of consecutive keyframes of a video in one read per shard
+(``CacheDataset.runs``). ``KeyframeBlockSampler`` orders training: blocks of one video's keyframes in one
+shard, shuffled, taken in windows of ``mix`` blocks whose keyframes are shuffled together, so a batch mixes
+videos while each shard is read within one window (mixed keyframes are mostly runs of one: the cost is in
+docs/benchmarks.md, bench:cache-sampler). Batches stay in the storage dtype (float16 or uint8) until
+``to_device`` moves them, pinned, to the head's device and converts them there.
 
 A batch (``collate_runs``, then ``to_device``) is a dict whose tensor keys match ``heads.HeadInputs``:
 ``actor`` (N, C_s + C_f, R, R), ``box_clip`` (N,), ``slow`` (B, C_s, H, W), ``fast`` (B, C_f, H, W),
@@ -355,7 +358,10 @@ def to_device(
     return out
 
 
-MIX = 8  # default blocks per window of ``KeyframeBlockSampler``: chosen by ``benchmarks/bench_cache.py --sampler``
+# Blocks per window of ``KeyframeBlockSampler``, by measurement (``benchmarks/bench_cache.py --sampler``): reading a
+# mixed batch costs about the same for every window of 4 or more blocks (each of its keyframes is then its own run),
+# and a window of 16 blocks puts about 10 videos in a batch of 16 on an AVA-sized split (8 blocks: about 7).
+MIX = 16
 
 
 class KeyframeBlockSampler(Sampler[int]):
@@ -365,7 +371,7 @@ class KeyframeBlockSampler(Sampler[int]):
     With ``shuffle``, each epoch (``set_epoch``; the order depends on ``(seed, epoch)`` only) shuffles the blocks,
     takes them in windows of ``mix`` blocks and shuffles the keyframes inside each window: a batch cut from the
     stream then holds keyframes of up to ``mix`` blocks (mostly as many videos), and each block is still read within
-    one window, so its shard's reads stay close in time. ``mix=1``: whole blocks in order, one video per block.
+    one window, so its shard's reads stay close in time. ``mix=1``: whole blocks, each in time order.
     Without ``shuffle``: dataset order (every video's keyframes in time order).
     """
 
@@ -392,9 +398,11 @@ class KeyframeBlockSampler(Sampler[int]):
             return [np.arange(len(self))]
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(len(self.blocks))
+        # the fewest windows of at most mix blocks, of equal sizes give or take one: no short last window that mixes less
+        windows = np.array_split(order, -(-len(order) // self.mix)) if len(order) else []
         out = []
-        for w in range(0, len(order), self.mix):
-            window = np.concatenate([self.blocks[i] for i in order[w : w + self.mix]])
+        for w in windows:
+            window = np.concatenate([self.blocks[i] for i in w])
             out.append(rng.permutation(window) if self.mix > 1 else window)  # mix=1: the block order alone
         return out
 
@@ -436,11 +444,13 @@ def make_loader(
     prefetch_factor: int = 4,
     drop_last: bool = False,
     block: int | None = None,
+    mix: int = MIX,
 ) -> DeviceLoader:
-    """Batches of ``batch_size`` keyframes on ``device``: shard-aligned block reads in ``num_workers``
-    processes, pinned memory when the device is CUDA, conversion to ``dtype`` on the device."""
+    """Batches of ``batch_size`` keyframes on ``device``, in ``KeyframeBlockSampler``'s order (``block``, ``mix``;
+    with ``shuffle``, batches mix up to ``mix`` shard blocks): reads in ``num_workers`` processes, pinned memory
+    when the device is CUDA, conversion to ``dtype`` on the device."""
     device = torch.device(device)
-    sampler = KeyframeBlockSampler(dataset, block=block, shuffle=shuffle, seed=seed)
+    sampler = KeyframeBlockSampler(dataset, block=block, shuffle=shuffle, seed=seed, mix=mix)
     loader = DataLoader(
         dataset,
         batch_sampler=BatchSampler(sampler, batch_size, drop_last),

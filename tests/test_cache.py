@@ -397,8 +397,8 @@ def test_loader_reads_only_requested_fields_in_shard_blocks(tmp_path):
             boxes += len(batch["actor"])
         assert sorted(seen) == sorted(ds.key(i) for i in range(len(ds)))
         assert boxes == sum(len(m["boxes"]) for m in ds.meta)
-    # the sampler yields whole blocks: one shard (4 keyframes) of one video each, in order inside a block
-    sampler = make_loader(ds, batch_size=4, shuffle=True, seed=3, num_workers=0).loader.batch_sampler.sampler
+    # the sampler's blocks: one shard (4 keyframes) of one video each, in order inside a block (mix=1: yielded whole)
+    sampler = make_loader(ds, batch_size=4, shuffle=True, seed=3, num_workers=0, mix=1).loader.batch_sampler.sampler
     assert [len(b) for b in sampler.blocks] == [4, 4, 2] * 3
     for block in sampler.blocks:
         v, t = ds.kf_video[block], ds.kf_t[block]
