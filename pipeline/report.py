@@ -19,6 +19,8 @@ from pipeline.outputs import atomic_file, built_dir, write_text
 CONTEXT_CLASSES: dict[int, str] = {
     65: "give/serve (an object) to (a person)",
     78: "take (an object) from (a person)",
+    36: "lift/pick up",
+    47: "put down",
     17: "carry/hold (an object)",
     80: "watch (a person)",
     69: "hand wave",

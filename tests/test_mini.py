@@ -1,4 +1,5 @@
-"""mini-AVA: the folder layout other AVA tools read, determinism, atomic writes, and every class rule."""
+"""mini-AVA: the folder layout other AVA tools read, determinism, atomic writes, and every class rule (the order
+pairs' counter scenes: tests/test_mini_order.py)."""
 
 import json
 import math
@@ -191,7 +192,8 @@ def test_every_class_is_common_enough(plans):
         assert len({m.STAND, m.SIT, m.WALK} & set(actions)) == 1
         for a in actions:
             counts[a] += 1
-    assert all(c / n > 0.1 for c in counts.values()), counts
+    rare = {m.PICK_UP, m.PUT_DOWN}  # one actor in 40 % of the episodes, half each
+    assert all(c / n > (0.05 if a in rare else 0.1) for a, c in counts.items()), counts
 
 
 def test_postures_stand_sit_walk(plans):
@@ -220,50 +222,15 @@ def test_carry_the_prop_is_at_the_front_hand_all_episode(plans):
             hand = m.pose_at(actor, u).hand0
             if held:
                 assert m.prop_center(held[0], episode, u) == hand
-            else:  # nobody else's prop touches this actor's hand
+            elif actor.role == "none":  # nobody else's prop touches this actor's hand (counter scenes: test_mini_order)
                 for prop in episode.props:
-                    if prop.giver < 0 and prop.holder != actor.person_id:
+                    if not prop.changes and prop.holder != actor.person_id:
                         c = m.prop_center(prop, episode, u)
                         assert prop.holder >= 0 or math.dist(c, hand) > 0.5 * prop.size or actor.arm0 == "rest"
         if not held and actor.role == "none":
             empty_hold_pose += actor.arm0 == "hold"
             near_prop += any(p.at and abs(p.at[0] - actor.x) < actor.height for p in episode.props)
     assert empty_hold_pose > 20 and near_prop > 50  # the distractors exist
-
-
-def test_give_take_object_between_at_keyframe_moves_giver_to_taker(plans):
-    giver_left = pairs = 0
-    for video in plans:
-        for episode in video.episodes:
-            for prop in [p for p in episode.props if p.giver >= 0]:
-                pairs += 1
-                giver, taker = episode.actor(prop.giver), episode.actor(prop.taker)
-                assert m.GIVE in m.actor_actions(episode, giver) and m.TAKE not in m.actor_actions(episode, giver)
-                assert m.TAKE in m.actor_actions(episode, taker) and m.GIVE not in m.actor_actions(episode, taker)
-                for a in (giver, taker):
-                    assert {m.STAND, m.WATCH} <= set(m.actor_actions(episode, a))
-                    assert m.CARRY not in m.actor_actions(episode, a)
-                assert giver.facing == np.sign(taker.x - giver.x) == -taker.facing  # face each other
-                giver_left += giver.x < taker.x
-                # keyframe: the prop is at the midpoint of the two hands, between the two bodies
-                c = m.prop_center(prop, episode, 0)
-                hg, ht = m.pose_at(giver, 0).hand0, m.pose_at(taker, 0).hand0
-                assert c == pytest.approx(((hg[0] + ht[0]) / 2, (hg[1] + ht[1]) / 2))
-                assert min(giver.x, taker.x) < c[0] < max(giver.x, taker.x)
-                # over the clip it travels from the giver's hand to the taker's hand, never back
-                toward_taker = [(m.prop_center(prop, episode, u)[0] - giver.x) * giver.facing for u in CLIP]
-                assert all(b >= a - 1e-9 for a, b in zip(toward_taker, toward_taker[1:]))
-                assert m.prop_center(prop, episode, CLIP[0]) == m.pose_at(giver, CLIP[0]).hand0
-                assert m.prop_center(prop, episode, CLIP[-1]) == m.pose_at(taker, CLIP[-1]).hand0
-                # the bodies say nothing about the roles: mirror images of each other, and symmetric in time
-                for u in CLIP:
-                    pg, pt = m.pose_at(giver, u), m.pose_at(taker, u)
-                    assert pg == m.pose_at(giver, -u)
-                    for jg, jt, bg, bt in ((pg.hand0, pt.hand0, pg.hip, pt.hip), (pg.elbow0, pt.elbow0, pg.hip, pt.hip)):
-                        rel_g = ((jg[0] - bg[0]) * giver.facing / giver.height, (jg[1] - bg[1]) / giver.height)
-                        rel_t = ((jt[0] - bt[0]) * taker.facing / taker.height, (jt[1] - bt[1]) / taker.height)
-                        assert rel_g == pytest.approx(rel_t)
-    assert pairs > 30 and 0.3 < giver_left / pairs < 0.7
 
 
 def test_hand_wave_oscillates_and_a_raised_arm_stays_still(plans):
@@ -310,7 +277,7 @@ def test_pixels_show_the_scene(tiny):
                 for u in (-32, 0, 31):
                     raw = m.render_frame(video, episode.key_frame + u)
                     for prop in episode.props:
-                        if prop.at is None:
+                        if prop.at is None and not prop.changes:  # a counter scene's prop is mostly hidden
                             x, y = m.prop_center(prop, episode, u)
                             assert tuple(raw[int(y), int(x)]) == prop.color
                             checked += 1

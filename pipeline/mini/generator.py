@@ -17,7 +17,7 @@ frames ``15 + 90e .. 104 + 90e``, so the 64-frame window of its keyframe (``-32 
 window sees two episodes (the first episode also covers frames 0..14, the last one runs to the end of the video).
 Only these seconds are annotated. Between episodes the scene cuts. Each episode draws a new scene with a static
 camera: a textured wall and floor, posters, shelves of small things, tall non-person things (plant, lamp, coat
-rack, TV), chairs, props lying around, and 2-4 actors (stick figures with a head whose hair sits on the back and
+rack, TV), chairs, props lying around, at most one counter, and 2-4 actors (stick figures with a head whose hair sits on the back and
 nose on the front, so the facing side shows) who keep their actions for the whole episode. Person ids are unique
 within a video. Frames are 160x90 (16:9) or 120x90 (4:3), alternating by video; actors are 0.42-0.5 of the frame
 height (``--tiny``: half that size, 80x45 / 60x45).
@@ -34,12 +34,38 @@ Classes (real AVA v2.2 ids; every actor has exactly one posture, the rest are op
 - 80 ``watch (a person)``: another actor stands in front of the actor's face at the keyframe: its body is on the
   facing side at a horizontal distance in (0.25 h, 1.5 h], h the watcher's height (``WATCH_RANGE``). Cue: where the other people
   are, outside the actor's box. Tall non-person things are often put in front of actors who watch nobody.
-- 65 ``give/serve (an object) to (a person)`` and 78 ``take (an object) from (a person)``: two standing actors face
-  each other at arm's length; both front arms go out from the holding pose to full reach at the keyframe and back
-  (the same time-symmetric profile for both), while a prop travels from the giver's hand (before the keyframe)
-  through the midpoint of the two hands (exactly at the keyframe) to the taker's hand. The giver is on the left or
-  the right with equal odds, so the keyframe alone is ambiguous: the two roles differ only by the direction in
-  which the prop moves over the clip (the paper's Figure 1). Neither is labelled carry/hold; both watch.
+- Order pairs (``ORDER_PAIRS``): 65 ``give/serve (an object) to (a person)`` / 78 ``take (an object) from (a person)``
+  and 36 ``lift/pick up`` / 47 ``put down``, the classes that differ only in the order of two states. They happen in
+  *counter scenes* (at most one an episode; 30 % of episodes hold a give/take pair, 40 % one actor who picks up or
+  puts down): standing actors behind a counter, a box drawn over everything below their chests (``COUNTER_TOP``), in
+  front of which nobody else ever is. A giver and a taker face each other 0.8 heights apart (they watch each other);
+  a single actor faces either way. Every counter actor's front arm rests behind the counter, except twice: it is
+  raised above the head and lowered again around ``u = -19`` and ``u = +17`` (u: frames from the keyframe; 7
+  frames each, ``raised``), the same motion in every counter scene. The prop (0.24 heights, ``ORDER_PROP``) is at
+  one place before frame ``CHANGE = -1`` and at another from it on: at the giver's hand, then the taker's; on the
+  floor behind the counter, then at the picker's hand; at the putter's hand, then on the floor. The change itself
+  is hidden; only the two raises show where the prop is: in the raised hand or not. Give and take (pick up and put
+  down) are the same pixels in the other order. The rules, each with its test (tests/test_mini_order.py):
+  (1) Same time means. ``mirror_order`` turns a scene into the same scene with the other class of each pair; the
+  fast frames of a clip (the even u of -32 .. 30) are symmetric about u = -1 and so are the raises, so within the
+  counter's columns the mirror is the clip played backwards, and every per-pixel mean over the fast frames is the
+  same for both classes. The slow frames (u = -32 -24 -16 -6 2 12 20 30) fall outside the raises' visible part: the
+  slow pathway sees the same frames in both classes. Each class of a pair is drawn with probability 1/2 given the
+  rest of the scene.
+  (2) No receptive field sees the order. The mini backbone's fast pathway has temporal kernels 5 (stem) and 3
+  (res2..res5, one bottleneck each), stride 1: a fast res5 position sees 1 + 4 + 4 * 2 = 13 fast frames, 24 video
+  frames apart at most (fast frames are 2 apart). The fast frames that show the state are u = -20, -18 (first
+  raise) and 16, 18 (second raise), 34 frames apart: no fast position sees both states, and every 13-frame fast
+  window of a clip is, frame for frame within the counter's columns, a window of its mirror (the same window if it
+  holds no raise, else the one 36 frames later or earlier: each raise is the same forward motion in both classes).
+  The slow pathway's own temporal kernels (3 at res4 and res5) on frames 8-10 apart, with the fast-to-slow laterals
+  (kernel 7, stride 4), give a slow res5 position up to 31 of the 32 fast frames: the slow maps could in principle
+  combine both raises; only the fast frames they come from carry them. Zero padding at the ends of the clip also
+  lets positions near the ends see which raise is first.
+  (3) The order is in the sequence: the fast frames at u = -20 and -18 show the prop where it is first (the
+  raised hand, or no prop at all), those at 16 and 18 where it is then. The space-pooled fast sequence holds the two
+  raises at fast positions 6-7 and 24-25 (their receptive fields: 0-13 and 18-31).
+  None of the counter actors is labelled carry/hold (the prop is hidden at the keyframe).
 - 69 ``hand wave``: the back arm is raised and its forearm swings about the vertical at 2-3 Hz by 25-40 degrees.
   Distractor: 25 % of the others raise the back arm the same way and keep it still at a random point of the swing,
   so a single frame of a waver and of a still raised arm have the same distribution.
@@ -58,9 +84,9 @@ one); as in the evaluation reference case, their ground truth rows stay in the f
 
 Default size: 80 videos (48 train, 16 val, 16 test) of 75 seconds, i.e. 24 keyframes per video, 1152 train and 384
 val and 384 test keyframes with about 2.7 actors each, 180,000 frames, about 940 MB, about 60 CPU-seconds to
-generate (the train and val videos are those of the 64-video size of version 2, before the test split existed).
-Share of actors per class (seed 0): stand 59 %, sit 21 %, walk 20 %, carry/hold 21 %,
-watch 69 % (57 % of those not in a give/take pair), give 14 %, take 14 %, hand wave 18 %. It was 16 videos until
+generate.
+Share of actors per class (seed 0): stand 66 %, sit 21 %, walk 13 %, carry/hold 19 %, watch 66 %, give 11 %,
+take 11 %, pick up 7 %, put down 7 %, hand wave 15 %; 69 % of the episodes are counter scenes. It was 16 videos until
 the context heads were found to need more training clips than 288 keyframes to generalise (README).
 ``--tiny``: 4 videos (2 + 1 + 1) of 10 seconds, 3 keyframes each, half-size frames, under a second.
 Same arguments, same bytes: everything is drawn from numpy Generators seeded by (seed, split, video, purpose), and
@@ -75,7 +101,7 @@ import math
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal, Sequence
@@ -87,15 +113,17 @@ from pipeline.ava import files as ava
 from pipeline.errors import InputError
 from pipeline.outputs import temporary_dir
 
-VERSION = 3  # bump whenever the bytes for the same arguments change
+VERSION = 4  # bump whenever the bytes for the same arguments change
 JPEG_QUALITY = 90
 
-SIT, STAND, WALK, CARRY, GIVE, WAVE, TAKE, WATCH = 11, 12, 14, 17, 65, 69, 78, 80
-# classes that differ only in the order of events (the two actors of a give/take pair): the temporal claim's test
-ORDER_PAIRS = ((GIVE, TAKE),)
-ACTIONS = (SIT, STAND, WALK, CARRY, GIVE, WAVE, TAKE, WATCH)
-SHORT_NAMES = {SIT: "sit", STAND: "stand", WALK: "walk", CARRY: "carry/hold", GIVE: "give to", WAVE: "hand wave",
-               TAKE: "take from", WATCH: "watch person"}
+SIT, STAND, WALK, CARRY, PICK_UP, PUT_DOWN, GIVE, WAVE, TAKE, WATCH = 11, 12, 14, 17, 36, 47, 65, 69, 78, 80
+# classes that differ only in the order of events (the counter scenes): the temporal claim's test
+ORDER_PAIRS = ((GIVE, TAKE), (PICK_UP, PUT_DOWN))
+ACTIONS = (SIT, STAND, WALK, CARRY, PICK_UP, PUT_DOWN, GIVE, WAVE, TAKE, WATCH)
+SHORT_NAMES = {SIT: "sit", STAND: "stand", WALK: "walk", CARRY: "carry/hold", PICK_UP: "pick up", PUT_DOWN: "put down",
+               GIVE: "give to", WAVE: "hand wave", TAKE: "take from", WATCH: "watch person"}
+ROLE_ACTIONS = {"giver": GIVE, "taker": TAKE, "picker": PICK_UP, "putter": PUT_DOWN}
+OTHER_ROLE = {"giver": "taker", "taker": "giver", "picker": "putter", "putter": "picker"}
 
 EPISODE_FRAMES = 90  # 3 s: keyframes every 3rd second
 FIRST_KEY_FRAME = (ava.FIRST_KEYFRAME - ava.FIRST_SECOND) * ava.FPS  # 60
@@ -111,8 +139,19 @@ SEAT = LEG_SHIN  # hip height of a sitter above the ground
 # Arm angles in degrees from straight down, positive towards the facing side: (upper arm, forearm).
 ARM_REST = (8.0, 18.0)
 ARM_HOLD = (25.0, 95.0)
-ARM_REACH = (80.0, 88.0)
 WATCH_RANGE = (0.25, 1.5)
+# The counter scenes (module docstring). Frames are counted from the keyframe (u); the fast pathway sees the even u of
+# -32 .. 30, the slow pathway u = -32 -24 -16 -6 2 12 20 30 (pipeline.ava.pathway_frame_indices).
+ARM_SHOW = (150.0, 170.0)  # the front arm raised above the head
+GLIMPSES = (-19, 17)  # the two raises: symmetric about u = -1, the centre of the fast frames, and 36 frames apart
+RAISE_HALF = 3.5  # a raise lasts |u - c| < 3.5: 7 frames, none of them a slow frame
+CHANGE = -1  # the state changes here, hidden: the prop is at its first place for u < CHANGE, at its second from it
+COUNTER_TOP = 0.12  # the counter's top edge below the shoulders, in heights: a hand at rest and its prop stay behind it
+ORDER_PROP = 0.24  # size of the passed, picked up or put down prop, in heights
+COUNTER_MARGIN = 0.4  # the counter reaches this far beyond its actors' axes, in heights
+KEEP_OUT = 0.5  # every other person's axis stays this far from the counter's ends all episode (arms, feet: < 0.5)
+PAIR_GAP = 0.8  # distance between the two axes of a give/take pair, in heights (they watch each other)
+ORDER_EVENT_P = {"pair": 0.3, "single": 0.4}  # per episode; at most one counter scene each
 # Detector box jitter, std of each coordinate as a fraction of the box size. Tighter on train (IoU mostly >= 0.9, so
 # most train detector boxes carry their person's labels, as AVA's detector trained on train gives) than on val
 # (IoU mostly 0.8-0.95).
@@ -120,9 +159,9 @@ DET_JITTER = {"train": 0.02, "val": 0.035, "test": 0.035}
 DISTRACTOR_P = {"hold_pose": 0.3, "raised_still": 0.25, "prop_nearby": 0.5}
 
 Posture = Literal["stand", "sit", "walk"]
-Arm0 = Literal["rest", "hold", "reach"]
+Arm0 = Literal["rest", "hold", "show"]
 Arm1 = Literal["rest", "wave", "raised"]
-Role = Literal["none", "giver", "taker"]
+Role = Literal["none", "giver", "taker", "picker", "putter"]
 Color = tuple[int, int, int]
 Point = tuple[float, float]
 
@@ -205,15 +244,32 @@ class Actor:
 
 @dataclass(frozen=True)
 class Prop:
-    """A small thing: held by ``holder``, passed from ``giver`` to ``taker``, or lying still at ``at``."""
+    """A small thing: held by ``holder``, lying still at ``at``, or, in a counter scene, at the front hand of ``first``
+    before ``CHANGE`` and of ``then`` from it (-1: on the floor behind the counter, at ``at``)."""
 
     kind: Literal["box", "ball", "bag"]
     color: Color
     size: float
     holder: int = -1
-    giver: int = -1
-    taker: int = -1
+    first: int = -1
+    then: int = -1
     at: Point | None = None
+
+    @property
+    def changes(self) -> bool:
+        """Whether this is the prop of a counter scene (it changes place, hidden, at ``CHANGE``)."""
+        return self.first != self.then
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A counter in front of the actors of a counter scene, drawn over them: x1..x2 from ``top`` down to ``bottom``."""
+
+    x1: float
+    x2: float
+    top: float
+    bottom: float
+    color: Color
 
 
 @dataclass(frozen=True)
@@ -241,6 +297,7 @@ class Episode:
     things: tuple[Thing, ...]
     floor_y: float
     background_seed: int
+    counter: Counter | None = None
 
     def actor(self, person_id: int) -> Actor:
         return next(a for a in self.actors if a.person_id == person_id)
@@ -315,9 +372,10 @@ def actor_x(actor: Actor, u: float) -> float:
     return actor.x + actor.facing * actor.speed * u
 
 
-def reach(u: float) -> float:
-    """Arm extension of a give/take pair, 0 (holding pose) .. 1 (full reach at the keyframe); symmetric in time."""
-    return _smoothstep(1 - abs(u) / 30)
+def raised(u: float) -> float:
+    """How far the front arm of a counter actor is raised, 0 (rest) .. 1 (``ARM_SHOW`` at a glimpse centre); the same
+    in every counter scene and symmetric about ``CHANGE``: ``raised(u) == raised(2 * CHANGE - u)``."""
+    return max(_smoothstep(1 - abs(u - c) / RAISE_HALF) for c in GLIMPSES)
 
 
 def pose_at(actor: Actor, u: float) -> Pose:
@@ -346,9 +404,9 @@ def pose_at(actor: Actor, u: float) -> Pose:
 
     if actor.arm0 == "hold":
         a0 = ARM_HOLD
-    elif actor.arm0 == "reach":
-        g = reach(u)
-        a0 = tuple(r + g * (e - r) for r, e in zip(ARM_HOLD, ARM_REACH))
+    elif actor.arm0 == "show":
+        g = raised(u)
+        a0 = tuple(r + g * (e - r) for r, e in zip(ARM_REST, ARM_SHOW))
     else:
         a0 = (ARM_REST[0] + 20.0 * gait, ARM_REST[1] + 20.0 * gait)
     elbow0 = _limb(shoulder, a0[0], ARM_UPPER * h, f)
@@ -369,25 +427,37 @@ def pose_at(actor: Actor, u: float) -> Pose:
                 limb_w=max(2.0, round(0.065 * h)), torso_w=max(3.0, round(0.15 * h)))
 
 
+def prop_hand(prop: Prop, u: float) -> int:
+    """Person id of the actor whose front hand holds ``prop`` ``u`` frames after the keyframe; -1: nobody's."""
+    if prop.changes:
+        return prop.first if u < CHANGE else prop.then
+    return prop.holder
+
+
 def prop_center(prop: Prop, episode: Episode, u: float) -> Point:
-    """Centre of a prop ``u`` frames after the keyframe: at its holder's front hand, on its way from the giver's
-    hand to the taker's hand (the midpoint of the two hands at ``u == 0``), or where it lies."""
-    if prop.holder >= 0:
-        return pose_at(episode.actor(prop.holder), u).hand0
-    if prop.giver >= 0:
-        a = pose_at(episode.actor(prop.giver), u).hand0
-        b = pose_at(episode.actor(prop.taker), u).hand0
-        s = _smoothstep((u + 6) / 12)
-        return a[0] + s * (b[0] - a[0]), a[1] + s * (b[1] - a[1])
+    """Centre of a prop ``u`` frames after the keyframe: at the front hand that holds it (``prop_hand``), else where
+    it lies (for a counter scene's prop: on the floor behind the counter)."""
+    hand = prop_hand(prop, u)
+    if hand >= 0:
+        return pose_at(episode.actor(hand), u).hand0
     assert prop.at is not None
     return prop.at
+
+
+def mirror_order(episode: Episode) -> Episode:
+    """The same episode with its counter scene's events in the reverse order: every order actor gets the other class
+    of its pair (giver <-> taker, picker <-> putter) and the prop's two places swap. Within the counter's columns
+    (which nobody else enters) the mirror's frame ``u`` is the original's frame ``2 * CHANGE - u``."""
+    actors = tuple(replace(a, role=OTHER_ROLE.get(a.role, a.role)) for a in episode.actors)
+    props = tuple(replace(p, first=p.then, then=p.first) if p.changes else p for p in episode.props)
+    return replace(episode, actors=actors, props=props)
 
 
 def actor_actions(episode: Episode, actor: Actor) -> tuple[int, ...]:
     """The AVA action ids of ``actor`` at its episode's keyframe, from the class rules of the module docstring."""
     actions = {"stand": STAND, "sit": SIT, "walk": WALK}[actor.posture], *(
         [CARRY] if any(p.holder == actor.person_id for p in episode.props) else []
-    ), *([WAVE] if actor.arm1 == "wave" else []), *({"giver": [GIVE], "taker": [TAKE]}.get(actor.role, []))
+    ), *([WAVE] if actor.arm1 == "wave" else []), *([ROLE_ACTIONS[actor.role]] if actor.role in ROLE_ACTIONS else [])
     lo, hi = WATCH_RANGE
     for other in episode.actors:
         ahead = actor.facing * (actor_x(other, 0) - actor_x(actor, 0))
@@ -468,11 +538,6 @@ def plan_video(config: MiniAvaConfig, split: str, index: int) -> VideoPlan:
                      episodes=tuple(episodes), seed=config.seed)
 
 
-def _reach_offset(h: float) -> float:
-    """Horizontal distance from the body axis to the front hand at full reach."""
-    return ARM_UPPER * h * math.sin(math.radians(ARM_REACH[0])) + ARM_FORE * h * math.sin(math.radians(ARM_REACH[1]))
-
-
 def _plan_episode(rng: np.random.Generator, e: int, start: int, stop: int, key: int, W: int, H: int,
                   first_pid: int) -> Episode:
     n_actors = int(rng.choice([2, 3, 4], p=[0.35, 0.4, 0.25])) if W > H * 1.5 else int(rng.choice([2, 3], p=[0.45, 0.55]))
@@ -483,6 +548,7 @@ def _plan_episode(rng: np.random.Generator, e: int, start: int, stop: int, key: 
     margin = 0.08 * W
     placed: list[dict] = []
     props: list[Prop] = []
+    counter: Counter | None = None
 
     def person(**kw) -> dict:
         pid = first_pid + len(placed)
@@ -490,26 +556,41 @@ def _plan_episode(rng: np.random.Generator, e: int, start: int, stop: int, key: 
                     shirt=_shirt(rng), pants=_color(rng, 20, 110))
         return dict(person_id=pid, **look, **kw)
 
-    if rng.random() < 0.35:  # a give/take pair
+    scene = rng.random()
+    if scene < ORDER_EVENT_P["pair"] + ORDER_EVENT_P["single"]:  # a counter scene: a give/take pair or one actor
+        pair = scene < ORDER_EVENT_P["pair"]
         h = base_h * rng.uniform(0.97, 1.03)
-        gap = 2 * _reach_offset(h) + prop_size
-        cx = rng.uniform(margin + gap / 2 + 0.1 * h, W - margin - gap / 2 - 0.1 * h)
+        half = PAIR_GAP / 2 * h if pair else 0.0
+        reach = half + COUNTER_MARGIN * h
+        cx = rng.uniform(margin + reach, W - margin - reach)
         gy = H * rng.uniform(0.9, 0.97)
-        giver_left = rng.random() < 0.5
-        for side in (-1, 1):
-            role = "giver" if (side < 0) == giver_left else "taker"
-            placed.append(person(posture="stand", facing=-side, x=cx + side * gap / 2, ground_y=gy, height=h,
-                                 stance=rng.uniform(0, 8), arm0="reach", role=role))
-        placed[0]["partner"], placed[1]["partner"] = placed[1]["person_id"], placed[0]["person_id"]
-        giver, taker = (placed[0], placed[1]) if giver_left else (placed[1], placed[0])
-        props.append(Prop(kind=_prop_kind(rng), color=_PROP_COLORS[rng.integers(len(_PROP_COLORS))], size=prop_size,
-                          giver=giver["person_id"], taker=taker["person_id"]))
+        if pair:
+            giver_left = rng.random() < 0.5
+            for side in (-1, 1):
+                role = "giver" if (side < 0) == giver_left else "taker"
+                placed.append(person(posture="stand", facing=-side, x=cx + side * half, ground_y=gy, height=h,
+                                     stance=rng.uniform(0, 8), arm0="show", role=role))
+            placed[0]["partner"], placed[1]["partner"] = placed[1]["person_id"], placed[0]["person_id"]
+            giver, taker = (placed[0], placed[1]) if giver_left else (placed[1], placed[0])
+            first, then, at = giver["person_id"], taker["person_id"], None
+        else:
+            facing = int(rng.choice([-1, 1]))
+            role = "picker" if rng.random() < 0.5 else "putter"
+            placed.append(person(posture="stand", facing=facing, x=cx, ground_y=gy, height=h, stance=rng.uniform(0, 8),
+                                 arm0="show", role=role))
+            pid = placed[0]["person_id"]
+            first, then = (-1, pid) if role == "picker" else (pid, -1)
+            at = (cx + facing * 0.25 * h, gy - ORDER_PROP * h / 2)  # on the floor behind the counter
+        props.append(Prop(kind=_prop_kind(rng), color=_PROP_COLORS[rng.integers(len(_PROP_COLORS))],
+                          size=ORDER_PROP * h, first=first, then=then, at=at))
+        shoulder = gy - (LEG_THIGH + LEG_SHIN + TORSO - 0.03) * h
+        counter = Counter(cx - reach, cx + reach, shoulder + COUNTER_TOP * h, gy + 0.02 * h, _color(rng, 70, 170))
 
     for _ in range(200):
         if len(placed) >= n_actors:
             break
         h = base_h * rng.uniform(0.94, 1.06)
-        posture = str(rng.choice(["stand", "sit", "walk"], p=[0.35, 0.3, 0.35]))
+        posture = str(rng.choice(["stand", "sit", "walk"], p=[0.3, 0.25, 0.45]))
         facing = int(rng.choice([-1, 1]))
         speed = rng.uniform(0.35, 0.6) * h / ava.FPS if posture == "walk" else 0.0
         travel = (facing * speed * u_lo, facing * speed * u_hi)  # a walker stays inside the frame all episode
@@ -520,6 +601,10 @@ def _plan_episode(rng: np.random.Generator, e: int, start: int, stop: int, key: 
         min_gap = (0.75 if posture == "sit" else 0.6) * h
         if any(abs(x - p["x"]) < min_gap for p in placed):
             continue
+        span = (facing * speed * (start - key), facing * speed * (stop - key - 1))  # the whole episode
+        if counter is not None and (x + max(span) > counter.x1 - KEEP_OUT * h
+                                    and x + min(span) < counter.x2 + KEEP_OUT * h):
+            continue  # nobody else enters the counter's columns, all episode
         placed.append(person(posture=posture, facing=facing, x=x, ground_y=H * rng.uniform(0.9, 0.97), height=h,
                              speed=speed, gait_hz=rng.uniform(0.9, 1.3), gait_phase=rng.uniform(0, 2 * math.pi),
                              stance=rng.uniform(0, 10) if posture == "stand" else 0.0))
@@ -570,7 +655,7 @@ def _plan_episode(rng: np.random.Generator, e: int, start: int, stop: int, key: 
     things.sort(key=lambda t: t.ground_y)
     second = ava.FIRST_KEYFRAME + 3 * e
     return Episode(index=e, second=second, start=start, stop=stop, key_frame=key, actors=actors, props=tuple(props),
-                   things=tuple(things), floor_y=floor_y, background_seed=int(rng.integers(2**31)))
+                   things=tuple(things), floor_y=floor_y, background_seed=int(rng.integers(2**31)), counter=counter)
 
 
 def _prop_kind(rng: np.random.Generator) -> str:
@@ -624,9 +709,14 @@ def _background(episode: Episode, W: int, H: int) -> Image.Image:
     for thing in episode.things:
         _draw_thing(draw, thing)
     for prop in episode.props:
-        if prop.at is not None:
+        if prop.at is not None and not prop.changes:
             _draw_prop(draw, prop.kind, prop.at, prop.size, prop.color)
     return canvas
+
+
+def _draw_counter(draw: ImageDraw.ImageDraw, c: Counter) -> None:
+    draw.rectangle([c.x1, c.top, c.x2, c.bottom], fill=c.color, outline=_shade(c.color, 0.55))
+    draw.line([c.x1, c.top + 1, c.x2, c.top + 1], fill=_shade(c.color, 1.25), width=1)
 
 
 def _draw_thing(draw: ImageDraw.ImageDraw, t: Thing) -> None:
@@ -692,15 +782,17 @@ def render_episode_frame(episode: Episode, background: Image.Image, frame: int) 
     img = background.copy()
     draw = ImageDraw.Draw(img)
     u = frame - episode.key_frame
-    moving = [p for p in episode.props if p.at is None]
-    drawn: set[int] = set()
+    moving = [p for p in episode.props if p.at is None or p.changes]
     for actor in sorted(episode.actors, key=lambda a: (a.ground_y, a.person_id)):
         _draw_actor(draw, actor, pose_at(actor, u))
-        drawn.add(actor.person_id)
-        for prop in moving:  # a held prop over its holder, a passed one over both hands
-            if prop.holder == actor.person_id or (actor.person_id in (prop.giver, prop.taker)
-                                                 and {prop.giver, prop.taker} <= drawn):
+        for prop in moving:  # a held prop over its holder
+            if prop_hand(prop, u) == actor.person_id:
                 _draw_prop(draw, prop.kind, prop_center(prop, episode, u), prop.size, prop.color)
+    if episode.counter is not None:  # a counter scene's prop on the floor, then the counter in front of it all
+        for prop in moving:
+            if prop_hand(prop, u) < 0:
+                _draw_prop(draw, prop.kind, prop_center(prop, episode, u), prop.size, prop.color)
+        _draw_counter(draw, episode.counter)
     return img
 
 
