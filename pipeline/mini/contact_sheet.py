@@ -15,7 +15,7 @@ from pipeline.ava import files as ava
 from pipeline.mini.generator import GIVE, SHORT_NAMES, TAKE
 
 BOX_COLORS = ((255, 230, 0), (0, 230, 255), (255, 80, 200), (120, 255, 80), (255, 140, 0))
-STRIP_OFFSETS = (-30, -15, 0, 15, 30)  # frames from the keyframe
+STRIP_OFFSETS = (-30, -19, 0, 17, 30)  # frames from the keyframe: the two raises of the counter scenes (GLIMPSES)
 
 
 def contact_sheet(root: str | Path, out_png: str | Path, split: str = "val", tiles: int = 6, columns: int = 3,
@@ -106,8 +106,8 @@ def _draw_strip(sheet: Image.Image, paths, video_id, sec, rows, top, font) -> No
     """Frames ``STRIP_OFFSETS`` around a give/take keyframe, boxes of the giver and the taker drawn on each."""
     width = sheet.width // len(STRIP_OFFSETS)
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, top + 2), f"give/take clip {video_id} @ {sec}, frames -30 .. +30 around the keyframe: the object "
-              "moves from the giver to the taker; at the keyframe (middle) it is between them",
+    draw.text((4, top + 2), f"give/take clip {video_id} @ {sec}, frames around the keyframe: both raise a hand at -19 "
+              "and +17; the object is in the giver's hand at the first raise and in the taker's at the second",
               fill=(255, 255, 255), font=font)
     key = ava.keyframe_frame_index(sec)
     roles = [(box, GIVE in acts) for box, acts in _boxes(rows) if GIVE in acts or TAKE in acts]
