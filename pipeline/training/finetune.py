@@ -601,6 +601,7 @@ def run_cli(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # `torchrun --nproc_per_node N -m pipeline.training.finetune AVA_ROOT OUT ...`
     import sys
 
-    from pipeline.cli import main
-
-    sys.exit(main(["backbone", "finetune", *sys.argv[1:]]))
+    cli = argparse.ArgumentParser(prog="python -m pipeline.training.finetune",
+                                  description="stctx backbone finetune, as a module for torchrun")
+    configure_parser(cli)
+    sys.exit(run_cli(cli.parse_args()))
