@@ -24,8 +24,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,19 +45,9 @@ from pipeline.features.clips import KeyframeClips, VideoClipBatches, clip_loader
 from pipeline.features.runtime import available_cores, torch_settings  # noqa: E402
 from pipeline.mini.generator import generate_mini_ava  # noqa: E402
 
-from benchdoc import command, publish
+from benchdoc import command, cpu_model, publish
 
 SECTION = "extract"
-
-
-def cpu_model() -> str:
-    """``lscpu``'s model name (the machine's CPU, for the report), else the platform string."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.platform()
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.platform()
 
 
 def frame_size(frames: Path, video: str) -> tuple[int, int]:

@@ -21,8 +21,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,19 +47,9 @@ from pipeline.training.finetune import (  # noqa: E402
 )
 from pipeline.training.recipe import build_optimizer, default_recipe  # noqa: E402
 
-from benchdoc import command, publish
+from benchdoc import command, cpu_model, publish
 
 SECTION = "finetune"
-
-
-def cpu_model() -> str:
-    """``lscpu``'s model name (the machine's CPU, for the report), else the platform string."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.platform()
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.platform()
 
 
 def pick_keyframes(proposals, keyframes: list[tuple[str, int]], batch: int, steps: int) -> list[tuple[str, int]]:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchdoc import publish
+from benchdoc import cpu_model, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 # the `luigi` command beside this Python (what users run; `python -m luigi` skips the choice of the local scheduler)
@@ -36,17 +36,6 @@ def timed(args: list[str], root: Path) -> float:
     subprocess.run([*LUIGI, *args, "--stctx-root", str(root)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def cpu() -> str:
-    """lscpu's model name and the vector extension torch's kernels get here (AVX-512 or AVX2)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-    return f"{model} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
 
 
 def extracted_keyframes(root: Path) -> int:
@@ -91,7 +80,7 @@ def main() -> None:
     lines = [
         "## Mini-AVA pipeline, end to end on CPU",
         "",
-        f"- machine: {cpu()}, {os.cpu_count()} cores, {platform.platform()}; load average "
+        f"- machine: {cpu_model(isa=True)}, {os.cpu_count()} cores, {platform.platform()}; load average "
         f"{load_before:.1f} before, {load_after:.1f} after",
         f"- date: {datetime.date.today().isoformat()}",
         f"- command: `.venv/bin/python benchmarks/bench_pipeline.py --seeds {' '.join(map(str, args.seeds))}`",

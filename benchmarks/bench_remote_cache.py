@@ -59,7 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchdoc import command, publish  # noqa: E402
+from benchdoc import command, cpu_model, publish  # noqa: E402
 
 SECTION = "remote-cache"
 CANDIDATES = {
@@ -224,14 +224,6 @@ def run_pass(candidate: str, workload: str, url: str, cache_dir: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=12)
@@ -330,7 +322,7 @@ def report(args, results: dict, store_mb: float, upload_s: float, elapsed: float
         "## Remote store: local read-through cache, first and second pass (r50 size"
         + (")" if args.section == SECTION else f", {args.videos} videos: the fixed cost amortised)"),
         "",
-        f"Machine: {lscpu_model()}, {os.cpu_count()} CPU cores shared with other jobs (load average "
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores shared with other jobs (load average "
         f"{' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after), "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"zarr {zarr.__version__}, fsspec {fsspec.__version__}, s3fs {s3fs.__version__}. Date: "

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,22 @@ def write_section(section: str, text: str, doc: Path = DOC) -> None:
     tmp = doc.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(doc)
+
+
+def cpu_model(isa: bool = False) -> str:
+    """``lscpu``'s model name (the machine's CPU, for a report), else the platform's processor string; with ``isa``
+    followed by the vector extension torch's kernels get here, "(AVX-512)" or "(AVX2)" (the two CPU kinds of this
+    project's machines differ 3x in conv3d training)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.platform()
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+    name = names[0] if names else platform.platform()
+    if not isa:
+        return name
+    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
+    return f"{name} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
 
 
 def command() -> str:
