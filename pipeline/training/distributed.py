@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from pipeline.features.runtime import DeviceError
+from pipeline.training.resume import rebatched
 
 # the variables torchrun sets in each process it starts (torch.distributed.run, "Environment Variables")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -198,15 +199,4 @@ class ShardedBatches(Sampler[list[int]]):
 def sharded_loader(loader: DataLoader, rank: int = 0, world: int = 1) -> DataLoader:
     """``loader`` (a DataLoader with a batch sampler of global batches) again, with rank ``rank``'s part of each batch
     (``ShardedBatches``); the same dataset, collation and workers."""
-    return DataLoader(
-        loader.dataset,
-        batch_sampler=ShardedBatches(loader.batch_sampler, rank, world),
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        pin_memory=loader.pin_memory,
-        prefetch_factor=loader.prefetch_factor,
-        timeout=loader.timeout,
-    )
-
+    return rebatched(loader, ShardedBatches(loader.batch_sampler, rank, world))

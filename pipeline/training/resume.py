@@ -175,9 +175,15 @@ def resumable_loader(loader: DataLoader, seed: int) -> DataLoader:
 
     The generator matters: a DataLoader draws its workers' base seed when an epoch's iterator starts, by default from
     torch's global generator, which would then move once more in a resumed run than in an uninterrupted one."""
+    return rebatched(loader, ResumableBatches(loader.batch_sampler), generator=torch.Generator().manual_seed(seed))
+
+
+def rebatched(loader: DataLoader, batch_sampler, generator: torch.Generator | None = None) -> DataLoader:
+    """``loader`` again with another batch sampler: the same dataset, collation, workers and their settings;
+    ``generator`` for the new loader's worker seeds (None: torch's global generator, DataLoader's default)."""
     return DataLoader(
         loader.dataset,
-        batch_sampler=ResumableBatches(loader.batch_sampler),
+        batch_sampler=batch_sampler,
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
         worker_init_fn=loader.worker_init_fn,
@@ -185,7 +191,7 @@ def resumable_loader(loader: DataLoader, seed: int) -> DataLoader:
         pin_memory=loader.pin_memory,
         prefetch_factor=loader.prefetch_factor,
         timeout=loader.timeout,
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
     )
 
 
