@@ -192,19 +192,16 @@ def test_not_an_end_to_end_checkpoint(tiny_backbone, tiny_cache, tmp_path):
 def test_a_head_of_other_features_is_refused(tiny_backbone, tiny_cache, tmp_path):
     """A head trained on r50 features, or on features RoIAligned the other way, does not fit the mini backbone."""
     r50 = {"C_s": 2048, "C_f": 256, "T_f": 32, "map_hw": [[16, 29]], "aligned": False}
-    config = variant("baseline").resolve(r50)
-    path = tmp_path / "r50-head.pt"
-    save_head(path, build_head(config), config, TrainConfig(), r50, {"mAP": None, "seed": 0})
-    pair = f"head {re.escape(str(path))} and backbone {re.escape(str(tiny_backbone))} do not fit"
-    with pytest.raises(ValueError, match=f"{pair}.*C_s: head 2048, backbone 128; C_f: head 256, backbone 32"):
-        build_end_to_end(tiny_backbone, path)
-
-    spec = {**feature_spec(FeatureStore.open(tiny_cache)), "aligned": True}
-    config = variant("st").resolve(spec)
-    path = tmp_path / "aligned-head.pt"
-    save_head(path, build_head(config), config, TrainConfig(), spec, {"mAP": None, "seed": 0})
-    pair = f"head {re.escape(str(path))} and backbone {re.escape(str(tiny_backbone))} do not fit"
-    with pytest.raises(ValueError, match=f"{pair}.*aligned: head True, backbone False"):
-        build_end_to_end(tiny_backbone, path)
+    aligned = {**feature_spec(FeatureStore.open(tiny_cache)), "aligned": True}
+    for name, spec, kind, mismatch in [
+        ("r50-head.pt", r50, "baseline", "C_s: head 2048, backbone 128; C_f: head 256, backbone 32"),
+        ("aligned-head.pt", aligned, "st", "aligned: head True, backbone False"),
+    ]:
+        config = variant(kind).resolve(spec)
+        path = tmp_path / name
+        save_head(path, build_head(config), config, TrainConfig(), spec, {"mAP": None, "seed": 0})
+        pair = f"head {re.escape(str(path))} and backbone {re.escape(str(tiny_backbone))} do not fit"
+        with pytest.raises(ValueError, match=f"{pair}.*{mismatch}"):
+            build_end_to_end(tiny_backbone, path)
     with pytest.raises(InputError, match="nothing.pt: head checkpoint file not found"):
         build_end_to_end(tiny_backbone, tmp_path / "nothing.pt")

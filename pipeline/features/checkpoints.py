@@ -69,13 +69,20 @@ def save_checkpoint(
     return path
 
 
-def _read(path: Path) -> dict:
+def read_torch_file(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` on the CPU; a missing file ("<what> file not found") or one torch
+    cannot read that way is an ``InputError`` naming it."""
+    path = Path(path)
     if not path.is_file():
-        raise InputError(path, None, "checkpoint file not found")
+        raise InputError(path, None, f"{what} file not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or non-weights file
         raise InputError(path, None, f"cannot read as a torch checkpoint (weights_only=True): {err}") from None
+
+
+def _read(path: Path) -> dict:
+    ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_state"), dict):
         raise InputError(path, None, "expected a dict with a 'model_state' state dict (pytorchvideo, PySlowFast or stctx checkpoint)")
     return ckpt

@@ -37,7 +37,7 @@ from pipeline.ava import files as ava
 from pipeline.ava.splits import annotations, split_proposals
 from pipeline.errors import InputError
 from pipeline.features.backbone import BackboneConfig, SlowFastBackbone, build_backbone, pool_maps
-from pipeline.features.checkpoints import backbone_from_checkpoint
+from pipeline.features.checkpoints import backbone_from_checkpoint, read_torch_file
 from pipeline.features.clips import KeyframeClips, clip_loader, to_model_input
 from pipeline.features.runtime import resolve_device
 from pipeline.outputs import atomic_file
@@ -150,12 +150,7 @@ def load_end_to_end(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild ``save_end_to_end``'s model in eval mode on ``device``; returns (model, meta). A file that is not such
     a checkpoint is an ``InputError`` naming it and what was expected."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, None, "end-to-end checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt or non-weights file
-        raise InputError(path, None, f"cannot read as a torch checkpoint (weights_only=True): {err}") from None
+    ckpt = read_torch_file(path, "end-to-end checkpoint")
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt != CHECKPOINT_FORMAT:
         raise InputError(path, None, f"not an stctx end-to-end checkpoint: format {fmt!r}, expected "
