@@ -14,7 +14,6 @@ are one line, not a traceback; a failed or incomplete run exits non-zero (luigi.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -298,49 +297,39 @@ class PrepareData(luigi.Task):
 # ----------------------------------------------------------------------------------------------- backbone
 
 _SPEC_CACHE: dict[tuple, object] = {}
+_SHA256: dict[tuple, str] = {}
+
+
+def file_version(path: Path) -> tuple:
+    """(resolved path, size, mtime): what the memos below are keyed by; a rewritten file is another version."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def cached_cache_spec(checkpoint: Path, extraction):
-    """``pipeline.features.extract.cache_spec``, remembered per (file, size, mtime, extraction): Luigi asks for outputs
-    many times, and hashing a 270 MB checkpoint each time would make a finished pipeline slow to confirm."""
-    from pipeline.features.extract import cache_spec
+    """``pipeline.features.extract.cache_spec``, remembered per (file version, extraction): Luigi asks for outputs
+    many times, and hashing a 270 MB checkpoint each time would make a finished pipeline slow to confirm.
 
-    stat = checkpoint.stat()
-    key = (str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, extraction)
+    On one torch thread: this runs in the Luigi scheduler's own process, which forks a process for each task. Once
+    torch has run a parallel region there (loading an r50 checkpoint does), the OpenMP thread pool exists in that
+    process and not in its forked children, and a child's first parallel region waits forever for it. On one thread
+    no pool is made; the count restored after it only tells each child's first parallel region to start its own."""
+    from pipeline.features.extract import cache_spec
+    from pipeline.features.runtime import torch_settings
+
+    key = (*file_version(checkpoint), extraction)
     if key not in _SPEC_CACHE:
-        with single_threaded_torch():
+        with torch_settings(threads=1):
             _SPEC_CACHE[key] = cache_spec(checkpoint, extraction)
     return _SPEC_CACHE[key]
 
 
-@contextlib.contextmanager
-def single_threaded_torch():
-    """torch on one intra-op thread for the block, the caller's count again after it.
-
-    For the Luigi scheduler's own process, which forks a process for each task it runs: once torch has run a parallel
-    region there (loading an r50 checkpoint does), the OpenMP thread pool exists in that process and not in its forked
-    children, and the first parallel region of a child waits forever for it. On one thread no pool is made, and the
-    count restored after it is only a setting that each child's first parallel region starts its own pool with."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-_SHA256: dict[tuple, str] = {}
-
-
 def cached_sha256(path: Path) -> str:
-    """The file's sha256, remembered per (file, size, mtime): a task's identity names its init checkpoint by content,
-    and Luigi asks for outputs many times."""
+    """The file's sha256, remembered per file version: a task's identity names its init checkpoint by content, and
+    Luigi asks for outputs many times."""
     from pipeline.features.checkpoints import file_sha256
 
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = file_version(path)
     if key not in _SHA256:
         _SHA256[key] = file_sha256(path)
     return _SHA256[key]
@@ -408,19 +397,18 @@ class FinetuneBackbone(luigi.Task):
     def identity(self) -> dict:
         """What the weights depend on: the backbone config and, for an import, the file's content; for training, the
         data, the init file's content, the recipe (``default_recipe``), the epochs, batch and seed."""
-        cfg = self.config().to_dict()
-        if self.checkpoint is not None:
-            path = Path(self.checkpoint)
-            return {"import": cached_sha256(path) if path.is_file() else ["missing", str(path)], "backbone": cfg}
-        init = None
-        if self.init is not None:
-            path = Path(self.init)
-            init = cached_sha256(path) if path.is_file() else ["missing", str(path)]
         from pipeline.training.recipe import default_recipe
 
-        return {"data": self.requires().data_id(), "backbone": cfg, "init": init, "epochs": self.epochs,
-                "batch_size": self.batch_size, "seed": self.seed,
-                "recipe": default_recipe(self.config()).to_dict()}
+        def content(given) -> str | list:  # a missing file is named (run() then refuses it)
+            path = Path(given)
+            return cached_sha256(path) if path.is_file() else ["missing", str(path)]
+
+        cfg = self.config()
+        if self.checkpoint is not None:
+            return {"import": content(self.checkpoint), "backbone": cfg.to_dict()}
+        return {"data": self.requires().data_id(), "backbone": cfg.to_dict(),
+                "init": None if self.init is None else content(self.init), "epochs": self.epochs,
+                "batch_size": self.batch_size, "seed": self.seed, "recipe": default_recipe(cfg).to_dict()}
 
     def checkpoint_path(self) -> Path:
         kind = "import" if self.checkpoint is not None else self.dataset
@@ -895,16 +883,16 @@ class FinetuneEndToEnd(_CacheTask):
         out = self.run_dir()
         out.mkdir(parents=True, exist_ok=True)
         head_file = self.head_run().run_dir() / "head.pt"
-        model = build_end_to_end(self.backbone().checkpoint_path(), head_file, device="cpu")
+        backbone_file = self.backbone().checkpoint_path()
+        model = build_end_to_end(backbone_file, head_file, device="cpu")
         evaluate = lambda split: evaluate_on_frames(model, data_root, split, threshold=self.eval_threshold,  # noqa: E731
                                                     device=self.device)[0]
         start = evaluate("val")
         train = finetune_end_to_end(model, data_root, out / "model.pt", epochs=self.epochs, batch_size=self.batch_size,
                                     lr_scale=self.lr_scale, seed=self.seed, checkpoint_every=self.checkpoint_every,
                                     device=self.device, resume_path=out.parent / f"seed-{self.seed}.state.pt",
-                                    start={"backbone": cached_sha256(self.backbone().checkpoint_path()),
-                                           "head": cached_sha256(head_file)},
-                                    meta={"head": str(head_file), "backbone": str(self.backbone().checkpoint_path())})
+                                    start={"backbone": cached_sha256(backbone_file), "head": cached_sha256(head_file)},
+                                    meta={"head": str(head_file), "backbone": str(backbone_file)})
         results = {split: evaluate(split) for split in self.splits()}
         report = results[report_split(self.dataset)]
         write_json(self.output().path, {
