@@ -42,7 +42,7 @@ from pipeline.features.clips import KeyframeClips, clip_loader, to_model_input
 from pipeline.features.runtime import resolve_device
 from pipeline.outputs import atomic_file
 from pipeline.progress import progress as progress_bar
-from pipeline.training.head import head_inputs, load_head
+from pipeline.training.head import frame_map, head_inputs, load_head
 
 CHECKPOINT_FORMAT = "stctx-end-to-end"
 CHECKPOINT_VERSION = 1
@@ -203,7 +203,6 @@ def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, 
     loader = clip_loader(clips, batch_size, num_workers=num_workers)
     cuda = amp and device.type == "cuda"
     backbone_amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
-    head_amp = contextlib.nullcontext()  # float32 logits: bf16 rounding ties scores, and tied scores change AP
 
     training = model.training
     model.to(device).eval()
@@ -220,11 +219,9 @@ def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, 
             clip = to_model_input(batch, device, mean=cfg.mean, std=cfg.std, alpha=cfg.alpha)
             with backbone_amp:
                 Fs, Ff = model.backbone(clip)
-            inputs = model.head_inputs(Fs, Ff, flat, box_clip, image_hw)
-            with head_amp:
-                logits = model.head(inputs)  # (N, K)
-            # float32 before the sigmoid: bf16 logits tie scores, and ties change AP
-            scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+            # the head in float32, outside autocast: bf16 logits tie scores, and tied scores change AP
+            logits = model.head(model.head_inputs(Fs, Ff, flat, box_clip, image_hw))  # (N, K)
+            scores.append(torch.sigmoid(logits).cpu().numpy())
             videos += [batch["video_id"][c] for c in box_clip.tolist()]
             secs.append(np.asarray(batch["sec"], np.int64)[box_clip.numpy()])
             boxes.append(flat.numpy())
@@ -243,12 +240,10 @@ def evaluate_on_frames(model: ContextDetector, ava_root: str | Path, split: str,
     """Frame-mAP@0.5 of the end-to-end model on an AVA split's proposals, from its frames; returns
     (``FrameMapResult``, seconds), as ``pipeline.training.head.evaluate_head`` does on the cache.
 
-    Scores from ``predict_on_frames`` (same arguments), the 60 label-map classes of the K = 80, then
-    ``pipeline.ava.evaluation.evaluate_frame_map`` with the split's ground truth, label map and exclusions
-    (``pipeline.ava.splits.annotations``), exactly as ``evaluate_head`` calls it.
+    Scores from ``predict_on_frames`` (same arguments), then ``pipeline.training.head.frame_map`` with the split's
+    ground truth, label map and exclusions (``pipeline.ava.splits.annotations``), as ``evaluate_head`` scores the
+    cache's.
     """
-    from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
-
     start = time.perf_counter()
     if model.config.K != NUM_CLASSES:
         raise ValueError(f"head {model.config.name!r} has K={model.config.K} classes; the evaluation reads the "
@@ -257,10 +252,8 @@ def evaluate_on_frames(model: ContextDetector, ava_root: str | Path, split: str,
                                                     batch_size=batch_size, num_workers=num_workers, amp=amp,
                                                     progress=progress)
     files = annotations(ava_root, split)
-    labels = load_labelmap(files["labelmap"])
-    class_ids = np.array(sorted(labels), dtype=np.int64)
-    detections = detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
-    result = evaluate_frame_map(files["groundtruth"], detections, labels, files["exclusions"])
+    result = frame_map(videos, secs, boxes, scores, groundtruth=files["groundtruth"], labelmap=files["labelmap"],
+                       exclusions=files["exclusions"])
     return result, time.perf_counter() - start
 
 

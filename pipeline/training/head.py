@@ -391,17 +391,23 @@ def evaluate_head(model, store, split: str, *, groundtruth, labelmap, exclusions
                   budget: int = 2 << 30, local_cache: str | Path | None = None):
     """Frame-mAP@0.5 of the head on a split's stored proposals; returns (FrameMapResult, seconds). ``local_cache``:
     see ``train_head``."""
-    from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
-
     start = time.perf_counter()
     config = model.config
     data = open_split(store, split, config.needs, torch.device(device), budget, local_cache=local_cache)
-    videos, secs, boxes, scores = predict(model, data, config, torch.device(device), batch_size)
+    predictions = predict(model, data, config, torch.device(device), batch_size)
+    return frame_map(*predictions, groundtruth=groundtruth, labelmap=labelmap, exclusions=exclusions), \
+        time.perf_counter() - start
+
+
+def frame_map(videos, secs: np.ndarray, boxes: np.ndarray, scores: np.ndarray, *, groundtruth, labelmap, exclusions):
+    """Frame-mAP@0.5 (``FrameMapResult``) of per-box scores (M, K = 80, ``predict``'s output): the label map's classes
+    of the 80, then the official protocol (``pipeline.ava.evaluation.evaluate_frame_map``)."""
+    from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
+
     labels = load_labelmap(labelmap)
     class_ids = np.array(sorted(labels), dtype=np.int64)
     detections = detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
-    result = evaluate_frame_map(groundtruth, detections, labels, exclusions)
-    return result, time.perf_counter() - start
+    return evaluate_frame_map(groundtruth, detections, labels, exclusions)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
