@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from PIL import Image
 
-from pipeline.ava.files import keyframe_frame_index, make_key, pathway_frame_indices
+from pipeline.ava.files import FIRST_SECOND, FPS, make_key, pathway_frame_indices
 from pipeline.errors import InputError
 from pipeline.features.runtime import available_cores
 
@@ -75,6 +75,9 @@ class KeyframeClips(Dataset):
             ``*.jpg`` files of its folder.
         raw_uint8: items hold the clip's distinct frames as uint8, not normalised; ``to_model_input`` normalises
             them and picks the pathways on the device.
+        first_second: the second that a video's first frame shows (frames at 30 fps): AVA's 900 (keyframe second
+            ``s`` is frame index ``(s - 900) * 30``, ``pipeline.ava.files.keyframe_frame_index``); 0 for a video
+            decoded from its start (``stctx predict``).
 
     Item: dict(slow (3,T_s,H,W) float32, fast (3,T_f,H,W) float32, video_id str, sec int, index int,
     height H, width W); with ``raw_uint8`` frames (U,3,H,W) uint8 and fast_index (T_f,) int64 into them in
@@ -93,8 +96,10 @@ class KeyframeClips(Dataset):
         std: float = 0.225,
         frame_lists: Mapping[str, Sequence[str]] | None = None,
         raw_uint8: bool = False,
+        first_second: int = FIRST_SECOND,
     ):
         self.frames_root = Path(frames_root)
+        self.first_second = int(first_second)
         self.keyframes = [(str(v), int(s)) for v, s in keyframes]
         self.short_side, self.t_fast, self.alpha, self.window = short_side, t_fast, alpha, window
         self.mean, self.std = mean, std
@@ -103,11 +108,13 @@ class KeyframeClips(Dataset):
         self._listed: dict[str, list[Path]] = {}
 
     @classmethod
-    def from_config(cls, frames_root, keyframes, cfg, frame_lists=None, raw_uint8: bool = False) -> "KeyframeClips":
+    def from_config(cls, frames_root, keyframes, cfg, frame_lists=None, raw_uint8: bool = False,
+                    first_second: int = FIRST_SECOND) -> "KeyframeClips":
         """Clips as a ``pipeline.features.backbone.BackboneConfig`` expects them."""
         return cls(
             frames_root, keyframes, short_side=cfg.short_side, t_fast=cfg.t_fast, alpha=cfg.alpha,
             window=cfg.window, mean=cfg.mean, std=cfg.std, frame_lists=frame_lists, raw_uint8=raw_uint8,
+            first_second=first_second,
         )
 
     def __len__(self) -> int:
@@ -143,7 +150,7 @@ class KeyframeClips(Dataset):
         them, at ``slow_positions``)."""
         video_id, sec = self.keyframes[index]
         num_frames = len(self.video_frames(video_id))
-        center = keyframe_frame_index(sec)
+        center = (sec - self.first_second) * FPS  # pipeline.ava.files.keyframe_frame_index for AVA's 900
         if not 0 <= center < num_frames:
             raise InputError(
                 self.frames_root / video_id, None,

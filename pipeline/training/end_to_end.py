@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cache.boxes import KeyframeBoxes
 from cache.roi import actor_features, box_clip_index
 from cache.schema import NUM_CLASSES, ROI_SIZE, SCHEMA_VERSION
 from heads import HeadConfig, HeadInputs, build_head
@@ -173,7 +174,6 @@ def load_end_to_end(path: str | Path, device: str | torch.device = "cpu") -> tup
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, *, threshold: float = 0.8,
                       device: str | torch.device | None = None, batch_size: int = 8, num_workers: int = 0,
                       amp: bool = True, skip_excluded: bool = True, progress: bool = False,
@@ -185,21 +185,44 @@ def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, 
     Proposals: ``split_proposals(ava_root, split, threshold)``, the boxes extraction stores (detector boxes >=
     ``threshold`` for val/test, ground truth + detector boxes for train). ``skip_excluded``: leave out the split's
     excluded keyframes (the evaluator drops their rows first, so the result does not change; off: every keyframe
-    the cache holds). ``device``: None runs where the model is, else the model is moved there. ``amp``: on CUDA the
-    backbone in float16 autocast (extraction), the head in float32 (``predict``: bf16 logits tie scores). The model runs in eval
-    mode; its training mode is restored on return. ``progress``: a bar of the batches on stderr.
+    the cache holds). The rest: ``predict_boxes``.
     """
-    device = next(model.parameters()).device if device is None else resolve_device(device)
     paths = ava.AvaPaths(ava_root)
     proposals = split_proposals(ava_root, split, threshold)
     if skip_excluded and paths.exclusions(split).exists():
-        excluded = ava.read_exclusions(paths.exclusions(split))
-        proposals = proposals.select(np.array([i for i, k in enumerate(proposals.keys) if k not in excluded], np.int64))
-    row = {(v, int(s)): k for k, (v, s) in enumerate(zip(proposals.video_ids, proposals.timestamps))}
+        proposals = drop_keyframes(proposals, ava.read_exclusions(paths.exclusions(split)))
     frame_list = paths.frame_list(split)
     frame_lists = ava.frames_by_video(ava.read_frame_list(frame_list)) if frame_list.exists() else None
+    return predict_boxes(model, paths.frames, proposals, frame_lists=frame_lists, device=device, batch_size=batch_size,
+                         num_workers=num_workers, amp=amp, progress=progress, desc=f"evaluate {model.config.name} on {split} frames")
+
+
+def drop_keyframes(proposals: KeyframeBoxes, keys) -> KeyframeBoxes:
+    """``proposals`` without the keyframes whose ``make_key`` is in ``keys`` (e.g. a split's exclusions)."""
+    keys = set(keys)
+    return proposals.select(np.array([i for i, k in enumerate(proposals.keys) if k not in keys], np.int64))
+
+
+@torch.no_grad()
+def predict_boxes(model: ContextDetector, frames_root: str | Path, proposals: KeyframeBoxes, *,
+                  frame_lists: Mapping | None = None, first_second: int = ava.FIRST_SECOND,
+                  device: str | torch.device | None = None, batch_size: int = 8, num_workers: int = 0,
+                  amp: bool = True, progress: bool = False, desc: str | None = None,
+                  ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Sigmoid scores of the boxes of ``proposals`` (``cache.boxes.KeyframeBoxes``) from the frames under
+    ``frames_root`` (``<video_id>/*.jpg`` at 30 fps, the first showing ``first_second``; ``frame_lists``: as
+    ``KeyframeClips`` takes them): (video ids (M,), seconds (M,), boxes (M, 4), scores (M, K)), keyframes in the
+    order of ``proposals`` batched per video, boxes as stored.
+
+    ``device``: None runs where the model is, else the model is moved there. ``amp``: on CUDA the backbone in float16
+    autocast (extraction), the head in float32 (``predict``: bf16 logits tie scores). The model runs in eval mode;
+    its training mode is restored on return. ``progress``: a bar of the batches on stderr (``desc`` its title).
+    """
+    device = next(model.parameters()).device if device is None else resolve_device(device)
+    row = {(v, int(s)): k for k, (v, s) in enumerate(zip(proposals.video_ids, proposals.timestamps))}
     cfg = model.backbone.cfg
-    clips = KeyframeClips.from_config(paths.frames, list(row), cfg, frame_lists, raw_uint8=True)
+    clips = KeyframeClips.from_config(frames_root, list(row), cfg, frame_lists, raw_uint8=True,
+                                      first_second=first_second)
     loader = clip_loader(clips, batch_size, num_workers=num_workers)
     cuda = amp and device.type == "cuda"
     backbone_amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
@@ -207,8 +230,7 @@ def predict_on_frames(model: ContextDetector, ava_root: str | Path, split: str, 
     training = model.training
     model.to(device).eval()
     videos, secs, boxes, scores = [], [], [], []
-    bar = progress_bar(total=len(loader), desc=f"evaluate {model.config.name} on {split} frames", unit="batch",
-                       disable=not progress)
+    bar = progress_bar(total=len(loader), desc=desc or f"predict {model.config.name}", unit="batch", disable=not progress)
     try:
         for batch in loader:
             spans = [slice(proposals.offsets[k], proposals.offsets[k + 1])
