@@ -29,7 +29,7 @@ from cache.schema import COMPRESSORS, STORAGE_DTYPES, StorageConfig
 from cache.store import CacheError, StoreUnreachableError, local_path, store_errors
 from heads.config import ABLATION, PAPER_MAP
 from pipeline.ava import fingerprint
-from pipeline.ava.files import SPLITS, AvaPaths, present_splits
+from pipeline.ava.files import SPLITS, AvaPaths, present_splits, read_labelmap
 from pipeline.errors import InputError
 from pipeline.outputs import OutputError, write_json
 
@@ -892,7 +892,9 @@ class FinetuneEndToEnd(_CacheTask):
                                     lr_scale=self.lr_scale, seed=self.seed, checkpoint_every=self.checkpoint_every,
                                     device=self.device, resume_path=out.parent / f"seed-{self.seed}.state.pt",
                                     start={"backbone": cached_sha256(backbone_file), "head": cached_sha256(head_file)},
-                                    meta={"head": str(head_file), "backbone": str(backbone_file)})
+                                    meta={"head": str(head_file), "backbone": str(backbone_file),
+                                          "data_root": str(data_root), "labelmap": read_labelmap(
+                                              AvaPaths(data_root).labelmap)})
         results = {split: evaluate(split) for split in self.splits()}
         report = results[report_split(self.dataset)]
         write_json(self.output().path, {
@@ -906,6 +908,56 @@ class FinetuneEndToEnd(_CacheTask):
         return (f"FinetuneEndToEnd {self.label()} seed {self.seed}: frame-mAP {metrics['split']} "
                 f"{100 * metrics['mAP']:.2f} (val {100 * metrics['val_mAP']:.2f}, before fine-tuning "
                 f"{100 * metrics['start_val_mAP']:.2f}) -> {self.run_dir()}")
+
+
+class Predict(_CacheTask):
+    """The final model's predictions of a split, made once: ``stctx predict --split`` as a task
+    (``pipeline.predict.run.predict``) with FinetuneEndToEnd's model of ``variant`` and ``seed``.
+
+    Output: ``<root>/predict/<variant>-<hash>/<split>/summary.json`` (written last) beside ``predictions.csv`` (AVA
+    layout), ``metrics.json`` and ``per_class_ap.png`` (the split's ground truth), ``contact_sheet.png`` and
+    ``videos/<id>.mp4`` (the first ``annotated_videos`` videos); the hash covers the end-to-end run (which names its
+    backbone, head, settings and data) and the box threshold.
+    """
+
+    variant = luigi.Parameter(default="st-sa")
+    seed = luigi.IntParameter(default=0)
+    split = luigi.Parameter(default="val")
+    overrides = luigi.DictParameter(default={}, description="HeadConfig overrides of the model's head")
+    head_epochs = luigi.OptionalIntParameter(default=None, description="epochs of the TrainHead run the model starts "
+                                             "from")
+    annotated_videos = luigi.IntParameter(default=1, description="annotated MP4s (the first videos of the split)")
+
+    def model_run(self) -> FinetuneEndToEnd:
+        e2e_epochs = FinetuneEndToEnd.epochs.task_value("FinetuneEndToEnd", "epochs")
+        return self.clone(FinetuneEndToEnd, variant=self.variant, seed=self.seed, epochs=e2e_epochs)
+
+    def requires(self):
+        return {"model": self.model_run(), "data": self.data()}
+
+    def run_dir(self) -> Path:
+        model = self.model_run().run_dir()
+        ident = {"model": str(model.relative_to(root())), "threshold": self.eval_threshold,
+                 "videos": self.annotated_videos}
+        return root() / "predict" / f"{self.variant}-{short_hash(ident)}" / self.split
+
+    def output(self):
+        return luigi.LocalTarget(self.run_dir() / "summary.json")
+
+    def run(self):
+        from pipeline.predict.run import predict
+
+        if self.split not in dataset_splits(self.dataset):
+            raise ParameterError(f"Predict --split {self.split}: expected one of {', '.join(dataset_splits(self.dataset))}")
+        predict(self.run_dir(), split=self.split, data_root=self.data().data_root(),
+                model=self.model_run().run_dir() / "model.pt", threshold=self.eval_threshold,
+                device=self.device, videos=self.annotated_videos, progress=False)
+
+    def result_line(self) -> str:
+        summary = json.loads(Path(self.output().path).read_text())
+        mAP = f", frame-mAP {100 * summary['mAP']:.2f}" if summary.get("mAP") is not None else ""
+        return (f"Predict {self.variant} seed {self.seed} on {self.split}: {summary['boxes_predicted']} boxes{mAP} -> "
+                f"{self.run_dir()}")
 
 
 class FullAblation(_CacheTask):

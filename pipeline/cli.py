@@ -22,6 +22,8 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("mini-ava",), "pipeline.mini.cli", "generate the mini-AVA test bed in the AVA folder layout"),
     (("backbone", "info"), "pipeline.features.checkpoints", "show a SlowFast checkpoint's format, sha256 and config"),
     (("backbone", "finetune"), "pipeline.training.finetune", "train a SlowFast end to end with the baseline head on an AVA folder"),
+    (("predict",), "pipeline.predict.run", "a trained model's action predictions on a video, frames folder or split, "
+                                           "as an AVA CSV, an annotated video and a contact sheet"),
     (("eval",), "pipeline.ava.evaluation", "frame-mAP@0.5 of detections against ground truth (official AVA protocol)"),
     (("cache", "ls"), "cache.verify", "list the feature stores at a URL with their provenance, videos, bytes and splits"),
     (("cache", "info"), "cache.verify", "summarise a feature cache store"),

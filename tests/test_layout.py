@@ -118,6 +118,7 @@ ALLOWED = {
     "pipeline.mini": {"pipeline.errors", "pipeline.outputs", "pipeline.progress", "pipeline.ava", "pipeline.mini"},
     "pipeline.features": {"pipeline.errors", "pipeline.outputs", "pipeline.progress", "pipeline.ava", "pipeline.features", "cache"},
     "pipeline.training": {"pipeline.errors", "pipeline.outputs", "pipeline.progress", "pipeline.ava", "pipeline.features", "pipeline.training", "cache", "heads"},
+    "pipeline.predict": {"pipeline.errors", "pipeline.outputs", "pipeline.progress", "pipeline.ava", "pipeline.features", "pipeline.training", "pipeline.predict", "cache", "heads"},
     "heads": {"heads"},
     "cache": {"cache", "pipeline.errors", "pipeline.outputs", "pipeline.progress"},  # leaf utilities of the tools
 }

@@ -55,6 +55,19 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, luigi_run, monkeypa
         assert "temporal_ap_blind" not in table.columns
     assert (luigi_config / "ablation" / "mini" / "table1.png").exists() and (luigi_config / "ablation" / "mini" / "table1.md").exists()
 
+    # the final model's predictions of val, made once: the CSV scores exactly the model's own val mAP
+    from pipeline.ava.evaluation import evaluate_frame_map
+    from pipeline.ava.splits import annotations as split_files
+
+    predict = tasks.Predict(variant="st", split="val", head_epochs=2)
+    assert luigi_run(predict) == ["Predict"]
+    summary = json.loads(Path(predict.output().path).read_text())
+    val = split_files(annotations.parent, "val")
+    scored = evaluate_frame_map(val["groundtruth"], Path(summary["predictions"]), val["labelmap"], val["exclusions"])
+    assert scored.mAP == summary["mAP"] == e2e["val_mAP"]
+    assert Path(predict.output().path).parents[2] == luigi_config / "predict"
+    assert luigi_run(predict) == []
+
     assert luigi_run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)) == []
 
     edited = dict(heads.config.VARIANTS, st=dataclasses.replace(heads.config.VARIANTS["st"], dropout=0.2))
