@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-CONTEXT_FIELDS: tuple[str, ...] = ("slow", "fast", "fast_seq")
+CONTEXT_FIELDS: tuple[str, ...] = ("slow", "fast", "fast_seq", "bank")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class HeadInputs:
     - ``box_map``: (N, 4) float, each box's x1 y1 x2 y2 in map cells (pixels times the maps' spatial scale),
       the frame in which map position (row r, col c) covers [c, c + 1) x [r, r + 1). Heads with
       ``query_pos="box"`` read it to place actor queries on the map; None otherwise.
+    - ``bank``: (B, L, C_s + C_f) the long-term feature bank of each clip (``cache.bank``: pooled actor features of
+      its video's boxes within a window of seconds), padded to the batch's largest L; None unless a head reads it.
+    - ``bank_valid``: (B, L) bool, True where a bank entry is real (given with ``bank``).
     """
 
     actor: torch.Tensor
@@ -36,6 +39,8 @@ class HeadInputs:
     fast_seq: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     box_map: torch.Tensor | None = None
+    bank: torch.Tensor | None = None
+    bank_valid: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.actor.dim() != 4:
@@ -47,7 +52,12 @@ class HeadInputs:
             )
         if self.box_map is not None and tuple(self.box_map.shape) != (self.actor.shape[0], 4):
             raise ValueError(f"HeadInputs.box_map: expected ({self.actor.shape[0]}, 4), got {tuple(self.box_map.shape)}")
-        maps = {"slow": 4, "fast": 4, "fast_seq": 3, "valid": 3}
+        if (self.bank is None) != (self.bank_valid is None):
+            raise ValueError("HeadInputs.bank and bank_valid go together")
+        if self.bank is not None and (self.bank_valid.shape != self.bank.shape[:2] or self.bank_valid.dtype != torch.bool):
+            raise ValueError(f"HeadInputs.bank_valid: expected bool {tuple(self.bank.shape[:2])}, got "
+                             f"{self.bank_valid.dtype} {tuple(self.bank_valid.shape)}")
+        maps = {"slow": 4, "fast": 4, "fast_seq": 3, "valid": 3, "bank": 3}
         present = {k: getattr(self, k) for k in maps if getattr(self, k) is not None}
         for k, t in present.items():
             if t.dim() != maps[k]:

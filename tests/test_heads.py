@@ -1,4 +1,5 @@
-"""Contract tests over every head variant (adding a variant to ABLATION adds its cases), at tiny sizes."""
+"""Contract tests over every head variant (adding a variant to ``heads.config.VARIANTS`` adds its cases), at tiny
+sizes."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ TINY = {"C_s": 6, "C_f": 4, "K": 5, "width": 8, "n_heads": 2, "query_grid": 7, "
 SIZES_HW = ((3, 5), (2, 4))
 T_F = 4
 BOX_CLIP = (1, 0, 1, 0, 1)  # several boxes per clip, not sorted by clip
+BANK_LENGTHS = (3, 5)  # real long-term bank entries of each clip (heads that read ``bank``)
 
 
 def tiny(name: str, **overrides) -> HeadConfig:
@@ -53,13 +55,25 @@ def make_batch(cfg: HeadConfig, seed: int = 0) -> tuple[HeadInputs, list[dict[st
     fast_seq = torch.randn(b, cfg.C_f, T_F, generator=g)
     for i in range(b):
         clips[i]["fast_seq"] = fast_seq[i : i + 1].clone()
+    # long-term banks of BANK_LENGTHS real entries, padded to one more than the longest with garbage
+    bank = 50 * torch.randn(b, max(BANK_LENGTHS) + 1, cfg.C_s + cfg.C_f, generator=g)
+    bank_valid = torch.zeros(bank.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(BANK_LENGTHS):
+        bank[i, :n] = torch.randn(n, cfg.C_s + cfg.C_f, generator=g).relu()
+        bank_valid[i, :n] = True
+        clips[i] |= {"bank": bank[i : i + 1, :n].clone(), "bank_valid": torch.ones(1, n, dtype=torch.bool)}
     box_clip = torch.tensor(BOX_CLIP, dtype=torch.long)
     actor = torch.randn(len(BOX_CLIP), cfg.C_s + cfg.C_f, r, r, generator=g).relu()
-    ctx = {"slow": slow, "fast": fast, "fast_seq": fast_seq}
+    ctx = {"slow": slow, "fast": fast, "fast_seq": fast_seq, "bank": bank, "bank_valid": bank_valid}
     corner = torch.rand(len(BOX_CLIP), 2, generator=g) * torch.tensor([1.5, 1.0])  # (x1, y1) in map cells
     box_map = torch.cat([corner, corner + 0.5 + torch.rand(len(BOX_CLIP), 2, generator=g)], dim=1)  # (N, 4)
-    batch = HeadInputs(actor=actor, box_clip=box_clip, valid=valid, box_map=box_map, **{k: ctx[k] for k in cfg.needs})
+    batch = HeadInputs(actor=actor, box_clip=box_clip, valid=valid, box_map=box_map, **{k: ctx[k] for k in fields_of(cfg)})
     return batch, clips
+
+
+def fields_of(cfg: HeadConfig) -> set[str]:
+    """The HeadInputs context fields a head reads: ``needs``, with the bank's mask beside the bank."""
+    return set(cfg.needs) | ({"bank_valid"} if "bank" in cfg.needs else set())
 
 
 def alone(cfg: HeadConfig, batch: HeadInputs, clips: list[dict[str, torch.Tensor]], clip: int) -> HeadInputs:
@@ -69,7 +83,7 @@ def alone(cfg: HeadConfig, batch: HeadInputs, clips: list[dict[str, torch.Tensor
         actor=batch.actor[sel],
         box_clip=torch.zeros(int(sel.sum()), dtype=torch.long),
         box_map=batch.box_map[sel],
-        **{k: clips[clip][k] for k in cfg.needs},
+        **{k: clips[clip][k] for k in fields_of(cfg)},
     )
 
 
@@ -100,17 +114,17 @@ def check_padding(cfg: HeadConfig) -> None:
             torch.testing.assert_close(together[sel], head(alone(cfg, batch, clips, clip)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_contract(name):
     check_contract(tiny(name))
 
 
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_padding_is_masked(name):
     check_padding(tiny(name))
 
 
-@pytest.mark.parametrize("name", [n for n in ABLATION if VARIANTS[n].needs & {"slow", "fast"}])
+@pytest.mark.parametrize("name", [n for n in VARIANTS if VARIANTS[n].needs & {"slow", "fast"}])
 def test_unmasked_padding_would_change_result(name):
     """Guards the padding test: without the mask the garbage in the padding reaches the padded clip."""
     cfg = tiny(name)
@@ -123,7 +137,7 @@ def test_unmasked_padding_would_change_result(name):
         assert not torch.allclose(unmasked[sel], head(alone(cfg, batch, clips, 1)), atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_eval_is_deterministic(name):
     cfg = tiny(name)
     torch.manual_seed(0)
@@ -133,7 +147,7 @@ def test_eval_is_deterministic(name):
         assert torch.equal(head(batch), head(batch))
 
 
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_box_order_does_not_matter(name):
     cfg = tiny(name)
     torch.manual_seed(0)
@@ -145,7 +159,7 @@ def test_box_order_does_not_matter(name):
         torch.testing.assert_close(head(shuffled), head(batch)[perm], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_checkpoint_round_trip(name):
     cfg = tiny(name)
     text = json.dumps(cfg.to_dict())
@@ -199,7 +213,7 @@ MINI_FEATURES = {"C_s": 128, "C_f": 32, "T_f": 32, "map_hw": [[6, 8], [6, 10]]}
 R50_FEATURES = {"C_s": 2048, "C_f": 256, "T_f": 32, "map_hw": [[16, 29]]}
 
 
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("preset, features, sizes", [
     ("mini", MINI_FEATURES, {"C_s": 128, "C_f": 32, "width": 128, "n_heads": 4, "query_grid": 3}),
     ("r50", R50_FEATURES, {"C_s": 2048, "C_f": 256, "width": 256, "n_heads": 8, "query_grid": 7}),
@@ -298,7 +312,7 @@ def test_pack_round_trip():
     assert torch.equal(slot // 3, box_clip)
 
 
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_no_boxes(name):
     cfg = tiny(name)
     batch, _ = make_batch(cfg)
@@ -308,7 +322,7 @@ def test_no_boxes(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ABLATION)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_cuda_autocast(name):
     cfg = tiny(name)
     head = build_head(cfg).cuda().train()
