@@ -103,6 +103,9 @@ def check_fit(backbone: BackboneConfig, head: HeadConfig, features: Mapping | No
     if features is not None:
         want |= {k: (features[k], v) for k, v in (("T_f", backbone.t_fast), ("aligned", backbone.aligned))
                  if k in features}
+    if "bank" in head.needs:
+        raise ValueError(f"head {head.name!r} reads a long-term feature bank (cache.bank), which the end-to-end model "
+                         "does not build from frames; train it from the cache (TrainHead)")
     wrong = [f"{k}: head {h!r}, backbone {b!r}" for k, (h, b) in want.items() if h != b]
     if wrong:
         raise ValueError(f"{where} do not fit (head {head.name!r}, backbone {backbone.name!r}): " + "; ".join(wrong))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cache.bank import FeatureBank
 from cache.reader import CacheDataset, collate_runs, make_loader, to_device
 from cache.remote import group_attrs
 from cache.roi import actor_features as recompute_actor_features, box_pixels
@@ -147,7 +148,7 @@ def open_split(store: str | Path, split: str, fields: frozenset[str], device: to
                jitter: bool = False, local_cache: str | Path | None = None):
     """The split as a ``ResidentSplit`` when it fits in ``budget`` bytes, else a ``CacheDataset`` to stream.
     ``local_cache``: see ``CacheDataset``."""
-    read = set(fields) | {"actor"}
+    read = (set(fields) - {"bank"}) | {"actor"}  # the bank is not in the store (``cache.bank``)
     if jitter:
         read |= {"slow", "fast"}
     dataset = CacheDataset(store, split=split, fields=frozenset(read), local_cache=local_cache)
@@ -157,14 +158,32 @@ def open_split(store: str | Path, split: str, fields: frozenset[str], device: to
 
 
 def _iterate(split, batch_size: int, device: torch.device, generator: torch.Generator | None, seed: int, epoch: int,
-             num_workers: int) -> Iterator[dict]:
+             num_workers: int, bank: FeatureBank | None = None) -> Iterator[dict]:
+    """Batches of a split on ``device``; with ``bank``, each with its clips' long-term bank (``bank``,
+    ``bank_valid``)."""
     if isinstance(split, ResidentSplit):
-        yield from split.batches(batch_size, generator)
-        return
-    loader = make_loader(split, batch_size=batch_size, device=device, shuffle=generator is not None, seed=seed,
-                         num_workers=num_workers)
-    loader.set_epoch(epoch)
-    yield from loader
+        batches = split.batches(batch_size, generator)
+    else:
+        batches = make_loader(split, batch_size=batch_size, device=device, shuffle=generator is not None, seed=seed,
+                              num_workers=num_workers)
+        batches.set_epoch(epoch)
+    for batch in batches:
+        if bank is not None:
+            batch["bank"], batch["bank_valid"] = bank.window(batch["video_id"], batch["sec"], device)
+        yield batch
+
+
+def load_banks(config: HeadConfig, banks: Mapping | None, splits: Sequence[str]) -> dict[str, FeatureBank | None]:
+    """The feature bank of each split for a head that reads one (``HeadConfig.needs`` holds ``bank``): ``banks``
+    maps splits to ``cache.bank.FeatureBank``s or their files; None for a head that reads none."""
+    if "bank" not in config.needs:
+        return {split: None for split in splits}
+    missing = [split for split in splits if not banks or banks.get(split) is None]
+    if missing:
+        raise ValueError(f"head {config.name} reads a long-term feature bank; none given for {missing} "
+                         "(cache.bank.build_bank, the FeatureBank task)")
+    return {split: banks[split] if isinstance(banks[split], FeatureBank) else FeatureBank.load(banks[split])
+            for split in splits}
 
 
 def box_map(boxes: torch.Tensor, image_hw: torch.Tensor, box_clip: torch.Tensor) -> torch.Tensor:
@@ -175,7 +194,8 @@ def box_map(boxes: torch.Tensor, image_hw: torch.Tensor, box_clip: torch.Tensor)
 
 def head_inputs(batch: Mapping, needs: frozenset[str]) -> HeadInputs:
     """The fields of a batch that a head reads (``HeadConfig.needs``), and every box's place on the map."""
-    maps = {k: batch[k] for k in ("slow", "fast", "fast_seq") if k in needs}
+    maps = {k: batch[k] for k in ("slow", "fast", "fast_seq", "bank", "bank_valid")
+            if k in needs or (k == "bank_valid" and "bank" in needs)}
     valid = batch.get("valid") if ({"slow", "fast"} & needs) else None
     return HeadInputs(actor=batch["actor"], box_clip=batch["box_clip"], valid=valid,
                       box_map=box_map(batch["boxes"], batch["image_hw"], batch["box_clip"]), **maps)
@@ -266,6 +286,7 @@ def train_head(
     val_split: str = "val",
     progress: bool = True,
     local_cache: str | Path | None = None,
+    banks: Mapping | None = None,
 ) -> dict:
     """Train ``config`` on the cache ``store`` and evaluate it; writes ``metrics.json`` and ``head.pt`` in ``out_dir``,
     which appears whole at the end (a failure leaves nothing there; ``OutputError`` when it cannot be written).
@@ -278,26 +299,30 @@ def train_head(
     (``check_groundtruth``); both are checked before training. ``progress``: a bar on stderr (``pipeline.progress``).
     ``local_cache``: a local folder that keeps copies of a remote store's features (``cache.remote``): the first run
     copies what it reads, later runs read at local-disk speed; ignored for a store on a local path.
+    ``banks``: for a head that reads a long-term feature bank, the train and val splits' (``load_banks``).
     """
     device = resolve_device(device)
     out_dir = Path(out_dir)
     spec = feature_spec(FeatureStore.open(store), (train_split, val_split))
     config = config.resolve(spec)
     check_groundtruth(groundtruth, labelmap, exclusions, val_split)
+    bank_of = load_banks(config, banks, (train_split, val_split))
     # built beside out_dir (which also removes the temporaries of dead runs and proves the folder writable)
     with built_dir(out_dir) as work:
         metrics = _train_and_evaluate(config, spec, store, work, groundtruth=groundtruth, labelmap=labelmap,
                                       exclusions=exclusions, train=train, seed=seed, device=device,
                                       train_split=train_split, val_split=val_split, progress=progress,
-                                      local_cache=local_cache)
+                                      local_cache=local_cache, banks=bank_of)
     return metrics
 
 
 def _train_and_evaluate(config: HeadConfig, spec: dict, store: str | Path, work: Path, *, groundtruth, labelmap,
                         exclusions, train: TrainConfig, seed: int, device: torch.device, train_split: str,
-                        val_split: str, progress: bool, local_cache: str | Path | None = None) -> dict:
+                        val_split: str, progress: bool, local_cache: str | Path | None = None,
+                        banks: Mapping[str, FeatureBank | None] | None = None) -> dict:
     """The body of ``train_head``: train, evaluate, write ``head.pt`` then ``metrics.json`` into ``work``."""
     cpu = device.type == "cpu"
+    banks = banks or {}
     with torch_settings(seed=seed, device=device, deterministic=True if cpu else None,
                         threads=train.cpu_threads if cpu else None):
         model = build_head(config).to(device)
@@ -317,7 +342,8 @@ def _train_and_evaluate(config: HeadConfig, spec: dict, store: str | Path, work:
                            mininterval=0.5, disable=not progress)
         model.train()
         for epoch in range(train.epochs):
-            for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers):
+            for batch in _iterate(train_data, train.batch_size, device, shuffle, seed, epoch, train.num_workers,
+                                  banks.get(train_split)):
                 if jitter:
                     # box_map follows the jittered boxes
                     boxes = batch["boxes"] = jitter_boxes(batch["boxes"], train.box_jitter, jitter_rng)
@@ -335,7 +361,8 @@ def _train_and_evaluate(config: HeadConfig, spec: dict, store: str | Path, work:
 
         result, eval_time = evaluate_head(model, store, val_split, groundtruth=groundtruth, labelmap=labelmap,
                                           exclusions=exclusions, device=device, batch_size=train.eval_batch_size,
-                                          budget=train.memory_budget, local_cache=local_cache)
+                                          budget=train.memory_budget, local_cache=local_cache,
+                                          bank=banks.get(val_split))
     metrics = {
         "variant": config.name, "seed": seed, "mAP": result.mAP,
         "per_class": {str(k): v for k, v in result.per_class.items()},
@@ -367,7 +394,7 @@ def check_groundtruth(groundtruth, labelmap, exclusions, split: str = "val") -> 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torch.device, batch_size: int,
-            ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+            bank: FeatureBank | None = None) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Sigmoid scores of every box of a split: (video ids (M,), seconds (M,), boxes (M, 4), scores (M, K)).
 
     In float32 on every device, never under autocast: bf16 logits carry 8 bits of mantissa, so nearby scores tie,
@@ -375,7 +402,7 @@ def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torc
     evaluation; training keeps bf16 autocast on CUDA."""
     model.eval()
     videos, secs, boxes, scores = [], [], [], []
-    for batch in _iterate(split_data, batch_size, device, None, 0, 0, 0):
+    for batch in _iterate(split_data, batch_size, device, None, 0, 0, 0, bank):
         logits = model(head_inputs(batch, config.needs))  # (N, K) float32
         clip = batch["box_clip"].cpu().numpy()
         videos += [batch["video_id"][c] for c in clip]
@@ -388,13 +415,14 @@ def predict(model: torch.nn.Module, split_data, config: HeadConfig, device: torc
 
 
 def evaluate_head(model, store, split: str, *, groundtruth, labelmap, exclusions, device, batch_size: int = 64,
-                  budget: int = 2 << 30, local_cache: str | Path | None = None):
+                  budget: int = 2 << 30, local_cache: str | Path | None = None, bank=None):
     """Frame-mAP@0.5 of the head on a split's stored proposals; returns (FrameMapResult, seconds). ``local_cache``:
-    see ``train_head``."""
+    see ``train_head``; ``bank``: that split's feature bank (or its file) for a head that reads one."""
     start = time.perf_counter()
     config = model.config
+    bank = load_banks(config, {split: bank}, (split,))[split]
     data = open_split(store, split, config.needs, torch.device(device), budget, local_cache=local_cache)
-    predictions = predict(model, data, config, torch.device(device), batch_size)
+    predictions = predict(model, data, config, torch.device(device), batch_size, bank)
     return frame_map(*predictions, groundtruth=groundtruth, labelmap=labelmap, exclusions=exclusions), \
         time.perf_counter() - start
 
