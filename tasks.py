@@ -27,7 +27,7 @@ import luigi
 
 from cache.schema import COMPRESSORS, STORAGE_DTYPES, StorageConfig
 from cache.store import CacheError, StoreUnreachableError, local_path, store_errors
-from heads.config import ABLATION, PAPER_MAP
+from heads.config import ABLATION, PAPER_MAP, PUBLISHED, ZOO
 from pipeline.ava import fingerprint
 from pipeline.ava.files import SPLITS, AvaPaths, present_splits, read_labelmap
 from pipeline.errors import InputError
@@ -664,6 +664,37 @@ class FeatureCache(_CacheTask):
 # ----------------------------------------------------------------------------------------------- heads
 
 
+class FeatureBank(_CacheTask):
+    """The long-term feature bank of a split (``cache.bank``), built once from its committed features: per keyframe
+    the pooled actor features of its best boxes, read by heads whose config needs ``bank`` (``lfb``).
+
+    Output: ``<root>/bank/<store name>-<split>-<hash>.npz``, the hash of the bank's parameters and version
+    (``cache.bank.bank_identity``); the store's name carries the backbone, the extraction and the data, so the bank
+    is content-addressed like the store.
+    """
+
+    split = luigi.ChoiceParameter(choices=SPLITS, default="train")
+
+    def requires(self):
+        return self.clone(FeatureCache, split=self.split)
+
+    def output(self):
+        from cache.bank import bank_identity
+
+        store = self.spec().name if self.store_url() is not None else f"pending-{self.requires().task_id}"
+        return luigi.LocalTarget(root() / "bank" / f"{store}-{self.split}-{short_hash(bank_identity())}.npz")
+
+    def run(self):
+        from cache.bank import build_bank
+
+        store = self.store_url()
+        with store_errors(store):
+            build_bank(store, self.split, local_cache=stctx().local_cache or None).save(self.output().path)
+
+    def result_line(self) -> str:
+        return f"FeatureBank {self.split}: -> {self.output().path}"
+
+
 class TrainHead(_CacheTask):
     """One Table 1 variant trained from the cache with one seed, evaluated on the validation split.
 
@@ -682,7 +713,20 @@ class TrainHead(_CacheTask):
     box_jitter = luigi.FloatParameter(default=0.0)
 
     def requires(self):
-        return {split: self.clone(FeatureCache, split=split) for split in ("train", "val")}
+        needs = {split: self.clone(FeatureCache, split=split) for split in ("train", "val")}
+        if self.reads_bank():
+            needs |= {f"bank-{split}": self.clone(FeatureBank, split=split) for split in ("train", "val")}
+        return needs
+
+    def reads_bank(self) -> bool:
+        """Whether the variant reads a long-term feature bank (``FeatureBank``), from the registry entry."""
+        from heads import VARIANTS
+
+        return self.variant in VARIANTS and "bank" in VARIANTS[self.variant].needs
+
+    def banks(self, splits) -> dict[str, str] | None:
+        return {split: self.clone(FeatureBank, split=split).output().path for split in splits} \
+            if self.reads_bank() else None
 
     def store_features(self) -> dict | None:
         """What the store records of its features (``pipeline.training.head.feature_spec``), None until both splits
@@ -750,6 +794,10 @@ class TrainHead(_CacheTask):
         ident = {"head": cfg.to_dict(), "train": self.train_config().identity(),
                  "cache": ["pending", self.requires()["train"].task_id] if pending else f"{self.spec().name}.zarr",
                  "eval": self.eval_inputs()}
+        if self.reads_bank():
+            from cache.bank import bank_identity
+
+            ident["bank"] = bank_identity()
         return root() / "heads" / f"{cfg.slug}-{short_hash(ident)}" / f"seed-{self.seed}"
 
     def output(self):
@@ -764,7 +812,8 @@ class TrainHead(_CacheTask):
         with store_errors(store):
             train_head(self.head_config(), store, self.run_dir(), groundtruth=val["groundtruth"],
                        labelmap=val["labelmap"], exclusions=val["exclusions"], train=self.train_config(),
-                       seed=self.seed, device=self.device, local_cache=stctx().local_cache or None)
+                       seed=self.seed, device=self.device, local_cache=stctx().local_cache or None,
+                       banks=self.banks(("train", "val")))
 
     def label(self) -> str:
         """The run's name in tables: the variant, with its overrides when there are any."""
@@ -792,7 +841,10 @@ class EvaluateHead(TrainHead):
         return self.clone(TrainHead)
 
     def requires(self):
-        return {"head": self.trained(), "features": self.clone(FeatureCache, split=self.split)}
+        needs = {"head": self.trained(), "features": self.clone(FeatureCache, split=self.split)}
+        if self.reads_bank():
+            needs["bank"] = self.clone(FeatureBank, split=self.split)
+        return needs
 
     def output(self):
         name = f"eval-{self.split}-{short_hash(self.eval_inputs(self.split))}.json"
@@ -812,7 +864,8 @@ class EvaluateHead(TrainHead):
         with store_errors(store):
             result, seconds = evaluate_head(model, store, self.split, groundtruth=files["groundtruth"],
                                             labelmap=files["labelmap"], exclusions=files["exclusions"],
-                                            device=device, local_cache=stctx().local_cache or None)
+                                            device=device, local_cache=stctx().local_cache or None,
+                                            bank=(self.banks([self.split]) or {}).get(self.split))
         write_json(self.output().path, {
             "variant": ckpt["variant"], "seed": ckpt["seed"], "split": self.split, "mAP": result.mAP,
             "per_class": {str(k): v for k, v in result.per_class.items()},
@@ -875,6 +928,9 @@ class FinetuneEndToEnd(_CacheTask):
     def run(self):
         from pipeline.training.end_to_end import build_end_to_end, evaluate_on_frames, finetune_end_to_end
 
+        if self.head_run().reads_bank():
+            raise ParameterError(f"FinetuneEndToEnd --variant {self.variant}: the head reads a long-term feature bank, "
+                                 "which the end-to-end model does not build from frames")
         if self.epochs < 1:
             raise ParameterError(f"FinetuneEndToEnd --epochs {self.epochs}: expected at least 1")
         if not self.lr_scale > 0:
@@ -1064,6 +1120,60 @@ class FullAblation(_CacheTask):
     def result_line(self) -> str:
         return (f"FullAblation {self.dataset}: Table 1 of {len(self.requires())} runs -> "
                 f"{self.latest_dir() / 'table1.md'} (this data: {self.table_dir().parent / 'table1.md'})")
+
+
+class ContextZoo(_CacheTask):
+    """The context heads of the field on one cache: Table 1's variants and the zoo's (``heads.config.ZOO``: ACRN,
+    ACAR-Net's HR2O) over several seeds -> ``<root>/zoo/table.{md,csv,png}``.
+
+    The runs are TrainHead's (and, for the mini-AVA, EvaluateHead's on ``test``), so the variants FullAblation has
+    trained are found done and only the new heads train. The table has ``variant, split, map_mean, map_std, n_seeds,
+    train_s`` (head training seconds per run), the val mAP they were chosen by, the order classes beside the
+    direction-blind bound (mini-AVA), and each head's published AVA number with its source (``heads.config.PUBLISHED``)
+    in columns of their own. Written to ``<root>/zoo/<data id>/<hash>/`` and copied to ``<root>/zoo/<data id>/`` and
+    ``<root>/zoo/``.
+    """
+
+    seeds = luigi.ListParameter(default=[0, 1, 2])
+    variants = luigi.ListParameter(default=list(ZOO), description="head variants (default: heads.ZOO)")
+    epochs = luigi.OptionalIntParameter(default=None,
+                                        description="head epochs of every run (default: [TrainHead] epochs, else TrainConfig's)")
+
+    def requires(self):
+        epochs = self.epochs if self.epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
+        runs = [self.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides={})
+                for v in self.variants for s in self.seeds]
+        split = report_split(self.dataset)
+        return runs if split == "val" else [run.clone(EvaluateHead, split=split) for run in runs]
+
+    def latest_dir(self) -> Path:
+        return root() / "zoo"
+
+    def table_dir(self) -> Path:
+        return self.latest_dir() / self.data().data_id() / short_hash([t.output().path for t in self.requires()])
+
+    def output(self):
+        return luigi.LocalTarget(self.table_dir() / "table.md")
+
+    def run(self):
+        from pipeline.report import publish_zoo
+
+        results = []
+        for task in self.requires():
+            result = json.loads(Path(task.output().path).read_text())
+            trained = task.trained() if isinstance(task, EvaluateHead) else task
+            result["train_time_s"] = json.loads(Path(trained.output().path).read_text()).get("train_time_s")
+            results.append(result)
+        title = (f"Context heads on one cache, {'the mini-AVA' if self.dataset == 'mini' else 'AVA v2.2'} "
+                 f"{report_split(self.dataset)} ({len(self.seeds)} seeds, detector boxes with score >= "
+                 f"{self.eval_threshold:g})")
+        out = self.table_dir()
+        publish_zoo(results, out, [out.parent, self.latest_dir()], PUBLISHED, list(self.variants), title,
+                    blind=self.clone(FullAblation).direction_blind())
+
+    def result_line(self) -> str:
+        return (f"ContextZoo {self.dataset}: {len(self.variants)} heads x {len(self.seeds)} seeds -> "
+                f"{self.latest_dir() / 'table.md'}")
 
 
 BLIND_DRAWS = 20  # the bound's spread over draws is about 2.4 AP on the mini-AVA val split; the mean's, 0.5

@@ -107,9 +107,12 @@ def _num(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
-def plot_table(table: pd.DataFrame, path: Path, title: str, blind: Mapping[int, float] | None = None) -> None:
-    """Left: mAP per variant with the seeds' spread, paper numbers as markers. Right: AP of the context classes,
-    with ``blind`` the direction-blind bound of each order class as a dashed line over its bars."""
+def plot_table(table: pd.DataFrame, path: Path, title: str, blind: Mapping[int, float] | None = None, *,
+               reference: str = "paper_map", reference_label: str = "paper, AVA v2.2",
+               left_title: str = "Table 1 variants") -> None:
+    """Left: mAP per variant with the seeds' spread, the ``reference`` column (the paper's numbers) as markers.
+    Right: AP of the context classes, with ``blind`` the direction-blind bound of each order class as a dashed line
+    over its bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,12 +124,12 @@ def plot_table(table: pd.DataFrame, path: Path, title: str, blind: Mapping[int, 
     ax1.bar(x, table["map_mean"], yerr=table["map_std"], capsize=4, color="#4c72b0", label="ours (mean ± std)")
     ax1.set_xticks(x, table["variant"], rotation=20)
     ax1.set_ylabel("frame-mAP@0.5 (%)")
-    ax1.set_title("Table 1 variants")
+    ax1.set_title(left_title)
     lo = float(np.nanmin(table["map_mean"] - table["map_std"]))
     ax1.set_ylim(max(0.0, lo - 5.0), None)
     paper = ax1.twinx()
-    paper.plot(x, table["paper_map"], "D", color="#dd8452", label="paper, AVA v2.2 (right axis)")
-    paper.set_ylabel("paper frame-mAP (%)")
+    paper.plot(x, table[reference], "D", color="#dd8452", label=f"{reference_label} (right axis)")
+    paper.set_ylabel(f"{reference_label.split(',')[0]} frame-mAP (%)")
     h1, l1 = ax1.get_legend_handles_labels()
     h2, l2 = paper.get_legend_handles_labels()
     ax1.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
@@ -186,10 +189,77 @@ def publish_ablation(metrics_files: Sequence[Path], out_dir: Path, latest_dirs: 
     notes = [f"Runs: {', '.join(sorted({Path(p).parent.parent.name for p in metrics_files}))}"]
     with built_dir(out_dir) as work:  # also removes the temporaries of dead runs
         write_ablation(results, work, paper, order, title, notes, blind)
+    return copy_latest(out_dir, latest_dirs, "table1")
+
+
+def copy_latest(out_dir: Path, latest_dirs: Path | Sequence[Path], stem: str) -> dict[str, Path]:
+    """Copy ``<stem>.{md,csv,png}`` of ``out_dir`` over those of each of ``latest_dirs``, one atomic rename at a
+    time; returns the first copy of each kind."""
     latest = {}
     for latest_dir in [latest_dirs] if isinstance(latest_dirs, Path) else latest_dirs:
-        for kind, name in (("md", "table1.md"), ("csv", "table1.csv"), ("png", "table1.png")):
+        for kind in ("md", "csv", "png"):
+            name = f"{stem}.{kind}"
             with open(out_dir / name, "rb") as src, atomic_file(latest_dir / name) as dst:
                 shutil.copyfileobj(src, dst)
             latest.setdefault(kind, latest_dir / name)
     return latest
+
+
+# ----------------------------------------------------------------------------------------------- the context zoo
+
+
+def zoo_frame(results: Sequence[Mapping], published: Mapping[str, tuple[float, str]], order: Sequence[str],
+              blind: Mapping[int, float] | None = None) -> pd.DataFrame:
+    """The context zoo's rows: ``ablation_frame``'s columns without the paper's, plus ``train_s`` (the mean of the
+    runs' ``train_time_s``, seconds of head training per run) and the published number beside ours, never mixed
+    in: ``published_map`` (AVA v2.2 val frame-mAP, end to end, percent) and ``published_source``."""
+    table = ablation_frame(results, {}, order, blind).drop(columns="paper_map")
+    train = {name: [r["train_time_s"] for r in results if r["variant"] == name and r.get("train_time_s") is not None]
+             for name in table["variant"]}
+    at = list(table.columns).index("n_seeds") + 1
+    table.insert(at, "train_s", [float(np.mean(train[v])) if train[v] else math.nan for v in table["variant"]])
+    table["published_map"] = [published.get(v, (math.nan, ""))[0] for v in table["variant"]]
+    table["published_source"] = [published.get(v, (math.nan, ""))[1] for v in table["variant"]]
+    return table
+
+
+def format_zoo_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = (),
+                        blind: Mapping[int, float] | None = None) -> str:
+    """The zoo as Markdown: ours (mean ± std, seeds, val, train time, order classes) left, published right."""
+    order = "temporal_ap" in table.columns
+    val = "val_map_mean" in table.columns
+    split = table["split"].iloc[0] if len(table) else "val"
+    header = (["head", f"frame-mAP {split} (ours)", "seeds"] + (["val (selection)"] if val else []) +
+              ["train s / run"] + (["AP order classes", "blind bound"] if order else []) +
+              ["published (AVA v2.2, end to end)", "source"])
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [r["variant"], f"{r['map_mean']:.2f} ± {r['map_std']:.2f}", str(r["n_seeds"])]
+        cells += ([_num(r["val_map_mean"])] if val else []) + [f"{r['train_s']:.1f}" if not math.isnan(r["train_s"]) else "–"]
+        if order:
+            cells += [f"{r['temporal_ap']:.2f} ± {r['temporal_ap_std']:.2f}", _num(r["temporal_ap_blind"])]
+        cells += [_num(r["published_map"]), r["published_source"] or "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "mAP and AP in percent; ± is the standard deviation over seeds. Ours: heads trained from one feature "
+              "cache of one backbone; published: each method's own end-to-end training on AVA v2.2 val, for "
+              "reference only (another dataset, backbone and schedule)."]
+    if order and blind:
+        lines.append(f"Order classes: {', '.join(str(c) for c in blind)}; the blind bound is the AP of a head that "
+                     "finds every actor of an order pair but guesses the direction.")
+    lines += list(notes)
+    return "\n".join(lines) + "\n"
+
+
+def publish_zoo(results: Sequence[Mapping], out_dir: Path, latest_dirs: Path | Sequence[Path],
+                published: Mapping[str, tuple[float, str]], order: Sequence[str], title: str,
+                blind: Mapping[int, float] | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
+    """``table.{md,csv,png}`` of the zoo's runs (metrics dicts as ``ablation_frame`` takes them, with
+    ``train_time_s``), written whole into ``out_dir``, then copied over those of ``latest_dirs``."""
+    table = zoo_frame(results, published, order, blind)
+    with built_dir(out_dir) as work:
+        plot_table(table, work / "table.png", title, blind, reference="published_map",
+                   reference_label="published, AVA v2.2", left_title="context heads on one cache")
+        with atomic_file(work / "table.csv", "w") as f:
+            table.round(4).to_csv(f, index=False)
+        write_text(work / "table.md", format_zoo_markdown(table, title, notes, blind))
+    return copy_latest(out_dir, latest_dirs, "table")

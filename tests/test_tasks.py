@@ -66,6 +66,22 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, luigi_run, monkeypa
     scored = evaluate_frame_map(val["groundtruth"], Path(summary["predictions"]), val["labelmap"], val["exclusions"])
     assert scored.mAP == summary["mAP"] == e2e["val_mAP"]
     assert Path(predict.output().path).parents[2] == luigi_config / "predict"
+
+    # the context zoo on the same cache: the heads FullAblation trained are found done, only the new ones train
+    zoo = tasks.ContextZoo(seeds=[0, 1], variants=["baseline", "st", "acrn", "acar", "lfb"], epochs=2)
+    ran = luigi_run(zoo)
+    # lfb reads the long-term banks of train, val (its training) and test (its evaluation), each built once
+    assert sorted(ran) == ["ContextZoo"] + ["EvaluateHead"] * 6 + ["FeatureBank"] * 3 + ["TrainHead"] * 6
+    zoo_table = pd.read_csv(luigi_config / "zoo" / "table.csv")
+    assert list(zoo_table["variant"]) == ["baseline", "st", "acrn", "acar", "lfb"] and set(zoo_table["n_seeds"]) == {2}
+    assert {"variant", "map_mean", "map_std", "n_seeds", "train_s", "published_map", "published_source"} <= set(zoo_table.columns)
+    assert (zoo_table["train_s"] > 0).all()
+    assert zoo_table.set_index("variant")["published_map"].to_dict() == {
+        name: heads.config.PUBLISHED[name][0] for name in zoo_table["variant"]}
+    for row in table.itertuples():  # the shared rows are the same runs as Table 1's
+        if row.variant in ("baseline", "st"):
+            assert zoo_table.set_index("variant").loc[row.variant, "map_mean"] == pytest.approx(row.map_mean, abs=1e-3)
+    assert (luigi_config / "zoo" / "table.png").exists() and "acar" in (luigi_config / "zoo" / "table.md").read_text()
     assert luigi_run(predict) == []
 
     assert luigi_run(tasks.FullAblation(seeds=[0, 1], variants=["baseline", "st"], epochs=2)) == []
