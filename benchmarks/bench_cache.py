@@ -96,10 +96,14 @@ def write_store(path: Path, storage: StorageConfig, pool, shape: SyntheticShape,
             parts = [pool[(v * keyframes + t) % len(pool)] for t in range(t0, t1)]
             slow, fast, fast_seq = (np.concatenate([p[i] for p in parts]) for i in range(3))
             actor = actor_from_maps(slow, fast, table, t0, t1, shape.image_hw, False)
+            # each box's tokens over the fast frames (C_f, T_f): its clip's sequence stands in (same size and bytes)
+            counts = np.diff(table.offsets[t0 : t1 + 1])
+            actor_seq = np.repeat(fast_seq, counts, axis=0)
             if storage.dtype == "float16":  # extract_video casts on the GPU before the copy to the host
-                slow, fast, fast_seq, actor = (x.astype(np.float16) for x in (slow, fast, fast_seq, actor))
+                slow, fast, fast_seq, actor, actor_seq = (x.astype(np.float16)
+                                                          for x in (slow, fast, fast_seq, actor, actor_seq))
             c = _cpu()
-            w.append(slow, fast, fast_seq, actor)
+            w.append(slow, fast, fast_seq, actor, actor_seq)
             spent += _cpu() - c
         c = _cpu()
         w.finish()

@@ -8,7 +8,7 @@ Layout of the file (the store's layout, ``cache/schema.py``, with HDF5 groups fo
     /videos/<video_id>/     one group per exported video; attrs: the video group's attributes (video_id, keyframes,
                             boxes, image_hw, map_hw, channels, complete, committed_to, split, proposals_sha256,
                             writer, provenance)
-        sec, box_offsets, boxes, box_source, box_score, labels, person_id, slow, fast, fast_seq, actor
+        sec, box_offsets, boxes, box_source, box_score, labels, person_id, slow, fast, fast_seq, actor, actor_seq
         [slow_scale, slow_offset, fast_scale, fast_offset]      only from a uint8 store
                             datasets with the store's names, dtypes, shapes and values (uint8 maps stay quantised:
                             value = q * <name>_scale + <name>_offset per keyframe and channel); attr ``dims``: the

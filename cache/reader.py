@@ -13,10 +13,10 @@ docs/benchmarks.md, bench:cache-sampler). Batches stay in the storage dtype (flo
 ``to_device`` moves them, pinned, to the head's device and converts them there.
 
 A batch (``collate_runs``, then ``to_device``) is a dict whose tensor keys match ``heads.HeadInputs``:
-``actor`` (N, C_s + C_f, R, R), ``box_clip`` (N,), ``slow`` (B, C_s, H, W), ``fast`` (B, C_f, H, W),
-``fast_seq`` (B, C_f, T_f), ``valid`` (B, H, W); plus ``labels`` (N, K), ``boxes`` (N, 4),
-``box_source``, ``box_score``, ``person_id`` (N,), ``sec`` (B,), ``image_hw``/``map_hw`` (B, 2) and
-``video_id`` (list of B str).
+``actor`` (N, C_s + C_f, R, R), ``actor_seq`` (N, C_f, T_f), ``box_clip`` (N,), ``slow`` (B, C_s, H, W),
+``fast`` (B, C_f, H, W), ``fast_seq`` (B, C_f, T_f), ``valid`` (B, H, W) (each feature only when read); plus
+``labels`` (N, K), ``boxes`` (N, 4), ``box_source``, ``box_score``, ``person_id`` (N,), ``sec`` (B,),
+``image_hw``/``map_hw`` (B, 2) and ``video_id`` (list of B str).
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from cache.roi import actor_features
 from cache.schema import (
+    BOX_FEATURES,
     BOX_FIELDS,
     COMPLETE_ATTR,
+    FEATURE_FIELDS,
     MAP_FIELDS,
     NUM_CLASSES,
     QUANTISED_MAPS,
@@ -55,13 +57,16 @@ class CacheDataset(Dataset):
 
     - ``split``: read the videos of the split's manifest (and refuse a video rewritten since the commit);
       or ``videos``: these video ids (each must be complete); neither: every complete video.
-    - ``fields``: the big arrays to read, a subset of ``{"actor", "slow", "fast", "fast_seq"}``; box
-      metadata (boxes, labels, source, score, person id) is always there. The baseline reads ``{"actor"}``.
+    - ``fields``: the big arrays to read, a subset of ``READABLE_FIELDS`` (``actor``, ``actor_seq``, ``slow``,
+      ``fast``, ``fast_seq``); box metadata (boxes, labels, source, score, person id) is always there. The
+      baseline reads ``{"actor"}``.
     - ``proposals``: ``"stored"``, or a callable that returns other boxes per keyframe (jitter, another
       threshold); then the actor features are recomputed on the device from the maps (read for it).
     - ``actor_from_maps``: recompute the actor features from the maps on the device even for stored
       boxes; for heads that read the maps anyway this skips reading about 0.2 MB per box (RoIAlign is
       linear, so the result equals the stored features up to the storage precision).
+    - ``actor_seq`` cannot be recomputed (it pools the per-frame fast maps, which are not stored): asking for it
+      with other ``proposals`` or with ``actor_from_maps`` raises ``ValueError``.
     - Keyframes without boxes are skipped unless ``keep_empty``.
 
     Opening lists the chunk files of every video and refuses one that lacks a file of its arrays
@@ -95,6 +100,13 @@ class CacheDataset(Dataset):
             raise ValueError(f"CacheDataset.fields: unknown {sorted(unknown)}; choose from {sorted(READABLE_FIELDS)}")
         if proposals != "stored" and not callable(proposals):
             raise ValueError("CacheDataset.proposals: 'stored' or a callable(video_id, sec, stored_boxes)")
+        if "actor_seq" in fields and (callable(proposals) or actor_from_maps):
+            what = "other proposals" if callable(proposals) else "actor_from_maps=True"
+            raise ValueError(
+                f"CacheDataset: fields holds actor_seq, which cannot be recomputed with {what}: it pools every fast "
+                "frame at the box, and the cache stores the fast map averaged over time only. Read actor_seq with "
+                "proposals='stored' and actor_from_maps=False, or extract a store with those boxes"
+            )
         self.url = store.url
         self.identity = store.identity  # record it with anything trained from these features
         self.store_name = store.name
@@ -246,8 +258,9 @@ class CacheDataset(Dataset):
             for f in BOX_FIELDS:
                 run[f] = meta[f][b0:b1]
         run["box_count"] = counts
-        if "actor" in self.read_fields:
-            run["actor"] = self._rows(v, "actor", b0, b1)
+        for name in BOX_FEATURES:
+            if name in self.read_fields:
+                run[name] = self._rows(v, name, b0, b1)
         for name in MAP_FIELDS:
             if name in self.read_fields:
                 run[name] = self._rows(v, name, t0, t1)
@@ -304,8 +317,9 @@ def collate_runs(batches: list[list[dict]] | list[dict]) -> dict:
     }
     for f in BOX_FIELDS:
         batch[f] = torch.from_numpy(cat(f))
-    if "actor" in runs[0]:
-        batch["actor"] = _join([r["actor"] for r in runs])
+    for name in BOX_FEATURES:
+        if name in runs[0]:
+            batch[name] = _join([r[name] for r in runs])
     hw = tuple(int(v) for v in map_hw.max(axis=0)) if len(map_hw) else (0, 0)
     for name in ("slow", "fast"):
         if name in runs[0]:
@@ -341,7 +355,7 @@ def to_device(
             scale, offset = out.pop(f"{name}_scale"), out.pop(f"{name}_offset")
             out[name] = out[name].to(dtype) * scale[:, :, None, None].to(dtype) + offset[:, :, None, None].to(dtype)
             out[name] = out[name] * out["valid"][:, None].to(dtype)  # padding stays zero
-    for name in ("actor", *MAP_FIELDS):
+    for name in FEATURE_FIELDS:
         if name in out:
             out[name] = out[name].to(dtype)
     out["labels"] = out["labels"].to(dtype)

@@ -7,7 +7,7 @@ Layout of a store (a directory or an fsspec URL, Zarr v3)::
 
     <store>/zarr.json                 root group; attrs: schema_version, schema, identity, store_name, provenance
     <store>/videos/<video_id>/        one group per video, written by one task
-        sec, box_offsets, boxes, box_source, box_score, labels, person_id, slow, fast, fast_seq, actor
+        sec, box_offsets, boxes, box_source, box_score, labels, person_id, slow, fast, fast_seq, actor, actor_seq
         [slow_scale, slow_offset, fast_scale, fast_offset]      only with uint8 storage
         attrs: video_id, image_hw, map_hw, keyframes, boxes, provenance, ``complete`` (the marker),
         ``committed_to`` (the splits whose manifests list the video, added by each commit), ``split`` and
@@ -23,6 +23,14 @@ Box convention (stated here once; everything else refers to it):
     with ``spatial_scale = 1/16``, ``sampling_ratio = 0`` and the ``aligned`` flag of the backbone
     config (stored in the store's identity; ``aligned=True`` shifts pixel centres by -0.5). The one
     implementation of both steps: ``cache.roi``.
+
+What the feature arrays hold (from the res5 maps of a keyframe's clip, ``Fs`` (C_s, T_s, H, W) and ``Ff``
+(C_f, T_f, H, W)): ``slow``/``fast`` are ``Fs``/``Ff`` averaged over time, ``fast_seq`` is ``Ff`` averaged over space
+(C_f, T_f); per box, ``actor`` is RoIAlign (R x R) of concat(slow, fast), and ``actor_seq`` (C_f, T_f) is RoIAlign of
+every fast frame ``Ff[:, t]`` at the box, max-pooled over the R x R grid (the box's own tokens over time, where
+``fast_seq`` averages the whole frame). Both use the one RoIAlign of ``cache.roi``. ``actor`` is linear in the stored
+maps, so it can be recomputed from them for other boxes; ``actor_seq`` needs the per-frame fast maps, which are not
+stored: it exists for the stored boxes only.
 
 Ragged boxes: the boxes of keyframe ``t`` are rows ``box_offsets[t]:box_offsets[t+1]`` of every per-box
 array. ``box_source`` is 0 for ground truth (also a detector box that repeats a ground-truth box) and 1
@@ -42,7 +50,12 @@ import itertools
 from dataclasses import dataclass
 from typing import Literal, Mapping, get_args
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each version changed, for the refusal of a store of another version (``cache.store.SchemaVersionError``).
+SCHEMA_CHANGES: dict[int, str] = {
+    1: "slow, fast, fast_seq maps and actor features",
+    2: "adds actor_seq, each box's RoI of every fast frame max-pooled (box, channel_fast, time_fast)",
+}
 
 NUM_CLASSES = 80
 ROI_SIZE = 7
@@ -108,6 +121,7 @@ ARRAYS: dict[str, ArraySpec] = {
         ArraySpec("fast", (PER_KEYFRAME, "channel_fast", "height", "width"), "map", sharded=True),
         ArraySpec("fast_seq", (PER_KEYFRAME, "channel_fast", "time_fast"), "feature", sharded=True),
         ArraySpec("actor", (PER_BOX, "channel", "roi_y", "roi_x"), "feature", sharded=True),
+        ArraySpec("actor_seq", (PER_BOX, "channel_fast", "time_fast"), "feature", sharded=True),
         # uint8 storage: value = q * scale + offset, per keyframe and channel
         ArraySpec("slow_scale", (PER_KEYFRAME, "channel_slow"), "float32", sharded=True, quantised_only=True),
         ArraySpec("slow_offset", (PER_KEYFRAME, "channel_slow"), "float32", sharded=True, quantised_only=True),
@@ -117,10 +131,12 @@ ARRAYS: dict[str, ArraySpec] = {
 }
 
 BOX_FIELDS: tuple[str, ...] = ("boxes", "box_source", "box_score", "labels", "person_id")
-MAP_FIELDS: tuple[str, ...] = ("slow", "fast", "fast_seq")
+MAP_FIELDS: tuple[str, ...] = ("slow", "fast", "fast_seq")  # one row per keyframe
+BOX_FEATURES: tuple[str, ...] = ("actor", "actor_seq")  # one row per box
+FEATURE_FIELDS: tuple[str, ...] = (*MAP_FIELDS, *BOX_FEATURES)  # every array that the backbone's maps give
 QUANTISED_MAPS: tuple[str, ...] = ("slow", "fast")
 # What a reader may ask for; box metadata is always read (it is small).
-READABLE_FIELDS: frozenset[str] = frozenset({"actor", *MAP_FIELDS})
+READABLE_FIELDS: frozenset[str] = frozenset(FEATURE_FIELDS)
 
 
 def array_shapes(keyframes: int, boxes: int, channels: tuple[int, int, int], map_hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
@@ -150,7 +166,8 @@ class StorageConfig:
     """How maps are stored: part of the extraction config (it changes the store's name).
 
     ``dtype="uint8"`` quantises ``slow`` and ``fast`` per keyframe and channel (min/max affine);
-    ``fast_seq`` and ``actor`` then stay float16. Every chunk also carries a CRC-32C.
+    ``fast_seq``, ``actor`` and ``actor_seq`` (``"feature"`` arrays) then stay float16. Every chunk also carries a
+    CRC-32C.
     """
 
     dtype: StorageDtype = "float16"

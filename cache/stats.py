@@ -3,7 +3,7 @@
 Shape legend: T keyframes, M boxes of a video, C channels of an array, H W map, T_f fast frames, R RoI side.
 
 For each feature array (``slow`` (T, C_s, H, W), ``fast`` (T, C_f, H, W), ``fast_seq`` (T, C_f, T_f), ``actor``
-(M, C_s + C_f, R, R)):
+(M, C_s + C_f, R, R), ``actor_seq`` (M, C_f, T_f); ``cache.schema.FEATURE_FIELDS``):
 
 - the per-channel mean and standard deviation (population, ddof 0), accumulated in float64, of the values a head
   reads: uint8 maps dequantised ``q * scale + offset`` per keyframe and channel in float32, as
@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache.schema import ARRAYS, PER_BOX, QUANTISED_MAPS, VIDEOS_GROUP
+from cache.schema import ARRAYS, FEATURE_FIELDS, PER_BOX, QUANTISED_MAPS, VIDEOS_GROUP
 from cache.selection import open_video, row_blocks, select_videos
 from cache.store import CacheError, FeatureStore, store_errors
 from cache.verify import LOCAL, add_scheduler_arguments, dask_scheduler, local_options, stored_sizes
 
-FEATURES: tuple[str, ...] = ("slow", "fast", "fast_seq", "actor")
+FEATURES: tuple[str, ...] = FEATURE_FIELDS
 
 
 @dataclass

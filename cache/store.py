@@ -34,6 +34,7 @@ from cache.schema import (
     COMMITTED_ATTR,
     COMPLETE_ATTR,
     MANIFESTS_GROUP,
+    SCHEMA_CHANGES,
     SCHEMA_VERSION,
     VIDEOS_GROUP,
     StorageConfig,
@@ -57,6 +58,18 @@ class StoreMismatchError(CacheError):
 
 class SchemaVersionError(StoreMismatchError):
     """The store's schema version is not the one this code reads and writes."""
+
+
+def schema_version_refusal(url: str, version: object) -> str:
+    """Why a store of schema ``version`` is not read here, and what to do: re-extract (the store of this version has
+    another name, ``store_name``, so the pipeline builds it beside the old one), or read it with its own release."""
+    where = f"{url}: the cache has schema version {version}, this stctx reads {SCHEMA_VERSION}"
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        changes = "; ".join(f"version {v} {SCHEMA_CHANGES[v]}" for v in range(version + 1, SCHEMA_VERSION + 1)
+                            if v in SCHEMA_CHANGES)
+        return (f"{where}: re-extract (the pipeline extracts into a new store, named ...-v{SCHEMA_VERSION}-<hash>), "
+                f"or read this one with the stctx release that wrote it ({changes})")
+    return f"{where}: it was written by another stctx release; read it with that release, or re-extract"
 
 
 class StoreUnreachableError(CacheError):
@@ -242,11 +255,7 @@ class FeatureStore:
             raise NotAFeatureStoreError(f"{url}: not a stctx feature store (the root zarr.json has no 'schema_version' attribute)")
         version = attrs.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{url}: the cache has schema version {version}, this stctx reads and writes version "
-                f"{SCHEMA_VERSION}; extract into a new store (the name changes with the version) or use the "
-                "stctx release that wrote it"
-            )
+            raise SchemaVersionError(schema_version_refusal(url, version))
         try:
             self.identity: dict = attrs["identity"]
             self.storage = StorageConfig.from_dict(self.identity["extraction_config"]["storage"])

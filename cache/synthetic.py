@@ -2,7 +2,9 @@
 
 Shape legend as in ``cache/writer.py``. The maps imitate res5 activations after a ReLU: about half
 zeros, the rest positive with a heavy tail; actor features are RoIAlign of the float32 maps, exactly
-as the extraction computes them (so stored and recomputed features can be compared).
+as the extraction computes them (so stored and recomputed features can be compared). ``actor_seq`` is random
+(post-ReLU-like, from a generator of its own, so the other arrays do not depend on it): a synthetic video has no
+per-frame fast maps to pool.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache.boxes import KeyframeBoxes
-from cache.schema import NUM_CLASSES, ROI_SIZE, SOURCE_DET, SOURCE_GT
+from cache.schema import FEATURE_FIELDS, NUM_CLASSES, ROI_SIZE, SOURCE_DET, SOURCE_GT
 from cache.store import FeatureStore
 from cache.writer import VideoWriter
 
@@ -98,14 +100,15 @@ def write_synthetic_video(
     exact_actor: bool = True,
 ) -> dict:
     """Write one synthetic video group with the extraction's batch-by-batch protocol; returns the
-    float32 data written (``slow``, ``fast``, ``fast_seq``, ``actor``, ``boxes``). ``exact_actor=False``
+    float32 data written (``slow``, ``fast``, ``fast_seq``, ``actor``, ``actor_seq``, ``boxes``). ``exact_actor=False``
     writes random actor features (no RoIAlign, no torch import: for crash and concurrency tests)."""
     rng = np.random.default_rng(seed)
+    seq_rng = np.random.default_rng([seed, 1])
     secs = 902 + np.arange(num_keyframes)
     table = random_boxes(rng, video_id, secs, max_boxes)
     writer = VideoWriter(store, video_id, boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
     c_s, c_f, t_f = shape.channels
-    parts = {"slow": [], "fast": [], "fast_seq": [], "actor": []}
+    parts = {name: [] for name in FEATURE_FIELDS}
     for t0 in range(0, num_keyframes, batch):
         t1 = min(num_keyframes, t0 + batch)
         slow = relu_like(rng, (t1 - t0, c_s, *shape.map_hw))
@@ -117,9 +120,10 @@ def write_synthetic_video(
             if exact_actor
             else relu_like(rng, (n, c_s + c_f, ROI_SIZE, ROI_SIZE))
         )
-        writer.append(slow, fast, fast_seq, actor)
-        for k, v in zip(parts, (slow, fast, fast_seq, actor)):
+        actor_seq = relu_like(seq_rng, (n, c_f, t_f))
+        for k, v in zip(FEATURE_FIELDS, (slow, fast, fast_seq, actor, actor_seq)):
             parts[k].append(v)
+        writer.append(slow, fast, fast_seq, actor, actor_seq)
         if progress is not None:
             progress(video_id, t1)
         if sleep:

@@ -1,4 +1,4 @@
-"""Writing one video group: boxes first, then maps and actor features batch by batch, the marker last.
+"""Writing one video group: boxes first, then maps and per-box features batch by batch, the marker last.
 
 Shape legend: T keyframes, M boxes (all keyframes), B keyframes of one batch, N boxes of one batch,
 C_s/C_f slow/fast channels, H W map, T_f fast frames, R RoI side, K classes. Box convention: see
@@ -30,6 +30,7 @@ from cache.claims import DEFAULT_TTL, Claim, ClaimLostError, claim_video, utc_no
 from cache.schema import (
     ARRAYS,
     COMPLETE_ATTR,
+    FEATURE_FIELDS,
     PROPOSALS_ATTR,
     QUANTISED_MAPS,
     SPLIT_ATTR,
@@ -188,7 +189,7 @@ class VideoWriter:
 
         w = VideoWriter(store, vid, boxes=boxes, image_hw=(256, 455), map_hw=(16, 29), channels=(C_s, C_f, T_f))
         for batch in batches:            # keyframes in order
-            w.append(slow, fast, fast_seq, actor)
+            w.append(slow, fast, fast_seq, actor, actor_seq)
         w.finish()
 
     ``boxes`` are the video's keyframes (``KeyframeBoxes.for_keyframes``): their ``timestamps`` are the keyframe
@@ -307,37 +308,35 @@ class VideoWriter:
             config={"write_empty_chunks": True},  # every file of the grid exists: a missing one is a loss
         )
 
-    def append(self, slow, fast, fast_seq, actor) -> None:
-        """The next B keyframes: slow (B, C_s, H, W), fast (B, C_f, H, W), fast_seq (B, C_f, T_f) and
-        actor (N, C_s + C_f, R, R) for exactly the boxes of these keyframes, in box-table order.
-        numpy arrays or torch tensors (any float dtype, any device)."""
-        slow, fast, fast_seq, actor = (_as_numpy(x) for x in (slow, fast, fast_seq, actor))
+    def append(self, slow, fast, fast_seq, actor, actor_seq) -> None:
+        """The next B keyframes: slow (B, C_s, H, W), fast (B, C_f, H, W), fast_seq (B, C_f, T_f), and for exactly
+        the boxes of these keyframes, in box-table order, actor (N, C_s + C_f, R, R) and actor_seq (N, C_f, T_f)
+        (``cache.roi.actor_features``, ``cache.roi.actor_sequence``). numpy arrays or torch tensors (any float
+        dtype, any device)."""
+        got = dict(zip(FEATURE_FIELDS, (_as_numpy(x) for x in (slow, fast, fast_seq, actor, actor_seq))))
         # still ours (ClaimLostError if taken over), expiry pushed at most every ttl/4: one small read per batch
         self.claim.refresh(min_interval=self.claim.ttl / 4)
-        b = len(slow)
+        b = len(got["slow"])
         t0, t1 = self.keyframes_done, self.keyframes_done + b
         if t1 > self.num_keyframes:
             raise ValueError(f"{self.video_id}: appending keyframes {t0}..{t1 - 1} but the video has {self.num_keyframes}")
         n = int(self.boxes.offsets[t1] - self.boxes.offsets[t0])
         want = array_shapes(b, n, self.channels, self.map_hw)
-        got = {"slow": slow, "fast": fast, "fast_seq": fast_seq, "actor": actor}
-        for name in got:
-            shape = want[name]
-            if got[name].shape != shape:
-                raise ValueError(f"{self.video_id}: {name} of keyframes {t0}..{t1 - 1}: expected {shape}, got {got[name].shape}")
-            if not _all_finite(got[name]):
-                raise ValueError(f"{self.video_id}: {name} of keyframes {t0}..{t1 - 1} has NaN or Inf")
+        for name, value in got.items():
+            where = f"{self.video_id}: {name} of keyframes {t0}..{t1 - 1}"
+            if value.shape != want[name]:
+                raise ValueError(f"{where}: expected {want[name]}, got {value.shape}")
+            if not _all_finite(value):
+                raise ValueError(f"{where} has NaN or Inf")
+            # every float16 array, the per-box features of a uint8 store too
+            if value.dtype != np.float16 and self.storage.dtype_of(ARRAYS[name]) == "float16" and np.abs(value).max(initial=0) > 65504:
+                raise ValueError(f"{where} exceeds the float16 range; store float32")
         if self.storage.quantised:
             for name in QUANTISED_MAPS:
                 q, scale, offset = quantise(got[name])
                 got[name] = q
                 self.columns[f"{name}_scale"].append(scale)
                 self.columns[f"{name}_offset"].append(offset)
-        else:
-            for name in got:
-                value = got[name]
-                if value.dtype != np.float16 and self.storage.dtype_of(ARRAYS[name]) == "float16" and np.abs(value).max(initial=0) > 65504:
-                    raise ValueError(f"{self.video_id}: {name} exceeds the float16 range; store float32")
         for name, value in got.items():
             self.columns[name].append(value)
         self.keyframes_done, self.boxes_done = t1, self.boxes_done + n

@@ -35,6 +35,7 @@ from cache import (
     store_name,
     to_device,
 )
+from cache.schema import FEATURE_FIELDS, READABLE_FIELDS, SCHEMA_VERSION
 from cache.synthetic import SyntheticShape, write_synthetic_video
 from cache.verify import main as cache_main
 from cache.verify import verify_store
@@ -66,17 +67,19 @@ def test_store_name_is_deterministic_and_covers_identity():
 def test_round_trip(tmp_path, dtype):
     store = make_store(tmp_path / "s", StorageConfig(dtype=dtype, keyframes_per_shard=4, boxes_per_shard=4))
     written = {vid: write_synthetic_video(store, vid, num_keyframes=9, seed=i) for i, vid in enumerate(["-abc", "v2"])}
-    ds = CacheDataset(store, fields=frozenset({"actor", "slow", "fast", "fast_seq"}), keep_empty=True)
+    ds = CacheDataset(store, fields=READABLE_FIELDS, keep_empty=True)
     assert len(ds) == 18 and ds.video_ids == ["-abc", "v2"]
     batch = to_device(collate_runs(ds.__getitems__(list(range(len(ds))))), "cpu")
     rtol, atol = {"float32": (1e-6, 1e-6), "float16": (1e-3, 1e-3), "uint8": (0, None)}[dtype]
-    for name in ("slow", "fast", "fast_seq", "actor"):
+    for name in FEATURE_FIELDS:
         want = np.concatenate([written[v][name] for v in ds.video_ids])
         got = batch[name].numpy()
         # uint8: per-channel affine codes, error at most half a step of (max - min) / 255
         tol = atol if atol is not None else 0.5 * np.ptp(want) / 255 + 1e-6
-        if dtype == "uint8" and name in ("fast_seq", "actor"):
+        if dtype == "uint8" and name in ("fast_seq", "actor", "actor_seq"):
             tol = 1e-3 * np.abs(want).max()  # stored as float16
+            assert store.video(ds.video_ids[0])[name].dtype == np.float16, name
+        assert batch[name].dtype == torch.float32, name
         np.testing.assert_allclose(got, want, rtol=rtol, atol=tol, err_msg=name)
     tables = [written[v]["boxes"] for v in ds.video_ids]
     np.testing.assert_array_equal(batch["boxes"].numpy(), np.concatenate([t.boxes for t in tables]))
@@ -92,7 +95,8 @@ def test_schema_version_mismatch_refused_with_clear_message(tmp_path):
     make_store(tmp_path / "s")
     group = zarr.open_group(tmp_path / "s", mode="r+")
     group.update_attributes({"schema_version": 999})
-    with pytest.raises(SchemaVersionError, match=r"schema version 999, this stctx reads and writes version 1"):
+    with pytest.raises(SchemaVersionError, match=rf"schema version 999, this stctx reads {SCHEMA_VERSION}: it was "
+                                                 "written by another stctx release"):
         FeatureStore.open(tmp_path / "s")
     with pytest.raises(SchemaVersionError):
         make_store(tmp_path / "s")  # never written into either
@@ -120,7 +124,8 @@ def test_incomplete_group_is_invisible_and_rewritten(tmp_path):
     shape = SyntheticShape()
     w = VideoWriter(store, "half", boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
     c = shape.channels
-    w.append(np.ones((4, c[0], 6, 8)), np.ones((4, c[1], 6, 8)), np.ones((4, c[1], c[2])), np.ones((4, c[0] + c[1], 7, 7)))
+    w.append(np.ones((4, c[0], 6, 8)), np.ones((4, c[1], 6, 8)), np.ones((4, c[1], c[2])), np.ones((4, c[0] + c[1], 7, 7)),
+             np.ones((4, c[1], c[2])))
     # the writer dies here: a whole shard of maps is on disk, no marker
     assert store.video_status() == {"done": True, "half": False}
     assert store.video_ids() == ["done"]
@@ -154,7 +159,11 @@ def test_writer_takes_one_videos_keyframes_in_order(tmp_path):
                     channels=shape.channels)
     c_s, c_f, t_f = shape.channels
     with pytest.raises(ValueError, match=r"actor of keyframes 0..0: expected \(1, 12, 7, 7\), got \(2, 12, 7, 7\)"):
-        w.append(np.ones((1, c_s, 6, 8)), np.ones((1, c_f, 6, 8)), np.ones((1, c_f, t_f)), np.ones((2, c_s + c_f, 7, 7)))
+        w.append(np.ones((1, c_s, 6, 8)), np.ones((1, c_f, 6, 8)), np.ones((1, c_f, t_f)), np.ones((2, c_s + c_f, 7, 7)),
+                 np.ones((1, c_f, t_f)))
+    with pytest.raises(ValueError, match=r"actor_seq of keyframes 0..0: expected \(1, 4, 4\), got \(1, 4, 3\)"):
+        w.append(np.ones((1, c_s, 6, 8)), np.ones((1, c_f, 6, 8)), np.ones((1, c_f, t_f)), np.ones((1, c_s + c_f, 7, 7)),
+                 np.ones((1, c_f, t_f - 1)))
     assert store.video_attrs("a")["keyframes"] == 2 and not store.is_complete("a")
 
 
@@ -166,7 +175,7 @@ def test_array_shapes_come_from_the_schema_dims():
     assert shapes == {
         "sec": (5,), "box_offsets": (6,), "boxes": (9, 4), "box_source": (9,), "box_score": (9,), "labels": (9, 80),
         "person_id": (9,), "slow": (5, 8, 6, 7), "fast": (5, 4, 6, 7), "fast_seq": (5, 4, 3), "actor": (9, 12, 7, 7),
-        "slow_scale": (5, 8), "slow_offset": (5, 8), "fast_scale": (5, 4), "fast_offset": (5, 4),
+        "actor_seq": (9, 4, 3), "slow_scale": (5, 8), "slow_offset": (5, 8), "fast_scale": (5, 4), "fast_offset": (5, 4),
     }
 
 
@@ -330,7 +339,7 @@ def test_info_output(verified_store, capsys):
     assert cache_main(["info", str(verified_store)]) == 0
     out = capsys.readouterr().out
     assert "videos      2 complete, 0 incomplete" in out and "keyframes   14" in out
-    assert "schema      version 1" in out and f"sha256 {SHA}" in out and "float16 zstd" in out
+    assert f"schema      version {SCHEMA_VERSION}" in out and f"sha256 {SHA}" in out and "float16 zstd" in out
     assert cache_main(["info", "--json", str(verified_store)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["keyframes"] == 14 and info["bytes"] > 0 and info["provenance"]["versions"]["zarr"]
@@ -456,14 +465,17 @@ def test_extract_video_writes_what_the_backbone_computes(tmp_path):
     assert out == dict(video_id="-vid", keyframes=3, boxes=2, skipped=False)
     again = extract_video(backbone, cfg, iter(()), proposals, store, "-vid", secs=[902, 903, 904])
     assert again["skipped"]
-    ds = CacheDataset(store, fields=frozenset({"actor", "slow", "fast", "fast_seq"}), keep_empty=True)
+    ds = CacheDataset(store, fields=READABLE_FIELDS, keep_empty=True)
     batch = to_device(collate_runs(ds.__getitems__([0, 1, 2])), "cpu")
     with torch.no_grad():
         Fs, Ff = backbone([torch.stack([clips[s][0] for s in (902, 903, 904)]), torch.stack([clips[s][1] for s in (902, 903, 904)])])
         slow, fast, fast_seq = pool_maps(Fs, Ff)
         rois = torch.tensor([[0, 0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h], [2, 0.5 * w, 0.0, 1.0 * w, 0.7 * h]])
         actor = roi_align(torch.cat([slow, fast], dim=1), rois, 7, spatial_scale=1 / 16, sampling_ratio=0, aligned=cfg.aligned)
-    for name, want in dict(slow=slow, fast=fast, fast_seq=fast_seq, actor=actor).items():
+        # every fast frame on its own, each box's 7x7 max-pooled: (N, C_f, T_f)
+        actor_seq = torch.stack([roi_align(Ff[:, :, t], rois, 7, spatial_scale=1 / 16, sampling_ratio=0,
+                                           aligned=cfg.aligned).amax(dim=(2, 3)) for t in range(Ff.shape[2])], dim=2)
+    for name, want in dict(slow=slow, fast=fast, fast_seq=fast_seq, actor=actor, actor_seq=actor_seq).items():
         torch.testing.assert_close(batch[name], want, rtol=2e-3, atol=2e-3 * float(want.abs().max()), msg=name)
     assert batch["box_clip"].tolist() == [0, 2] and batch["person_id"].tolist() == [0, 1]
     assert batch["labels"][0].nonzero().flatten().tolist() == [2, 11] and batch["labels"][1, 79] == 1

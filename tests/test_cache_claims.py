@@ -41,7 +41,7 @@ def _batch(rng, table: KeyframeBoxes, t0: int, t1: int):
     c_s, c_f, t_f = SHAPE.channels
     n = int(table.offsets[t1] - table.offsets[t0])
     return (relu_like(rng, (t1 - t0, c_s, *SHAPE.map_hw)), relu_like(rng, (t1 - t0, c_f, *SHAPE.map_hw)),
-            relu_like(rng, (t1 - t0, c_f, t_f)), relu_like(rng, (n, c_s + c_f, 7, 7)))
+            relu_like(rng, (t1 - t0, c_f, t_f)), relu_like(rng, (n, c_s + c_f, 7, 7)), relu_like(rng, (n, c_f, t_f)))
 
 
 def _writer(store, vid, table, **kw) -> VideoWriter:
@@ -329,7 +329,7 @@ WRITER_SCRIPT = textwrap.dedent(
         for t0 in range(0, 12, 3):
             n = int(table.offsets[t0 + 3] - table.offsets[t0])
             w.append(relu_like(rng, (3, c_s, *shape.map_hw)), relu_like(rng, (3, c_f, *shape.map_hw)),
-                     relu_like(rng, (3, c_f, t_f)), relu_like(rng, (n, c_s + c_f, 7, 7)))
+                     relu_like(rng, (3, c_f, t_f)), relu_like(rng, (n, c_s + c_f, 7, 7)), relu_like(rng, (n, c_f, t_f)))
             say("append", vid, t0 + 3)
             time.sleep(sleep)
         w.finish()

@@ -23,7 +23,7 @@ from pipeline.outputs import OutputError
 SHA = "cd" * 32
 KEYFRAMES = {"-a": 7, "b": 5, "c": 6, "d": 3}
 SPLITS = {"train": ["-a", "b"], "val": ["c"]}  # and "d": complete, in no split; "half" (build's incomplete): no marker
-FEATURES = ("slow", "fast", "fast_seq", "actor")
+FEATURES = ("slow", "fast", "fast_seq", "actor", "actor_seq")
 
 
 def build(url, dtype: str = "float16", incomplete: bool = True, only_train: bool = False) -> FeatureStore:
@@ -41,7 +41,8 @@ def build(url, dtype: str = "float16", incomplete: bool = True, only_train: bool
         table = KeyframeBoxes.from_keyframes("half", range(902, 906), [dict(boxes=np.array([[0.1, 0.1, 0.5, 0.5]]),
                                                                             labels=np.zeros((1, 80)))] * 4)
         w = VideoWriter(store, "half", boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
-        w.append(np.ones((2, c_s, 6, 8)), np.ones((2, c_f, 6, 8)), np.ones((2, c_f, t_f)), np.ones((2, c_s + c_f, 7, 7)))
+        w.append(np.ones((2, c_s, 6, 8)), np.ones((2, c_f, 6, 8)), np.ones((2, c_f, t_f)), np.ones((2, c_s + c_f, 7, 7)),
+                 np.ones((2, c_f, t_f)))
         del w
     return store
 
@@ -106,6 +107,8 @@ def test_export_round_trips_every_array_and_attribute(tmp_path, dtype, capsys):
         assert ("slow_scale" in f["videos/b"]) == (dtype == "uint8")
         assert f["videos/b/slow"].dtype == np.dtype(dtype)
         assert json.loads(f["videos/b/actor"].attrs["dims"]) == ["box", "channel", "roi_y", "roi_x"]
+        assert json.loads(f["videos/b/actor_seq"].attrs["dims"]) == ["box", "channel_fast", "time_fast"]
+        assert f["videos/b/actor_seq"].dtype == np.float16
         assert isinstance(f["videos/b"].attrs["keyframes"], np.integer)  # natively typed where HDF5 can
     assert siblings(out) == ["all.h5"]  # no temporary left beside it
 
@@ -248,6 +251,8 @@ def test_stats_equal_numpy(tmp_path, dtype, capsys):
     assert stats["notes"] == ["1 incomplete videos left out (half)"]
     assert stats["features"]["slow"]["dequantised"] == (dtype == "uint8")
     assert len(stats["features"]["actor"]["mean"]) == 12
+    assert len(stats["features"]["actor_seq"]["mean"]) == 4 and stats["features"]["actor_seq"]["per"] == "box"
+    assert stats["features"]["actor_seq"]["dtype"] == "float16"  # a per-box feature stays float16 in a uint8 store
     split = store_stats(tmp_path / "s", split="train", scheduler="threads", workers=2).to_dict()
     check_stats(split, store, SPLITS["train"], local_bytes(tmp_path / "s", SPLITS["train"]))
     assert stctx(["cache", "stats", str(tmp_path / "s"), "--split", "val"]) == 0

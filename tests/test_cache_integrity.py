@@ -20,14 +20,14 @@ from cache import (
     StorageConfig,
     VideoWriter,
 )
-from cache.schema import group_shapes
+from cache.schema import READABLE_FIELDS, SCHEMA_VERSION, group_shapes
 from cache.shards import RowReader, ShardReadError
 from cache.synthetic import SyntheticShape, write_synthetic_video
 from cache.verify import main as cache_main
 
 SHA = "ef" * 32
 SMALL = StorageConfig(keyframes_per_shard=4, boxes_per_shard=4)
-ALL = frozenset({"actor", "slow", "fast", "fast_seq"})
+ALL = READABLE_FIELDS
 
 
 def _store(path, url: str | None = None) -> FeatureStore:
@@ -54,7 +54,7 @@ def test_writer_stores_chunks_that_hold_only_the_fill_value(tmp_path):
     c_s, c_f, t_f = shape.channels
     w = VideoWriter(store, "z", boxes=table, image_hw=shape.image_hw, map_hw=shape.map_hw, channels=shape.channels)
     w.append(np.zeros((6, c_s, *shape.map_hw)), np.zeros((6, c_f, *shape.map_hw)), np.zeros((6, c_f, t_f)),
-             np.zeros((6, c_s + c_f, 7, 7)))
+             np.zeros((6, c_s + c_f, 7, 7)), np.zeros((6, c_f, t_f)))
     w.finish()
     video = tmp_path / "s" / "videos" / "z"
     for name in ("box_source", "labels", "person_id"):
@@ -124,7 +124,8 @@ GARBAGE = {
     "group without attributes": '{"zarr_format": 3, "node_type": "group"}',
     "another group": '{"zarr_format": 3, "node_type": "group", "attributes": {"title": "my data"}}',
     "an array": '{"zarr_format": 3, "node_type": "array"}',
-    "no identity": '{"zarr_format": 3, "node_type": "group", "attributes": {"schema_version": 1, "identity": "x"}}',
+    "no identity": '{"zarr_format": 3, "node_type": "group", "attributes": {"schema_version": %d, "identity": "x"}}'
+                   % SCHEMA_VERSION,
 }
 
 

@@ -28,7 +28,7 @@ from cache.synthetic import write_synthetic_video
 pytest.importorskip("s3fs")
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = frozenset({"actor", "slow", "fast", "fast_seq"})
+FIELDS = frozenset({"actor", "actor_seq", "slow", "fast", "fast_seq"})
 VIDEOS = ("vid-a", "vid-b")
 KEYFRAMES = 5  # per video: two shards of each per-keyframe array
 

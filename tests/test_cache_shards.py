@@ -11,7 +11,7 @@ from cache.shards import RowReader, ShardReadError
 from cache.synthetic import SyntheticShape, write_synthetic_video
 
 SHA = "cd" * 32
-BIG = ("slow", "fast", "fast_seq", "actor")
+BIG = ("slow", "fast", "fast_seq", "actor", "actor_seq")
 STORAGES = [
     StorageConfig("float16", "zstd", 3, keyframes_per_shard=4, boxes_per_shard=4),
     StorageConfig("float16", "none", 0, keyframes_per_shard=4, boxes_per_shard=4),

@@ -65,7 +65,7 @@ def _append(w: VideoWriter, rng, table: KeyframeBoxes, t0: int, t1: int) -> None
     c_s, c_f, t_f = SHAPE.channels
     n = int(table.offsets[t1] - table.offsets[t0])
     w.append(relu_like(rng, (t1 - t0, c_s, *SHAPE.map_hw)), relu_like(rng, (t1 - t0, c_f, *SHAPE.map_hw)),
-             relu_like(rng, (t1 - t0, c_f, t_f)), relu_like(rng, (n, c_s + c_f, 7, 7)))
+             relu_like(rng, (t1 - t0, c_f, t_f)), relu_like(rng, (n, c_s + c_f, 7, 7)), relu_like(rng, (n, c_f, t_f)))
 
 
 def dead_partial(store: FeatureStore, vid: str, seed: int = 0) -> None:

@@ -49,7 +49,7 @@ def test_extract_video_timings_cover_the_call_and_change_nothing(tmp_path):
     assert set(timings) == STAGES | {"write"} and all(v >= 0 for v in timings.values())
     assert sum(timings[k] for k in STAGES) <= wall
     plain, timed = (s.video("v") for s in stores)
-    for name in ("slow", "fast", "fast_seq", "actor"):
+    for name in ("slow", "fast", "fast_seq", "actor", "actor_seq"):
         np.testing.assert_array_equal(plain[name][...], timed[name][...], err_msg=name)
 
 
@@ -97,7 +97,7 @@ def test_video_batches_write_the_features_of_the_float_clips_decoding_each_frame
     frames = clips.video_frames(video)
     distinct = sorted({int(i) for k in range(len(secs)) for i in clips.fast_frame_indices(k)})
     assert decoded == [frames[i] for i in distinct] and len(distinct) < len(secs) * model.cfg.t_fast * 0.6
-    for name in ("slow", "fast", "fast_seq", "actor", "sec"):
+    for name in ("slow", "fast", "fast_seq", "actor", "actor_seq", "sec"):
         np.testing.assert_array_equal(stored["float"][name][...], stored["uint8"][name][...], err_msg=name)
 
 

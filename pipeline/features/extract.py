@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from cache.boxes import KeyframeBoxes
 from cache.claims import DEFAULT_TTL, wait_for_claim
-from cache.roi import actor_features, box_clip_index
+from cache.roi import actor_features, actor_sequence, box_clip_index
 from cache.schema import SPLIT_ATTR, Compressor, StorageConfig, StorageDtype
 from cache.store import CacheSpec, FeatureStore, local_path, store_errors
 from cache.writer import VideoOriginError, VideoWriter, check_origin
@@ -243,9 +243,10 @@ def extract_video(
     ``timings``: a dict to add wall seconds per stage to (``StageClock``: the device is synchronised after each
     stage, which slows the run down): ``first_batch`` waiting for the clips loader's first batch (its workers
     start), ``load`` waiting for the others, ``to_device`` (with uint8 batches: normalising and cutting the
-    pathways), ``backbone``, ``pool_roi`` (time pooling and RoIAlign), ``to_host``, ``write_wait`` (waiting for the
-    writer thread, and the final flush); these add up to the call's time. ``write`` is the writer thread's time
-    creating the group and in ``append`` (compression and storage writes), overlapping the others.
+    pathways), ``backbone``, ``pool_roi`` (pooling, and the RoIAligns of ``actor`` and ``actor_seq``), ``to_host``,
+    ``write_wait`` (waiting for the writer thread, and the final flush); these add up to the call's time.
+    ``write`` is the writer thread's time creating the group and in ``append`` (compression and storage writes),
+    overlapping the others.
 
     ``split``: recorded in the group. ``worker`` (a label, default ``host:pid``) and ``claim_ttl`` (seconds):
     the video's claim (``cache.claims``); while another writer holds a live claim the call waits for it.
@@ -307,16 +308,18 @@ def _extract_claimed(backbone, backbone_cfg, clips_loader, table, store, video_i
             with autocast:
                 Fs, Ff = backbone(clip)
             clock.lap("backbone")
-            slow, fast, fast_seq = (x.float() for x in pool_maps(Fs.float(), Ff.float()))  # (B,C_s,h,w) (B,C_f,h,w) (B,C_f,T_f)
+            Ff = Ff.float()  # (B, C_f, T_f, h, w)
+            slow, fast, fast_seq = (x.float() for x in pool_maps(Fs.float(), Ff))  # (B,C_s,h,w) (B,C_f,h,w) (B,C_f,T_f)
             a, b = table.offsets[done], table.offsets[done + len(batch_secs)]
             box_clip = box_clip_index(np.diff(table.offsets[done : done + len(batch_secs) + 1]))  # (N,)
             image_hw = torch.tensor([(h, w)] * len(batch_secs))  # (B, 2) the resized frame
-            actor = actor_features(slow, fast, torch.from_numpy(table.boxes[a:b]), box_clip, image_hw,
-                                   backbone_cfg.aligned)  # (N, C_s + C_f, R, R)
+            boxes = torch.from_numpy(table.boxes[a:b])  # (N, 4)
+            actor = actor_features(slow, fast, boxes, box_clip, image_hw, backbone_cfg.aligned)  # (N, C_s + C_f, R, R)
+            actor_seq = actor_sequence(Ff, boxes, box_clip, image_hw, backbone_cfg.aligned)  # (N, C_f, T_f)
             if actor.shape[0] != b - a:
                 raise AssertionError(f"{video_id}: {actor.shape[0]} actor features for {b - a} boxes")
             clock.lap("pool_roi")
-            host = [x.to(to_host).cpu() for x in (slow, fast, fast_seq, actor)]
+            host = [x.to(to_host).cpu() for x in (slow, fast, fast_seq, actor, actor_seq)]
             clock.lap("to_host")
             if writer is None:
                 # the group is created in the writer thread (its arrays: ~0.1 s of small files), while this one
