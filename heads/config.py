@@ -7,6 +7,10 @@ A variant is two structural choices on top of shared sizes:
 - ``context``: ``"none"`` is the linear baseline; ``"spatial"`` is one cross-attention block over the H*W
   tokens of the time-pooled concat(slow, fast) map; ``"st"`` is a block over the H*W tokens of the
   time-pooled slow map followed by a block over the T_f tokens of the space-pooled fast sequence.
+- ``"st-roi"`` (beyond the paper): ``"st"`` with temporal tokens that keep the actor's place. The first block is
+  ``"st"``'s; in the second, each box's queries attend to the T_f tokens of its own fast sequence (``actor_seq``:
+  its RoI on each fast frame, max-pooled) instead of the whole frame's average, which every actor of a clip
+  shares. With every box's sequence set to its clip's ``fast_seq`` it computes exactly what ``"st"`` computes.
 
 Defaults where the paper is silent (all fields, so an ablation can change them):
 
@@ -48,7 +52,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Literal, Mapping
 
 Queries = Literal["pooled", "grid"]
-Context = Literal["none", "spatial", "st", "acrn", "acar", "lfb"]
+Context = Literal["none", "spatial", "st", "st-roi", "acrn", "acar", "lfb"]
 Norm = Literal["pre", "post"]
 Activation = Literal["relu", "gelu"]
 SpatialPos = Literal["sine", "learned", "none"]
@@ -61,6 +65,7 @@ _NEEDS: dict[str, frozenset[str]] = {
     "none": frozenset(),
     "spatial": frozenset({"slow", "fast"}),
     "st": frozenset({"slow", "fast_seq"}),
+    "st-roi": frozenset({"slow", "actor_seq"}),
     "acrn": frozenset({"slow", "fast"}),
     "acar": frozenset({"slow", "fast"}),
     "lfb": frozenset({"bank"}),
@@ -139,7 +144,8 @@ class HeadConfig:
 
     @property
     def needs(self) -> frozenset[str]:
-        """HeadInputs fields besides ``actor``/``box_clip`` that this head reads (subset of slow, fast, fast_seq)."""
+        """HeadInputs fields besides ``actor``/``box_clip`` that this head reads (subset of slow, fast, fast_seq,
+        actor_seq, bank)."""
         return _NEEDS[self.context]
 
     @property
@@ -163,8 +169,8 @@ class HeadConfig:
         ``features``: ``C_s``/``C_f`` channels, ``T_f`` fast frames and ``map_hw``, the (H, W) of every map size
         (``pipeline.training.head.feature_spec`` reads them from a store; other keys are ignored). Unset sizes are
         filled: C_s/C_f with the store's channels, width/n_heads/query_grid by ``feature_scale``; explicit ones are
-        kept. An explicit C_s/C_f other than the store's is refused, and so is a head that reads the fast sequence
-        when T_f exceeds ``max_positions``.
+        kept. An explicit C_s/C_f other than the store's is refused, and so is a head that reads a fast sequence
+        (``fast_seq`` or ``actor_seq``) when T_f exceeds ``max_positions``.
         """
         missing = [k for k in ("C_s", "C_f", "T_f", "map_hw") if k not in features]
         if missing:
@@ -174,7 +180,7 @@ class HeadConfig:
             if getattr(self, size) not in (None, store):
                 raise ValueError(f"head {self.name}: {size}={getattr(self, size)}, but the features have "
                                  f"{size}={store} (leave {size} unset to take the store's)")
-        if "fast_seq" in self.needs and t_f > self.max_positions:
+        if {"fast_seq", "actor_seq"} & self.needs and t_f > self.max_positions:
             raise ValueError(f"head {self.name}: the features have T_f={t_f} fast frames, more than "
                              f"max_positions={self.max_positions}")
         derived = {"C_s": c_s, "C_f": c_f, **feature_scale(c_s, c_f, features["map_hw"], self.roi_size)}
@@ -220,8 +226,15 @@ VARIANTS |= {
     "lfb": replace(_BASE, name="lfb", queries="pooled", context="lfb", query_pos="none"),
 }
 
+# Beyond the paper: "st" whose temporal block reads each actor's own fast sequence (``actor_seq``) instead of the
+# clip's. No published number exists (neither in the paper nor elsewhere), so none is in PUBLISHED.
+VARIANTS |= {
+    "st-roi": replace(_BASE, name="st-roi", queries="pooled", context="st-roi"),
+    "st-roi-sa": replace(_BASE, name="st-roi-sa", queries="grid", context="st-roi"),
+}
+
 ABLATION: tuple[str, ...] = ("baseline", "spatial", "spatial-sa", "st", "st-sa")
-ZOO: tuple[str, ...] = ABLATION + ("acrn", "acar", "lfb")
+ZOO: tuple[str, ...] = ABLATION + ("acrn", "acar", "lfb", "st-roi", "st-roi-sa")
 
 # Frame-mAP@0.5 on AVA v2.2 val, Table 1 of the paper.
 PAPER_MAP: dict[str, float] = {

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+# The context fields with one row per clip; ``actor_seq`` is context too, but has one row per box.
 CONTEXT_FIELDS: tuple[str, ...] = ("slow", "fast", "fast_seq", "bank")
 
 
@@ -22,6 +23,8 @@ class HeadInputs:
     - ``slow``: (B, C_s, H, W) time-pooled slow map, or None when the head does not read it.
     - ``fast``: (B, C_f, H, W) time-pooled fast map, or None.
     - ``fast_seq``: (B, C_f, T_f) space-pooled fast sequence, or None.
+    - ``actor_seq``: (N, C_f, T_f) each box's own fast sequence, one row per box like ``actor``: for box n and
+      fast frame t, the box's RoI on frame t's fast map, max-pooled over the RoI (the cache computes it); or None.
     - ``valid``: (B, H, W) bool, True where the map is real; maps of clips with other aspect ratios are
       right/bottom-padded to the batch's H, W. None means every position is real.
     - ``box_map``: (N, 4) float, each box's x1 y1 x2 y2 in map cells (pixels times the maps' spatial scale),
@@ -37,6 +40,7 @@ class HeadInputs:
     slow: torch.Tensor | None = None
     fast: torch.Tensor | None = None
     fast_seq: torch.Tensor | None = None
+    actor_seq: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     box_map: torch.Tensor | None = None
     bank: torch.Tensor | None = None
@@ -52,6 +56,10 @@ class HeadInputs:
             )
         if self.box_map is not None and tuple(self.box_map.shape) != (self.actor.shape[0], 4):
             raise ValueError(f"HeadInputs.box_map: expected ({self.actor.shape[0]}, 4), got {tuple(self.box_map.shape)}")
+        seq = self.actor_seq
+        if seq is not None and (seq.dim() != 3 or seq.shape[0] != self.actor.shape[0]):
+            raise ValueError(f"HeadInputs.actor_seq: expected (N, C_f, T_f) with N = {self.actor.shape[0]} boxes "
+                             f"(one row per box, like actor), got {tuple(self.actor_seq.shape)}")
         if (self.bank is None) != (self.bank_valid is None):
             raise ValueError("HeadInputs.bank and bank_valid go together")
         if self.bank is not None and (self.bank_valid.shape != self.bank.shape[:2] or self.bank_valid.dtype != torch.bool):

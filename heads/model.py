@@ -6,7 +6,10 @@ L context tokens, D width, K classes.
 
 Boxes of one clip share its context, and a query token never attends to another query, so the heads
 pack the boxes of each clip into one query sequence of M*Q tokens and attend once per clip to that
-clip's tokens: keys and values are projected once per clip, never copied per box.
+clip's tokens: keys and values are projected once per clip, never copied per box. A context with one row
+per box (``actor_seq``, the "st-roi" heads) is placed in the same packing, one row per query slot (B*M
+rows, unused slots zeros), and the packed queries are viewed as (B*M, Q, D) for its block: each box's
+queries attend to its own tokens, with no per-box loop and no unpacking.
 """
 
 from __future__ import annotations
@@ -75,8 +78,9 @@ class MapTokens(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.pos = position_2d(cfg.spatial_pos, cfg, cfg.max_positions)
 
-    def forward(self, batch: HeadInputs) -> Context:
-        """-> tokens (B, H*W, D), key positions (H*W, D), key_padding_mask (B, H*W) or None."""
+    def forward(self, batch: HeadInputs, slot: torch.Tensor, m: int) -> Context:
+        """-> tokens (B, H*W, D), key positions (H*W, D), key_padding_mask (B, H*W) or None. The queries'
+        packing (``slot``, ``m``: see ``BoxSequenceTokens``) does not concern a per-clip context."""
         x = torch.cat([batch.require(f) for f in self.fields], dim=1)  # (B, C, H, W)
         tokens = self.norm(self.proj(x.flatten(2).transpose(1, 2)))  # (B, H*W, D)
         return tokens, self.pos(tuple(x.shape[2:]), tokens), key_padding(batch.valid)
@@ -92,11 +96,30 @@ class SequenceTokens(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.pos = position_1d(cfg.temporal_pos, cfg, cfg.max_positions)
 
-    def forward(self, batch: HeadInputs) -> Context:
-        """-> tokens (B, T, D), key positions (T, D), no padding mask (every clip has T steps)."""
+    def forward(self, batch: HeadInputs, slot: torch.Tensor, m: int) -> Context:
+        """-> tokens (B, T, D), key positions (T, D), no padding mask (every clip has T steps). The queries'
+        packing (``slot``, ``m``: see ``BoxSequenceTokens``) does not concern a per-clip context."""
         x = batch.require(self.field)  # (B, C, T)
         tokens = self.norm(self.proj(x.transpose(1, 2)))  # (B, T, D)
         return tokens, self.pos(tuple(x.shape[2:]), tokens), None
+
+
+class BoxSequenceTokens(SequenceTokens):
+    """Context tokens from a sequence with one row per box (``actor_seq``): each box's own tokens, one per time
+    step, in the query slots of ``pack_by_clip``.
+
+    The same projection, LayerNorm and temporal encoding as ``SequenceTokens`` (same parameters, same names), so
+    with every box's sequence equal to its clip's ``fast_seq`` it gives each box its clip's tokens.
+    """
+
+    def forward(self, batch: HeadInputs, slot: torch.Tensor, m: int) -> Context:
+        """``slot`` (N,), ``m``: where ``pack_by_clip`` put each box's queries (row ``slot[n]`` of B*M) ->
+        tokens (B*M, T, D), box n's in row ``slot[n]`` and zeros in unused slots, key positions (T, D), no padding
+        mask (every box has T steps)."""
+        x = batch.require(self.field)  # (N, C, T)
+        tokens = self.norm(self.proj(x.transpose(1, 2)))  # (N, T, D)
+        slots = pack_into(tokens, slot, batch.num_clips, m).view(-1, *tokens.shape[1:])  # (B*M, T, D)
+        return slots, self.pos(tuple(x.shape[2:]), slots), None
 
 
 def spatial_context(cfg: HeadConfig) -> list[nn.Module]:
@@ -107,6 +130,12 @@ def spatial_context(cfg: HeadConfig) -> list[nn.Module]:
 def spatiotemporal_context(cfg: HeadConfig) -> list[nn.Module]:
     """Table 1 "st": a block over time-pooled slow (H*W tokens), then one over space-pooled fast (T_f tokens)."""
     return [MapTokens(("slow",), cfg.C_s, cfg), SequenceTokens("fast_seq", cfg.C_f, cfg)]
+
+
+def box_spatiotemporal_context(cfg: HeadConfig) -> list[nn.Module]:
+    """"st-roi": "st" whose second block reads each box's own fast sequence (T_f tokens per box) instead of the
+    clip's space-pooled one."""
+    return [MapTokens(("slow",), cfg.C_s, cfg), BoxSequenceTokens("actor_seq", cfg.C_f, cfg)]
 
 
 class BaselineHead(nn.Module):
@@ -124,13 +153,18 @@ class BaselineHead(nn.Module):
 
 
 class ContextHead(nn.Module):
-    """Actor tokens -> one cross-attention block per context source -> max over tokens -> two linears."""
+    """Actor tokens -> one cross-attention block per context source -> max over tokens -> two linears.
+
+    A source's context has one row per clip (B, L, D): a clip's M*Q packed queries attend to it together; or one
+    row per query slot (B*M, L, D), ``BoxSequenceTokens``: each box's Q queries attend to their own row.
+    """
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.config = cfg
         self.actor = {"pooled": PooledActorTokens, "grid": GridActorTokens}[cfg.queries](cfg)
-        self.sources = nn.ModuleList({"spatial": spatial_context, "st": spatiotemporal_context}[cfg.context](cfg))
+        contexts = {"spatial": spatial_context, "st": spatiotemporal_context, "st-roi": box_spatiotemporal_context}
+        self.sources = nn.ModuleList(contexts[cfg.context](cfg))
         self.blocks = nn.ModuleList(cross_attention_block(cfg) for _ in self.sources)
         # Pre-norm blocks leave the residual stream unnormalised; post-norm blocks end in a LayerNorm.
         self.norm = nn.LayerNorm(cfg.width) if cfg.norm == "pre" else nn.Identity()
@@ -144,18 +178,25 @@ class ContextHead(nn.Module):
     def forward(self, batch: HeadInputs) -> torch.Tensor:
         """HeadInputs (actor, box_clip, box_map with ``query_pos="box"``, and the fields in ``config.needs``)
         -> logits (N, K)."""
-        contexts = [source(batch) for source in self.sources]
+        num_clips = batch.num_clips
+        if num_clips is None:
+            raise ValueError(f"head {self.config.name} reads {sorted(self.config.needs)}, but the batch holds none of its "
+                             "per-clip fields")
         tokens = self.actor(batch.actor)  # (N, Q, D)
-        x, slot = pack_by_clip(tokens, batch.box_clip, contexts[0][0].shape[0])  # (B, M*Q, D)
+        q, d = tokens.shape[1:]
+        x, slot = pack_by_clip(tokens, batch.box_clip, num_clips)  # (B, M*Q, D)
+        b, m = x.shape[0], x.shape[1] // q
         qpos = None
         if self.config.query_pos == "box":
             points = query_points(batch.require("box_map"), self.config.query_grid if self.config.queries == "grid" else 1)
             encode = next(s.pos for s in self.sources if isinstance(s, MapTokens))
             qpos = encode.at(points).to(tokens.dtype)  # (N, Q, D)
-            qpos = pack_into(qpos, slot, x.shape[0], x.shape[1] // tokens.shape[1])  # (B, M*Q, D), packed like x
-        for block, source, (ctx, pos, pad) in zip(self.blocks, self.sources, contexts):
-            x = block(x, ctx, pos, pad, qpos if isinstance(source, MapTokens) else None)  # (B, M*Q, D)
-        x = unpack_by_clip(self.norm(x), slot, tokens.shape[1])  # (N, Q, D)
+            qpos = pack_into(qpos, slot, b, m)  # (B, M*Q, D), packed like x
+        for block, source in zip(self.blocks, self.sources):
+            ctx, pos, pad = source(batch, slot, m)  # (B, L, D) per clip or (B*M, L, D) per query slot
+            rows = x.reshape(len(ctx), -1, d)  # (B, M*Q, D) or (B*M, Q, D): the queries of each context row
+            x = block(rows, ctx, pos, pad, qpos if isinstance(source, MapTokens) else None).reshape(b, m * q, d)
+        x = unpack_by_clip(self.norm(x), slot, q)  # (N, Q, D)
         return self.classifier(x.amax(dim=1))  # (N, K)
 
 
@@ -179,7 +220,7 @@ def build_head(cfg: HeadConfig) -> nn.Module:
         from heads.lfb import LfbHead
 
         return LfbHead(cfg)
-    return {"none": BaselineHead, "spatial": ContextHead, "st": ContextHead}[cfg.context](cfg)
+    return {"none": BaselineHead, "spatial": ContextHead, "st": ContextHead, "st-roi": ContextHead}[cfg.context](cfg)
 
 
 def count_parameters(module: nn.Module) -> int:

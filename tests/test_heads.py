@@ -64,9 +64,11 @@ def make_batch(cfg: HeadConfig, seed: int = 0) -> tuple[HeadInputs, list[dict[st
         clips[i] |= {"bank": bank[i : i + 1, :n].clone(), "bank_valid": torch.ones(1, n, dtype=torch.bool)}
     box_clip = torch.tensor(BOX_CLIP, dtype=torch.long)
     actor = torch.randn(len(BOX_CLIP), cfg.C_s + cfg.C_f, r, r, generator=g).relu()
-    ctx = {"slow": slow, "fast": fast, "fast_seq": fast_seq, "bank": bank, "bank_valid": bank_valid}
     corner = torch.rand(len(BOX_CLIP), 2, generator=g) * torch.tensor([1.5, 1.0])  # (x1, y1) in map cells
     box_map = torch.cat([corner, corner + 0.5 + torch.rand(len(BOX_CLIP), 2, generator=g)], dim=1)  # (N, 4)
+    actor_seq = torch.randn(len(BOX_CLIP), cfg.C_f, T_F, generator=g).relu()  # (N, C_f, T_f): per box, like actor
+    ctx = {"slow": slow, "fast": fast, "fast_seq": fast_seq, "actor_seq": actor_seq, "bank": bank,
+           "bank_valid": bank_valid}
     batch = HeadInputs(actor=actor, box_clip=box_clip, valid=valid, box_map=box_map, **{k: ctx[k] for k in fields_of(cfg)})
     return batch, clips
 
@@ -76,15 +78,21 @@ def fields_of(cfg: HeadConfig) -> set[str]:
     return set(cfg.needs) | ({"bank_valid"} if "bank" in cfg.needs else set())
 
 
+PER_BOX_FIELDS = ("actor", "box_clip", "box_map", "actor_seq")  # HeadInputs fields with one row per box
+
+
+def boxes(batch: HeadInputs, index: torch.Tensor) -> HeadInputs:
+    """The batch with its boxes taken at ``index`` (a permutation, a mask or a slice) and the clips' fields kept."""
+    return dataclasses.replace(batch, **{k: getattr(batch, k)[index] for k in PER_BOX_FIELDS
+                                         if getattr(batch, k) is not None})
+
+
 def alone(cfg: HeadConfig, batch: HeadInputs, clips: list[dict[str, torch.Tensor]], clip: int) -> HeadInputs:
     """The boxes of one clip with that clip's unpadded maps only, as a batch of one clip."""
     sel = batch.box_clip == clip
-    return HeadInputs(
-        actor=batch.actor[sel],
-        box_clip=torch.zeros(int(sel.sum()), dtype=torch.long),
-        box_map=batch.box_map[sel],
-        **{k: clips[clip][k] for k in fields_of(cfg)},
-    )
+    per_box = {k: getattr(batch, k)[sel] for k in PER_BOX_FIELDS if getattr(batch, k) is not None}
+    per_box["box_clip"] = torch.zeros(int(sel.sum()), dtype=torch.long)
+    return HeadInputs(**per_box, **{k: clips[clip][k] for k in fields_of(cfg) if k not in per_box})
 
 
 def check_contract(cfg: HeadConfig) -> None:
@@ -154,7 +162,7 @@ def test_box_order_does_not_matter(name):
     head = build_head(cfg).eval()
     batch, _ = make_batch(cfg)
     perm = torch.tensor([3, 0, 4, 2, 1])
-    shuffled = dataclasses.replace(batch, actor=batch.actor[perm], box_clip=batch.box_clip[perm], box_map=batch.box_map[perm])
+    shuffled = boxes(batch, perm)
     with torch.no_grad():
         torch.testing.assert_close(head(shuffled), head(batch)[perm], rtol=1e-5, atol=1e-5)
 
@@ -186,7 +194,7 @@ def test_checkpoint_round_trip(name):
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
-@pytest.mark.parametrize("name", ["spatial-sa", "st-sa", "st"])
+@pytest.mark.parametrize("name", ["spatial-sa", "st-sa", "st", "st-roi-sa"])
 def test_options(name, overrides):
     cfg = tiny(name, **overrides)
     check_contract(cfg)
@@ -201,6 +209,7 @@ def test_registry():
     assert VARIANTS["baseline"].needs == frozenset()
     assert VARIANTS["spatial"].needs == {"slow", "fast"}
     assert VARIANTS["st-sa"].needs == {"slow", "fast_seq"}
+    assert VARIANTS["st-roi"].needs == VARIANTS["st-roi-sa"].needs == {"slow", "actor_seq"}
     assert len({cfg.digest() for cfg in VARIANTS.values()}) == len(VARIANTS)
     mini = variant("st-sa").resolve(MINI_FEATURES)
     assert (mini.C_s, mini.C_f, mini.K) == (128, 32, 80)
@@ -242,6 +251,8 @@ def test_explicit_sizes_are_kept_and_checked_against_the_features():
         variant("baseline", C_f=16).resolve(MINI_FEATURES)
     with pytest.raises(ValueError, match="T_f=65 fast frames, more than max_positions=64"):
         variant("st").resolve({**MINI_FEATURES, "T_f": 65})
+    with pytest.raises(ValueError, match="T_f=65 fast frames, more than max_positions=64"):
+        variant("st-roi").resolve({**MINI_FEATURES, "T_f": 65})  # each box's fast sequence, the same limit
     assert variant("spatial").resolve({**MINI_FEATURES, "T_f": 65}).C_f == 32  # no fast sequence, no limit
     with pytest.raises(ValueError, match="map_hw"):
         variant("st").resolve({"C_s": 128, "C_f": 32, "T_f": 32})
@@ -316,7 +327,7 @@ def test_pack_round_trip():
 def test_no_boxes(name):
     cfg = tiny(name)
     batch, _ = make_batch(cfg)
-    empty = dataclasses.replace(batch, actor=batch.actor[:0], box_clip=batch.box_clip[:0], box_map=batch.box_map[:0])
+    empty = boxes(batch, slice(0, 0))
     assert build_head(cfg).eval()(empty).shape == (0, cfg.K)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from cache.boxes import KeyframeBoxes
-from cache.roi import actor_features, box_clip_index
+from cache.roi import actor_features, actor_sequence, box_clip_index
 from cache.schema import NUM_CLASSES, ROI_SIZE, SCHEMA_VERSION
 from heads import HeadConfig, HeadInputs, build_head
 from pipeline.ava import files as ava
@@ -91,6 +91,8 @@ class ContextDetector(nn.Module):
             "slow": slow, "fast": fast, "fast_seq": fast_seq,
             "valid": torch.ones((len(slow), *slow.shape[-2:]), dtype=torch.bool, device=device),  # (B, h, w)
         }
+        if "actor_seq" in self.config.needs:  # each box's own tokens over the fast frames, as extraction stores them
+            batch["actor_seq"] = actor_sequence(Ff.float(), boxes, box_clip, image_hw, self.backbone.cfg.aligned)
         return head_inputs(batch, self.config.needs)
 
 

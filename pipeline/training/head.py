@@ -96,7 +96,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------- data
 
 
-PER_BOX = frozenset({"actor", *BOX_FIELDS})  # batch keys with one row per box; the rest have one per keyframe
+PER_BOX = frozenset({"actor", "actor_seq", *BOX_FIELDS})  # batch keys with one row per box; the rest have one per keyframe
 
 
 class ResidentSplit:
@@ -194,7 +194,7 @@ def box_map(boxes: torch.Tensor, image_hw: torch.Tensor, box_clip: torch.Tensor)
 
 def head_inputs(batch: Mapping, needs: frozenset[str]) -> HeadInputs:
     """The fields of a batch that a head reads (``HeadConfig.needs``), and every box's place on the map."""
-    maps = {k: batch[k] for k in ("slow", "fast", "fast_seq", "bank", "bank_valid")
+    maps = {k: batch[k] for k in ("slow", "fast", "fast_seq", "actor_seq", "bank", "bank_valid")
             if k in needs or (k == "bank_valid" and "bank" in needs)}
     valid = batch.get("valid") if ({"slow", "fast"} & needs) else None
     return HeadInputs(actor=batch["actor"], box_clip=batch["box_clip"], valid=valid,
@@ -327,6 +327,9 @@ def _train_and_evaluate(config: HeadConfig, spec: dict, store: str | Path, work:
                         threads=train.cpu_threads if cpu else None):
         model = build_head(config).to(device)
         jitter = train.box_jitter > 0
+        if jitter and "actor_seq" in config.needs:
+            raise ValueError(f"head {config.name} reads the stored per-frame box tokens (actor_seq), which moved boxes "
+                             "cannot recompute: train it with box_jitter 0")
         train_data = open_split(store, train_split, config.needs, device, train.memory_budget, jitter=jitter,
                                 local_cache=local_cache)
         steps_per_epoch = math.ceil(len(train_data) / train.batch_size)
