@@ -6,7 +6,8 @@ Runs the same Luigi commands a user runs (each a fresh process, so each phase in
 PrepareData, FinetuneBackbone, FeatureCache (train, val, test), FullAblation without its end-to-end row (the heads,
 EvaluateHead on test, the table), FullAblation again (the end-to-end row: FinetuneEndToEnd), then one more head
 experiment (TrainHead with a new seed) and a rerun of FullAblation that must find everything done. The phases up to
-the end-to-end row are what `make demo` runs from an empty folder. Writes its section of docs/benchmarks.md (with the
+the end-to-end row are what `make demo` runs from an empty folder. ``--zoo`` then times ContextZoo on the same
+folder (the Table 1 heads found done, the zoo's own heads trained: its budget is "after make demo"). Writes its section of docs/benchmarks.md (with the
 CPU model and whether it has AVX-512) and prints the table.
 """
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/stctx-bench"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--zoo", action="store_true", help="also time ContextZoo after the demo's phases")
     args = parser.parse_args()
     shutil.rmtree(args.root, ignore_errors=True)
     seeds = json.dumps(args.seeds)
@@ -70,6 +72,7 @@ def main() -> None:
     extraction = sum(t for name, t in rows if name.startswith("FeatureCache"))
     one = timed(["TrainHead", "--variant", "st-sa", "--seed", "1000"], args.root)
     rerun = timed(["FullAblation", "--seeds", seeds], args.root)
+    zoo = timed(["ContextZoo", "--seeds", seeds], args.root) if args.zoo else None
     runs = sorted((args.root / "heads").glob("*/seed-*/metrics.json"))  # TrainHead's own (val) runs
     per_variant: dict[str, list[float]] = {}
     for path in runs:
@@ -83,7 +86,8 @@ def main() -> None:
         f"- machine: {cpu_model(isa=True)}, {os.cpu_count()} cores, {platform.platform()}; load average "
         f"{load_before:.1f} before, {load_after:.1f} after",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- command: `.venv/bin/python benchmarks/bench_pipeline.py --seeds {' '.join(map(str, args.seeds))}`",
+        f"- command: `.venv/bin/python benchmarks/bench_pipeline.py --seeds {' '.join(map(str, args.seeds))}"
+        f"{' --zoo' if args.zoo else ''}`",
         "",
         "| phase | wall s |",
         "|---|---|",
@@ -93,6 +97,8 @@ def main() -> None:
         "(2 Luigi workers; JPEG decoding, mini backbone, RoIAlign, Zarr writes and process starts included) | |",
         f"| one head experiment (`TrainHead --variant st-sa`, new seed; process start included) | {one:.1f} |",
         f"| rerun of FullAblation with everything done | {rerun:.1f} |",
+        *([f"| ContextZoo after all of the above (the zoo's heads x {len(args.seeds)} seeds, FeatureBank, table) | "
+           f"{zoo:.1f} |"] if zoo is not None else []),
         "",
         "Train + evaluate seconds per head run (from metrics.json, without process start):",
         "",

@@ -212,7 +212,8 @@ def zoo_frame(results: Sequence[Mapping], published: Mapping[str, tuple[float, s
               blind: Mapping[int, float] | None = None) -> pd.DataFrame:
     """The context zoo's rows: ``ablation_frame``'s columns without the paper's, plus ``train_s`` (the mean of the
     runs' ``train_time_s``, seconds of head training per run) and the published number beside ours, never mixed
-    in: ``published_map`` (AVA v2.2 val frame-mAP, end to end, percent) and ``published_source``."""
+    in: ``published_map`` (AVA val frame-mAP, end to end, percent; v2.2 unless the source names another) and
+    ``published_source``."""
     table = ablation_frame(results, {}, order, blind).drop(columns="paper_map")
     train = {name: [r["train_time_s"] for r in results if r["variant"] == name and r.get("train_time_s") is not None]
              for name in table["variant"]}
@@ -231,7 +232,7 @@ def format_zoo_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = 
     split = table["split"].iloc[0] if len(table) else "val"
     header = (["head", f"frame-mAP {split} (ours)", "seeds"] + (["val (selection)"] if val else []) +
               ["train s / run"] + (["AP order classes", "blind bound"] if order else []) +
-              ["published (AVA v2.2, end to end)", "source"])
+              ["published (AVA val, end to end)", "source"])
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         cells = [r["variant"], f"{r['map_mean']:.2f} ± {r['map_std']:.2f}", str(r["n_seeds"])]
@@ -241,8 +242,8 @@ def format_zoo_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = 
         cells += [_num(r["published_map"]), r["published_source"] or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "mAP and AP in percent; ± is the standard deviation over seeds. Ours: heads trained from one feature "
-              "cache of one backbone; published: each method's own end-to-end training on AVA v2.2 val, for "
-              "reference only (another dataset, backbone and schedule)."]
+              "cache of one backbone; published: each method's own end-to-end training, frame-mAP on AVA v2.2 val "
+              "unless its source says otherwise, for reference only (another dataset, backbone and schedule)."]
     if order and blind:
         lines.append(f"Order classes: {', '.join(str(c) for c in blind)}; the blind bound is the AP of a head that "
                      "finds every actor of an order pair but guesses the direction.")
@@ -258,7 +259,7 @@ def publish_zoo(results: Sequence[Mapping], out_dir: Path, latest_dirs: Path | S
     table = zoo_frame(results, published, order, blind)
     with built_dir(out_dir) as work:
         plot_table(table, work / "table.png", title, blind, reference="published_map",
-                   reference_label="published, AVA v2.2", left_title="context heads on one cache")
+                   reference_label="published, AVA", left_title="context heads on one cache")
         with atomic_file(work / "table.csv", "w") as f:
             table.round(4).to_csv(f, index=False)
         write_text(work / "table.md", format_zoo_markdown(table, title, notes, blind))
