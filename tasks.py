@@ -892,6 +892,10 @@ class FinetuneEndToEnd(_CacheTask):
     and ``start_val_mAP``, the same model's val mAP on frames before any update.
     """
 
+    # Luigi starts the runnable task of highest priority first: the heads (priority 0) before this one, which would
+    # otherwise start as soon as its head is done and share the cores with every head still to train
+    priority = -10
+
     variant = luigi.Parameter(default="st-sa")
     seed = luigi.IntParameter(default=0)
     overrides = luigi.DictParameter(default={}, description="HeadConfig overrides of the head it starts from")
