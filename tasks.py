@@ -705,6 +705,11 @@ class TrainHead(_CacheTask):
     backbone or new data retrains every head, an edit of one variant's config reruns that variant only.
     """
 
+    # Luigi starts the runnable task of highest priority first, and a task's priority is at least that of any task
+    # that needs it: the heads (and what they need) go before FinetuneEndToEnd (priority 0), which would otherwise
+    # start as soon as its own head is done and share the two cores with every head still to train
+    priority = 10
+
     variant = luigi.Parameter(default="st-sa")
     seed = luigi.IntParameter(default=0)
     overrides = luigi.DictParameter(default={}, description="HeadConfig field overrides, e.g. {\"width\": 64}")
@@ -891,10 +896,6 @@ class FinetuneEndToEnd(_CacheTask):
     fields of EvaluateHead's (``variant`` reads "<variant> (end to end)", ``mAP`` on the reported split, ``val_mAP``)
     and ``start_val_mAP``, the same model's val mAP on frames before any update.
     """
-
-    # Luigi starts the runnable task of highest priority first: the heads (priority 0) before this one, which would
-    # otherwise start as soon as its head is done and share the cores with every head still to train
-    priority = -10
 
     variant = luigi.Parameter(default="st-sa")
     seed = luigi.IntParameter(default=0)
