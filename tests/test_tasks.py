@@ -22,6 +22,8 @@ def test_full_ablation_then_rerun_does_nothing(luigi_config, luigi_run, monkeypa
     assert sorted(set(ran)) == ["EvaluateHead", "ExtractVideo", "FeatureCache", "FinetuneBackbone",
                                 "FinetuneEndToEnd", "FullAblation", "PrepareData", "SplitIndex", "TrainHead"]
     assert ran.count("TrainHead") == 4 and ran.count("EvaluateHead") == 4 and ran.count("ExtractVideo") == 4
+    # every head before the end-to-end row (Luigi priority), which would otherwise share the cores with them
+    assert ran.index("FinetuneEndToEnd") > max(i for i, name in enumerate(ran) if name in ("TrainHead", "EvaluateHead"))
     table = pd.read_csv(luigi_config / "ablation" / "mini" / "table1.csv")
     # the last row: the last variant trained end to end from its seed-0 head (end_to_end_seeds), on frames
     assert list(table["variant"]) == ["baseline", "st", "st (end to end)"]
