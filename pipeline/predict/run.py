@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 
 from pipeline.ava import files as ava
 from pipeline.errors import InputError
@@ -60,15 +59,19 @@ class Source:
     split: str | None = None
     description: str = ""
     excluded: set[str] = field(default_factory=set)
+    _listed: dict[str, list[Path]] = field(default_factory=dict, repr=False)
 
     def frame_path(self, video_id: str, sec: int) -> Path:
         """The JPEG of keyframe ``sec`` of ``video_id``."""
         return self.frames(video_id)[(int(sec) - self.first_second) * ava.FPS]
 
     def frames(self, video_id: str) -> list[Path]:
-        if self.frame_lists is not None:
-            return [self.frames_root / p for p in self.frame_lists[video_id]]
-        return sorted((self.frames_root / video_id).glob("*.jpg"))
+        """The video's frame files in frame order, listed once (``frame_path`` asks for every keyframe)."""
+        if video_id not in self._listed:
+            self._listed[video_id] = ([self.frames_root / p for p in self.frame_lists[video_id]]
+                                      if self.frame_lists is not None
+                                      else sorted((self.frames_root / video_id).glob("*.jpg")))
+        return self._listed[video_id]
 
     def has_keyframe(self, video_id: str, sec: int) -> bool:
         return video_id in self.num_frames and 0 <= (int(sec) - self.first_second) * ava.FPS < self.num_frames[video_id]
@@ -190,12 +193,11 @@ def boxes_from_detector(checkpoint: Path, source: Source, threshold: float, out:
                         min_size: int = 800, progress: bool = False):
     """Person boxes of every candidate keyframe from a Faster R-CNN checkpoint; written to ``out/detections.csv``."""
     from pipeline.ava.proposals import eval_proposals
-    from pipeline.predict.detector import detect_keyframes, load_person_detector
+    from pipeline.predict.detector import detect_keyframes, detections_rows, load_person_detector
 
     model = load_person_detector(checkpoint, device, min_size=min_size)
     frame = detect_keyframes(model, source.frame_path, source.keyframes, threshold=threshold, progress=progress)
-    ava.write_detections(ava.BoxRows.from_frame(frame, "detections", source=f"detector {checkpoint}"),
-                         out / "detections.csv")
+    ava.write_detections(detections_rows(frame), out / "detections.csv")
     return eval_proposals(frame, threshold)
 
 
@@ -371,11 +373,10 @@ def write_predictions(path: Path, pred, labelmap: Mapping[int, str]) -> Path:
     """``pred`` as an AVA detections CSV: one row per box and label-map class (video, second, box, action id, score),
     box-major; floats in their shortest round-trip form (``write_detections``), so scoring the file gives the same
     frame-mAP as scoring the arrays."""
-    from pipeline.ava.evaluation import detections_from_scores
+    from pipeline.training.head import label_map_detections
 
-    class_ids = np.array(sorted(k for k in labelmap if 1 <= k <= pred.scores.shape[1]), dtype=np.int64)
-    rows = detections_from_scores(pred.video_ids, pred.secs, pred.boxes, pred.scores[:, class_ids - 1], class_ids)
-    return ava.write_detections(rows, path)
+    classes = [k for k in labelmap if 1 <= k <= pred.scores.shape[1]]
+    return ava.write_detections(label_map_detections(pred.video_ids, pred.secs, pred.boxes, pred.scores, classes), path)
 
 
 def evaluate(out: Path, source: Source, pred) -> dict:

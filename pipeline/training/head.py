@@ -433,12 +433,19 @@ def evaluate_head(model, store, split: str, *, groundtruth, labelmap, exclusions
 def frame_map(videos, secs: np.ndarray, boxes: np.ndarray, scores: np.ndarray, *, groundtruth, labelmap, exclusions):
     """Frame-mAP@0.5 (``FrameMapResult``) of per-box scores (M, K = 80, ``predict``'s output): the label map's classes
     of the 80, then the official protocol (``pipeline.ava.evaluation.evaluate_frame_map``)."""
-    from pipeline.ava.evaluation import detections_from_scores, evaluate_frame_map, load_labelmap
+    from pipeline.ava.evaluation import evaluate_frame_map, load_labelmap
 
     labels = load_labelmap(labelmap)
-    class_ids = np.array(sorted(labels), dtype=np.int64)
-    detections = detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
-    return evaluate_frame_map(groundtruth, detections, labels, exclusions)
+    return evaluate_frame_map(groundtruth, label_map_detections(videos, secs, boxes, scores, labels), labels, exclusions)
+
+
+def label_map_detections(videos, secs: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes):
+    """Detection rows (``BoxRows``) of per-box scores (M, K = 80) for the action ids ``classes`` (a label map's, in
+    id order), box-major: what the evaluator scores and a predictions CSV holds."""
+    from pipeline.ava.evaluation import detections_from_scores
+
+    class_ids = np.array(sorted(classes), dtype=np.int64)
+    return detections_from_scores(videos, secs, boxes, scores[:, class_ids - 1], class_ids)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
