@@ -908,7 +908,7 @@ class FinetuneEndToEnd(_CacheTask):
     checkpoint_every = luigi.IntParameter(default=200, significant=False)
 
     def head_run(self) -> TrainHead:
-        epochs = self.head_epochs if self.head_epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
+        epochs = head_epochs(self.head_epochs)
         return self.clone(TrainHead, variant=self.variant, seed=self.seed, overrides=self.overrides, epochs=epochs)
 
     def requires(self):
@@ -1059,12 +1059,8 @@ class FullAblation(_CacheTask):
         return given
 
     def requires(self):
-        # clone() copies epochs=None over a [TrainHead] epochs of luigi.cfg; pass that setting on instead
-        epochs = self.epochs if self.epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
-        split = report_split(self.dataset)
-        runs = [self.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides=self.overrides_of(v))
-                for v in self.variants for s in self.seeds]
-        rows = runs if split == "val" else [run.clone(EvaluateHead, split=split) for run in runs]
+        epochs = head_epochs(self.epochs)
+        rows = head_rows(self, self.variants, self.seeds, epochs, self.overrides_of)
         final = self.final_variant()
         if final is None:
             return rows
@@ -1145,11 +1141,7 @@ class ContextZoo(_CacheTask):
                                         description="head epochs of every run (default: [TrainHead] epochs, else TrainConfig's)")
 
     def requires(self):
-        epochs = self.epochs if self.epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
-        runs = [self.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides={})
-                for v in self.variants for s in self.seeds]
-        split = report_split(self.dataset)
-        return runs if split == "val" else [run.clone(EvaluateHead, split=split) for run in runs]
+        return head_rows(self, self.variants, self.seeds, head_epochs(self.epochs), lambda variant: {})
 
     def latest_dir(self) -> Path:
         return root() / "zoo"
@@ -1179,6 +1171,21 @@ class ContextZoo(_CacheTask):
     def result_line(self) -> str:
         return (f"ContextZoo {self.dataset}: {len(self.variants)} heads x {len(self.seeds)} seeds -> "
                 f"{self.latest_dir() / 'table.md'}")
+
+
+def head_epochs(epochs: int | None) -> int | None:
+    """The head epochs a table's runs get: the table's own, else ``[TrainHead] epochs`` of luigi.cfg (``clone()``
+    would copy a None over that setting)."""
+    return epochs if epochs is not None else TrainHead.epochs.task_value("TrainHead", "epochs")
+
+
+def head_rows(table: luigi.Task, variants, seeds, epochs: int | None, overrides_of) -> list:
+    """A table's head runs, one per variant and seed (``overrides_of(variant)``: its HeadConfig overrides): TrainHead
+    where the dataset reports ``val`` (its own evaluation), else EvaluateHead on the reported split."""
+    split = report_split(table.dataset)
+    runs = [table.clone(TrainHead, variant=v, seed=s, epochs=epochs, overrides=overrides_of(v))
+            for v in variants for s in seeds]
+    return runs if split == "val" else [run.clone(EvaluateHead, split=split) for run in runs]
 
 
 BLIND_DRAWS = 20  # the bound's spread over draws is about 2.4 AP on the mini-AVA val split; the mean's, 0.5
