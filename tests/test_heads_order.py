@@ -98,6 +98,26 @@ def take(batch: dict[str, torch.Tensor], clips: torch.Tensor) -> dict[str, torch
     return {**{k: v[clips] for k, v in batch.items()}, "box_clip": torch.arange(len(clips))}
 
 
+def held_out_accuracy(name: str, overrides: dict, train: dict, held: dict, take, n_train: int, steps: int,
+                      batch: int) -> float:
+    """Train ``variant(name, K=1, **overrides)`` for ``steps`` steps of ``batch`` clips (the ``n_train`` training
+    clips in seeded shuffled passes, ``take(train, clips)`` a batch of them) with the head training step, then its
+    accuracy on every box of ``held`` (logit > 0: label 1)."""
+    with torch_settings(threads=1, seed=0):
+        cfg = variant(name, K=1, **overrides).resolve(FEATURES)
+        head = build_head(cfg).train()
+        settings = TrainConfig()
+        optimizer, scheduler = make_optimizer(head, settings, steps)
+        g = torch.Generator().manual_seed(3)
+        order = torch.cat([torch.randperm(n_train, generator=g) for _ in range(math.ceil(steps * batch / n_train))])
+        for step in range(steps):
+            train_step(head, take(train, order[step * batch : (step + 1) * batch]), cfg.needs, optimizer, scheduler,
+                       settings.grad_clip)
+        with torch.no_grad():
+            said = head.eval()(head_inputs(held, cfg.needs))[:, 0] > 0  # (N,)
+    return (said == held["labels"][:, 0].bool()).float().mean().item()
+
+
 @pytest.fixture(scope="module")
 def data() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     with torch_settings(threads=1):
@@ -140,19 +160,7 @@ def test_the_two_orders_have_equal_time_means():
 ], ids=["st", "spatial", "st-without-temporal-positions"])
 def test_only_the_temporal_block_learns_the_order(data, name, overrides, reads_order):
     train, held = data
-    with torch_settings(threads=1, seed=0):
-        cfg = variant(name, K=1, **overrides).resolve(FEATURES)
-        head = build_head(cfg).train()
-        settings = TrainConfig()
-        optimizer, scheduler = make_optimizer(head, settings, STEPS)
-        g = torch.Generator().manual_seed(3)
-        order = torch.cat([torch.randperm(N_TRAIN, generator=g) for _ in range(math.ceil(STEPS * BATCH / N_TRAIN))])
-        for step in range(STEPS):
-            train_step(head, take(train, order[step * BATCH : (step + 1) * BATCH]), cfg.needs, optimizer, scheduler,
-                       settings.grad_clip)
-        with torch.no_grad():
-            said = head.eval()(head_inputs(held, cfg.needs))[:, 0] > 0  # (N,) True: B then A
-    accuracy = (said == held["labels"][:, 0].bool()).float().mean().item()
+    accuracy = held_out_accuracy(name, overrides, train, held, take, N_TRAIN, STEPS, BATCH)
     if reads_order:
         assert accuracy > 0.9, accuracy
     else:

@@ -22,12 +22,12 @@ import math
 import pytest
 import torch
 from test_heads import BOX_CLIP, make_batch, tiny
-from test_heads_order import C_F, C_S, EVENT, FEATURES, H, IMAGE_HW, T_F, W, patterns
+from test_heads_order import C_F, C_S, EVENT, FEATURES, H, IMAGE_HW, T_F, W, held_out_accuracy, patterns
 
 from cache.roi import actor_features, actor_sequence
 from heads import PUBLISHED, VARIANTS, ZOO, build_head, variant
 from pipeline.features.runtime import torch_settings
-from pipeline.training.head import TrainConfig, head_inputs, make_optimizer, train_step
+from pipeline.training.head import head_inputs
 
 torch.set_num_threads(1)
 
@@ -213,19 +213,7 @@ def test_the_coin_changes_only_the_actors_own_sequences():
 ], ids=["st-roi", "st-roi-sa", "st", "st-roi-without-temporal-positions"])
 def test_only_per_box_sequences_tell_the_two_actors_apart(data, name, overrides, tells_apart):
     train, held = data
-    with torch_settings(threads=1, seed=0):
-        cfg = variant(name, K=1, **overrides).resolve(FEATURES)
-        head = build_head(cfg).train()
-        settings = TrainConfig()
-        optimizer, scheduler = make_optimizer(head, settings, STEPS)
-        g = torch.Generator().manual_seed(3)
-        order = torch.cat([torch.randperm(N_TRAIN, generator=g) for _ in range(math.ceil(STEPS * BATCH / N_TRAIN))])
-        for step in range(STEPS):
-            train_step(head, take(train, order[step * BATCH : (step + 1) * BATCH]), cfg.needs, optimizer, scheduler,
-                       settings.grad_clip)
-        with torch.no_grad():
-            said = head.eval()(head_inputs(held, cfg.needs))[:, 0] > 0  # (N,) True: B then A
-    accuracy = (said == held["labels"][:, 0].bool()).float().mean().item()
+    accuracy = held_out_accuracy(name, overrides, train, held, take, N_TRAIN, STEPS, BATCH)
     if tells_apart:
         assert accuracy > 0.9, accuracy
     else:
