@@ -6,6 +6,7 @@
 Measures, at the mini-AVA frame sizes (160x90 and 120x90, used as they are by the mini preset):
 - backbone forward (inference mode, eval) in clips/s, batch 8, with 1 and with all torch threads;
 - one fine-tuning step (forward + backward + AdamW step of backbone + baseline head, 3 boxes per clip);
+- both in the backbone's channels_last_3d layout and in torch's contiguous one, and the ratio of the two;
 - clip decoding (``KeyframeClips`` items: 32 JPEGs read, resized, normalised) in clips/s, in-process and
   through ``clip_loader`` with 2 workers; and the real-AVA case: 640x360 frames resized to short side 256;
 - optionally (``--r50``) the r50 forward at short side 256 on CPU, for scale.
@@ -32,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cache.roi import box_clip_index  # noqa: E402
-from pipeline.features.backbone import PRESETS, build_backbone  # noqa: E402
+from pipeline.features.backbone import MEMORY_FORMAT, PRESETS, build_backbone  # noqa: E402
 from pipeline.features.clips import KeyframeClips, clip_loader  # noqa: E402
 from pipeline.training.finetune import ActionDetector, baseline_head  # noqa: E402
 
-from benchdoc import publish
+from benchdoc import cpu_model, publish
 
 SECTION = "backbone"
 
@@ -53,9 +54,10 @@ def _timed(fn, repeats: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def bench_forward(cfg, height: int, width: int, batch: int, threads: int, repeats: int) -> float:
+def bench_forward(cfg, height: int, width: int, batch: int, threads: int, repeats: int,
+                  layout: torch.memory_format = MEMORY_FORMAT) -> float:
     torch.set_num_threads(threads)
-    model = build_backbone(cfg).eval()
+    model = build_backbone(cfg).set_memory_format(layout).eval()
     x = [torch.randn(batch, 3, cfg.t_slow, height, width), torch.randn(batch, 3, cfg.t_fast, height, width)]
 
     def step():
@@ -65,10 +67,11 @@ def bench_forward(cfg, height: int, width: int, batch: int, threads: int, repeat
     return batch / _timed(step, repeats)
 
 
-def bench_train_step(cfg, height: int, width: int, batch: int, threads: int, repeats: int) -> float:
+def bench_train_step(cfg, height: int, width: int, batch: int, threads: int, repeats: int,
+                     layout: torch.memory_format = MEMORY_FORMAT) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = ActionDetector(build_backbone(cfg), baseline_head(cfg)).train()
+    model = ActionDetector(build_backbone(cfg).set_memory_format(layout), baseline_head(cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     slow = torch.randn(batch, 3, cfg.t_slow, height, width)
     fast = torch.randn(batch, 3, cfg.t_fast, height, width)
@@ -133,14 +136,18 @@ def main() -> int:
     rows = []
     for h, w in ((90, 160), (90, 120)):
         for threads in sorted({1, threads_all}):
-            fwd = bench_forward(cfg, h, w, args.batch, threads, args.repeats)
-            trn = bench_train_step(cfg, h, w, args.batch, threads, args.repeats)
-            rows.append(f"| mini backbone, {w}x{h} | {threads} | {fwd:.0f} | {trn:.0f} |")
+            rates = {}
+            for name, layout in (("contiguous", torch.contiguous_format), ("channels_last_3d", MEMORY_FORMAT)):
+                rates[name] = (bench_forward(cfg, h, w, args.batch, threads, args.repeats, layout),
+                               bench_train_step(cfg, h, w, args.batch, threads, args.repeats, layout))
+            (f0, t0), (f1, t1) = rates["contiguous"], rates["channels_last_3d"]
+            rows.append(f"| mini backbone, {w}x{h} | {threads} | {f0:.0f} | {f1:.0f} ({f1 / f0:.2f}x) | {t0:.0f} | "
+                        f"{t1:.0f} ({t1 / t0:.2f}x) |")
             print(rows[-1], flush=True)
     if args.r50:
         r50 = PRESETS["r50"]
         fwd = bench_forward(r50, 256, 455, 1, threads_all, max(1, args.repeats // 2))
-        rows.append(f"| r50 backbone, 455x256 | {threads_all} | {fwd:.2f} | - |")
+        rows.append(f"| r50 backbone, 455x256 | {threads_all} | - | {fwd:.2f} | - | - |")
         print(rows[-1], flush=True)
 
     dec_rows = []
@@ -157,16 +164,18 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     text = f"""## Backbone and clip decoding (CPU)
 
-Machine: {platform.machine()}, {platform.processor() or platform.platform()}, {os.cpu_count()} logical CPUs
+Machine: {cpu_model(isa=True)}, {os.cpu_count()} logical CPUs, {platform.platform()}
 (torch threads available: {threads_all}); torch {torch.__version__}; {datetime.date.today().isoformat()}.
 1-minute load average {load_before:.1f} before and {load_after:.1f} after the run: with other work on the machine,
 rows with more threads than free cores mostly measure the contention.
 Command: `.venv/bin/python benchmarks/bench_backbone.py{' --r50' if args.r50 else ''}`. Medians of {args.repeats} runs;
 batch {args.batch} clips of 8 slow + 32 fast frames, random inputs; the train step is forward + backward + AdamW of
 backbone and baseline head with 3 boxes per clip. The mini preset: {dataclasses.asdict(cfg)}.
+Layouts: the conv weights and inputs in torch's contiguous format, and in channels_last_3d, the backbone's own
+(`SlowFastBackbone.set_memory_format`); in brackets channels_last_3d over contiguous, measured one after the other.
 
-| model, input W x H | torch threads | forward clips/s | train step clips/s |
-|---|---|---|---|
+| model, input W x H | torch threads | forward clips/s, contiguous | forward, channels_last_3d | train step clips/s, contiguous | train step, channels_last_3d |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Clip decoding (`KeyframeClips` items: the 32 distinct JPEGs of a window read with PIL, resized as uint8,

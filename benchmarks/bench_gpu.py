@@ -36,8 +36,8 @@ CSVs with 3 boxes per keyframe read by ``splits.split_annotations``. Each video 
 RoIAlign, write-behind into a float16 zstd Zarr store) and the split's commit. Reported: keyframes/s end to end (a
 video's loader start included, as each extraction task has it), the same with per-stage times (``extract_video``'s
 ``timings``: the device is synchronised after each stage, so that run is slower), the clips loader alone, and the
-backbone alone on random device input (batch 16, 256x455) in fp32, fp16 autocast and bf16 autocast with
-channels_last_3d.
+backbone alone on random device input (batch 16, 256x455) in fp32 and fp16 autocast with contiguous tensors, and
+fp16 (the pipeline's setting) and bf16 autocast with channels_last_3d (the backbone's layout).
 
 Part ``head``: `st-sa` at r50 size (C_s=2048, C_f=256, 16x29 maps, T_f=32) from a synthetic float16 zstd store
 (``cache.synthetic``; 0-6 boxes per keyframe, about 3), warm in the page cache. Reported: keyframes/s of training
@@ -81,7 +81,7 @@ from heads import build_head, count_parameters, variant  # noqa: E402
 from pipeline.ava import files as ava  # noqa: E402
 from pipeline.ava import splits  # noqa: E402
 from pipeline.features import extract  # noqa: E402
-from pipeline.features.backbone import PRESETS, build_backbone  # noqa: E402
+from pipeline.features.backbone import MEMORY_FORMAT, PRESETS, build_backbone  # noqa: E402
 from pipeline.features.clips import KeyframeClips, clip_loader, resized_size  # noqa: E402
 from pipeline.features.extract import extract_video  # noqa: E402
 from pipeline.training.head import ResidentSplit, TrainConfig, make_optimizer, open_split, train_step  # noqa: E402
@@ -158,17 +158,19 @@ def say(text: str) -> None:
 
 
 def backbone_alone(model, cfg, sz: Sizes, height: int, width: int, device: torch.device) -> list[tuple[str, float]]:
-    """Forward clips/s on random device input, per precision setting; leaves the model in contiguous format."""
+    """Forward clips/s on random device input, per precision and memory layout; leaves the model in its own layout
+    (``SlowFastBackbone``'s channels_last_3d)."""
     b = sz.backbone_batch
     clip = [torch.randn(b, 3, cfg.t_slow, height, width, device=device), torch.randn(b, 3, cfg.t_fast, height, width, device=device)]
     modes = (
         ("fp32", None, torch.contiguous_format),
-        ("fp16 autocast (extract_video's setting)", torch.float16, torch.contiguous_format),
+        ("fp16 autocast", torch.float16, torch.contiguous_format),
+        ("fp16 autocast, channels_last_3d (extract_video's setting)", torch.float16, torch.channels_last_3d),
         ("bf16 autocast, channels_last_3d", torch.bfloat16, torch.channels_last_3d),
     )
     rows = []
     for name, dtype, fmt in modes:
-        model.to(memory_format=fmt)
+        model.set_memory_format(fmt)
         x = [t.contiguous(memory_format=fmt) for t in clip]
         amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -178,7 +180,7 @@ def backbone_alone(model, cfg, sz: Sizes, height: int, width: int, device: torch
 
         rows.append((name, b / seconds_per_call(forward, device, sz.backbone_iters, sz.backbone_warmup)))
         say(f"backbone alone, {name}, batch {b}, {width}x{height}: {rows[-1][1]:.1f} clips/s")
-    model.to(memory_format=torch.contiguous_format)
+    model.set_memory_format(MEMORY_FORMAT)
     return rows
 
 

@@ -10,7 +10,15 @@ import torch
 import torch.nn as nn
 
 from cache.roi import actor_features, box_clip_index
-from pipeline.features.backbone import PRESETS, BackboneConfig, _pytorchvideo_kwargs, build_backbone, pool_maps
+from pipeline.features.backbone import (
+    MEMORY_FORMAT,
+    PRESETS,
+    BackboneConfig,
+    TemporalTapConv3d,
+    _pytorchvideo_kwargs,
+    build_backbone,
+    pool_maps,
+)
 from pipeline.features.checkpoints import backbone_from_checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from pipeline.errors import InputError
 
@@ -216,3 +224,54 @@ def test_info_command_prints_format_and_config(tmp_path, capsys):
     assert checkpoints.run_cli(parser.parse_args([str(path)])) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "stctx" and out["config"]["name"] == "mini" and out["sha256"] == file_sha256(path)
+
+
+# ----------------------------------------------------------------------------------------------- fast layouts
+
+
+@pytest.mark.parametrize("out_channels, kt, bias", [(1, 5, False), (3, 3, True), (2, 1, False)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_temporal_taps_compute_the_conv3d(out_channels, kt, bias, layout):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, out_channels, (kt, 7, 7), stride=(1, 2, 2), padding=(kt // 2, 3, 3), bias=bias)
+    taps = TemporalTapConv3d.replacing(conv)
+    assert taps.weight is conv.weight
+    x = torch.randn(2, 3, 6, 17, 23).contiguous(memory_format=layout).requires_grad_()
+    want, got = conv(x), taps(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(want, (x, *conv.parameters()), g),
+                    torch.autograd.grad(got, (x, *taps.parameters()), g)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=(2, 1, 1), padding=(2, 0, 0)), dict(padding=(0, 0, 0)),
+                                    dict(kernel_size=(4, 1, 1), padding=(2, 0, 0)), dict(groups=3, padding=(2, 0, 0))])
+def test_temporal_taps_refuse_what_they_do_not_compute(kwargs):
+    kwargs = {"kernel_size": (5, 1, 1), **kwargs}
+    with pytest.raises(ValueError, match="TemporalTapConv3d"):
+        TemporalTapConv3d(3, 3, **kwargs)
+
+
+def test_mini_fast_stem_runs_as_taps_with_the_same_parameters():
+    model = build_backbone("mini")
+    fast_stem = model.blocks[0].multipathway_blocks[1].conv
+    assert isinstance(fast_stem, TemporalTapConv3d) and fast_stem.out_channels == 1
+    assert type(model.blocks[0].multipathway_blocks[0].conv) is torch.nn.Conv3d  # the slow stem: 4 channels, kt 1
+    assert "blocks.0.multipathway_blocks.1.conv.weight" in model.state_dict()
+    assert fast_stem.weight.is_contiguous(memory_format=MEMORY_FORMAT)
+    r50 = build_backbone("r50")  # 8 fast stem channels: oneDNN's own kernels
+    assert type(r50.blocks[0].multipathway_blocks[1].conv) is torch.nn.Conv3d
+
+
+def test_backbone_layout_does_not_change_its_maps():
+    torch.manual_seed(0)
+    model = build_backbone("mini").eval()
+    cfg = model.cfg
+    x = [torch.randn(1, 3, cfg.t_slow, 32, 48), torch.randn(1, 3, cfg.t_fast, 32, 48)]
+    with torch.no_grad():
+        last = model(x)
+        model.set_memory_format(torch.contiguous_format)
+        contiguous = model(x)
+    for a, b in zip(last, contiguous):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

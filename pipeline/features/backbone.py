@@ -26,6 +26,7 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # pytorchvideo's depth -> blocks per stage (res2..res5); create_slowfast accepts exactly these.
 STAGE_DEPTHS = {18: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -125,8 +126,66 @@ def _pytorchvideo_kwargs(cfg: BackboneConfig) -> dict:
     )
 
 
+class TemporalTapConv3d(nn.Conv3d):
+    """A ``Conv3d`` with stride 1 and "same" zero padding in time, computed as one 2D convolution of every frame with
+    the kernel's ``kt`` temporal slices stacked as ``kt * O`` output channels, then a sum of those maps shifted by
+    their tap: the same function of the same parameter (``weight`` (O, C, kt, kh, kw), so checkpoints and
+    ``state_dict`` keys are unchanged), exact up to float rounding.
+
+    Why: oneDNN's 3D kernels vectorise over output channels, and a convolution with very few of them runs at a
+    fraction of their speed. The mini preset's fast stem (3 -> 1 channel, 5x7x7, on every frame at full size) took
+    about 40% of a fine-tuning step and half of a forward; as taps, forward 3.6x and forward + backward 2x faster
+    (2-core AMD EPYC, channels_last_3d). ``SlowFastBackbone`` uses it where a convolution has fewer than
+    ``TAPS_BELOW`` output channels.
+    """
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv3d) -> "TemporalTapConv3d":
+        """This computation for ``conv``'s parameters (shared, not copied)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  bias=conv.bias is not None, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        return new
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        kt = self.kernel_size[0]
+        if (self.stride[0], self.padding[0], self.groups, self.padding_mode) != (1, kt // 2, 1, "zeros") \
+                or kt % 2 == 0 or set(self.dilation) != {1} or isinstance(self.padding, str):
+            raise ValueError(f"TemporalTapConv3d: needs an odd temporal kernel with stride 1, padding kt // 2, no "
+                             f"groups or dilation; got {self}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, O, T, h, w), as ``nn.Conv3d.forward``."""
+        b, c, t = x.shape[:3]
+        o, kt = self.out_channels, self.kernel_size[0]
+        frames = x.transpose(1, 2).reshape(b * t, c, *x.shape[3:])  # (B*T, C, H, W); a view of channels_last_3d
+        taps = self.weight.permute(2, 0, 1, 3, 4).reshape(kt * o, c, *self.kernel_size[1:])  # (kt*O, C, kh, kw), tap-major
+        y = F.conv2d(frames, taps, stride=self.stride[1:], padding=self.padding[1:])  # (B*T, kt*O, h, w)
+        y = y.view(b, t, kt, o, *y.shape[2:])  # (B, T, kt, O, h, w)
+        p = kt // 2
+        y = F.pad(y, (0, 0, 0, 0, 0, 0, 0, 0, p, p))  # zeros at both ends of time: (B, T + 2p, kt, O, h, w)
+        out = sum(y[:, d : d + t, d] for d in range(kt))  # output frame i reads input frame i + d - p at tap d
+        out = out.transpose(1, 2)  # (B, O, T, h, w)
+        return out if self.bias is None else out + self.bias.view(1, o, 1, 1, 1)
+
+
+# convolutions of the backbone with fewer output channels than this (and a temporal kernel) run as TemporalTapConv3d
+TAPS_BELOW = 8
+
+
+# the layout of the backbone's weights and activations (see SlowFastBackbone)
+MEMORY_FORMAT = torch.channels_last_3d
+
+
 class SlowFastBackbone(nn.Module):
-    """Stem and res2..res5 of a two-pathway SlowFast; returns the res5 maps."""
+    """Stem and res2..res5 of a two-pathway SlowFast; returns the res5 maps.
+
+    Weights and activations are channels_last_3d (``MEMORY_FORMAT``) on every device: oneDNN's 3D convolutions on
+    the CPU run faster so (the mini preset on a 2-core AMD EPYC: forward 1.18x on 1 thread and 1.25x on 2, a
+    training step 1.25x; ``benchmarks/bench_backbone.py``), as cuDNN's do under bf16 (``benchmarks/bench_gpu.py``
+    times both layouts). ``forward`` takes inputs in any layout; the res5 maps it returns are in the same layout.
+    """
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
@@ -138,10 +197,20 @@ class SlowFastBackbone(nn.Module):
         net = create_slowfast(**_pytorchvideo_kwargs(cfg), head=None, head_pool=None)
         # net.blocks: stem, res2, res3, res4, res5 (each a MultiPathWayWithFuse), then a pool-concat we drop
         self.blocks = nn.ModuleList(net.blocks[:-1])
+        for stem in self.blocks[0].multipathway_blocks:  # the mini fast stem (3 -> 1 channel, 5x7x7)
+            if stem.conv.out_channels < TAPS_BELOW and stem.conv.kernel_size[0] > 1:
+                stem.conv = TemporalTapConv3d.replacing(stem.conv)
+        self.set_memory_format(MEMORY_FORMAT)
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> "SlowFastBackbone":
+        """Put the conv kernels in ``memory_format`` (``load_state_dict`` copies into it) and have ``forward`` bring
+        its inputs to it (a benchmark compares layouts so)."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     def forward(self, x: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """[slow (B,3,T_s,H,W), fast (B,3,T_f,H,W)] -> (Fs (B,C_s,T_s,h,w), Ff (B,C_f,T_f,h,w))."""
-        x = list(x)  # the multipathway blocks write into the list they get
+        x = [t.contiguous(memory_format=self.memory_format) for t in x]  # a new list: the blocks write into theirs
         for block in self.blocks:
             x = block(x)
         return x[0], x[1]

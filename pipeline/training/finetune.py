@@ -177,8 +177,6 @@ def _augmented_input(batch: dict, boxes: list[np.ndarray], labels: list[np.ndarr
     batch = {**batch, "frames": batch["frames"].to(device, non_blocking=True)}  # (U, 3, H, W) uint8
     batch, boxes, labels = transform_batch(batch, boxes, labels, transforms)
     slow, fast = to_model_input(batch, device, mean=backbone_cfg.mean, std=backbone_cfg.std, alpha=backbone_cfg.alpha)
-    if device.type == "cuda":  # the layout the model is in there (cuDNN's fast 3D convolutions under bf16)
-        slow, fast = (x.contiguous(memory_format=torch.channels_last_3d) for x in (slow, fast))
     flat = torch.from_numpy(np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]))  # (N, 4)
     box_clip = box_clip_index([len(b) for b in boxes])  # (N,)
     image_hw = torch.tensor([(batch["height"], batch["width"])] * len(boxes))  # (B, 2)
@@ -336,9 +334,7 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
     single-process run)."""
     device, main = group.device, group.is_main
     log = log if main else None
-    model = model.to(device)
-    if device.type == "cuda":  # channels_last_3d: bf16 3D convolutions ran fastest so (benchmarks/bench_gpu.py)
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = model.to(device)  # the backbone keeps its channels_last_3d layout (SlowFastBackbone)
     # the model the loop calls: DDP averages the gradients over the ranks in backward (and gives every rank rank 0's
     # weights and buffers at construction and its buffers at each forward); plain BatchNorm per rank, as PySlowFast
     net = model if group.world == 1 else DistributedDataParallel(
