@@ -43,6 +43,8 @@ _EXPORTS = {
     "ContextHead": "heads.model",
     "build_head": "heads.model",
     "count_parameters": "heads.model",
+    "ClipPacking": "heads.packing",
+    "clip_slots": "heads.packing",
     "pack_by_clip": "heads.packing",
     "unpack_by_clip": "heads.packing",
 }

@@ -7,6 +7,7 @@ H W map height/width, T time steps. A positional encoding returns (L, D) for a g
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -123,6 +124,25 @@ def position_2d(kind: str, cfg: HeadConfig, max_size: int) -> nn.Module:
     }[kind]()
 
 
+class Pack(Protocol):
+    """A layout change of a block's queries: ``pack`` to (B, Lq, D) rows of attention queries, ``unpack`` back."""
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class _Identity:
+    @staticmethod
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    unpack = pack
+
+
+IDENTITY = _Identity()
+
+
 class FeedForward(nn.Sequential):
     """Linear D -> ffn_ratio*D, activation, dropout, linear back to D."""
 
@@ -149,17 +169,22 @@ class PreNormCrossAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None,
-        qpos: torch.Tensor | None = None,
+        qpos: torch.Tensor | None = None, pack: Pack | None = None,
     ) -> torch.Tensor:
         """x (B, Lq, D) queries, ctx (B, L, D) context, pos (L, D) key positions, pad (B, L) True = ignore,
         qpos (B, Lq, D) query positions in the keys' frame, or None.
 
-        Returns (B, Lq, D).
+        ``pack``: x is in another layout, ``pack.pack`` takes it to (B, Lq, D) rows of queries and ``pack.unpack``
+        back (``heads.packing.ClipPacking``: one row per clip, padded). Only the attention then sees the padded
+        rows; the per-token rest (norms, FFN, dropout) runs on the real tokens. qpos is in the packed layout.
+
+        Returns x's layout.
         """
-        q = self.norm_attn(x)
+        pack = pack or IDENTITY
+        q = pack.pack(self.norm_attn(x))
         q = q if qpos is None else q + qpos
         a, _ = self.attn(q, ctx + pos, ctx, key_padding_mask=pad, need_weights=False)
-        x = x + self.drop_attn(a)
+        x = x + self.drop_attn(pack.unpack(a))
         return x + self.drop_ffn(self.ffn(self.norm_ffn(x)))
 
 
@@ -177,11 +202,13 @@ class PostNormCrossAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, ctx: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor | None,
-        qpos: torch.Tensor | None = None,
+        qpos: torch.Tensor | None = None, pack: Pack | None = None,
     ) -> torch.Tensor:
         """Same contract as ``PreNormCrossAttention.forward``."""
-        a, _ = self.attn(x if qpos is None else x + qpos, ctx + pos, ctx, key_padding_mask=pad, need_weights=False)
-        x = self.norm_attn(x + self.drop_attn(a))
+        pack = pack or IDENTITY
+        q = pack.pack(x)
+        a, _ = self.attn(q if qpos is None else q + qpos, ctx + pos, ctx, key_padding_mask=pad, need_weights=False)
+        x = self.norm_attn(x + self.drop_attn(pack.unpack(a)))
         return self.norm_ffn(x + self.drop_ffn(self.ffn(x)))
 
 

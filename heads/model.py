@@ -9,7 +9,9 @@ pack the boxes of each clip into one query sequence of M*Q tokens and attend onc
 clip's tokens: keys and values are projected once per clip, never copied per box. A context with one row
 per box (``actor_seq``, the "st-roi" heads) is placed in the same packing, one row per query slot (B*M
 rows, unused slots zeros), and the packed queries are viewed as (B*M, Q, D) for its block: each box's
-queries attend to its own tokens, with no per-box loop and no unpacking.
+queries attend to its own tokens, with no per-box loop. Only the attention reads the packed rows (``ClipPacking``):
+the residual stream, the norms, the feed-forward layers and their dropout run on the N*Q real tokens, not on the
+padding (about a third of the packed rows on the mini-AVA).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from heads.blocks import cross_attention_block, position_1d, position_2d
 from heads.config import HeadConfig
 from heads.inputs import HeadInputs
-from heads.packing import key_padding, pack_by_clip, pack_into, unpack_by_clip
+from heads.packing import ClipPacking, clip_slots, key_padding, pack_into
 
 Context = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -182,21 +184,19 @@ class ContextHead(nn.Module):
         if num_clips is None:
             raise ValueError(f"head {self.config.name} reads {sorted(self.config.needs)}, but the batch holds none of its "
                              "per-clip fields")
-        tokens = self.actor(batch.actor)  # (N, Q, D)
-        q, d = tokens.shape[1:]
-        x, slot = pack_by_clip(tokens, batch.box_clip, num_clips)  # (B, M*Q, D)
-        b, m = x.shape[0], x.shape[1] // q
+        x = self.actor(batch.actor)  # (N, Q, D): the residual stream stays per box; only the attention is packed
+        slot, m = clip_slots(batch.box_clip, num_clips)
         qpos = None
         if self.config.query_pos == "box":
             points = query_points(batch.require("box_map"), self.config.query_grid if self.config.queries == "grid" else 1)
             encode = next(s.pos for s in self.sources if isinstance(s, MapTokens))
-            qpos = encode.at(points).to(tokens.dtype)  # (N, Q, D)
-            qpos = pack_into(qpos, slot, b, m)  # (B, M*Q, D), packed like x
+            qpos = pack_into(encode.at(points).to(x.dtype), slot, num_clips, m)  # (B, M*Q, D), packed like the queries
         for block, source in zip(self.blocks, self.sources):
             ctx, pos, pad = source(batch, slot, m)  # (B, L, D) per clip or (B*M, L, D) per query slot
-            rows = x.reshape(len(ctx), -1, d)  # (B, M*Q, D) or (B*M, Q, D): the queries of each context row
-            x = block(rows, ctx, pos, pad, qpos if isinstance(source, MapTokens) else None).reshape(b, m * q, d)
-        x = unpack_by_clip(self.norm(x), slot, q)  # (N, Q, D)
+            # the queries of each context row: (B, M*Q, D) or (B*M, Q, D)
+            packing = ClipPacking(slot, num_clips, m, rows=len(ctx))
+            x = block(x, ctx, pos, pad, qpos if isinstance(source, MapTokens) else None, pack=packing)
+        x = self.norm(x)  # (N, Q, D)
         return self.classifier(x.amax(dim=1))  # (N, K)
 
 

@@ -14,6 +14,7 @@ from heads import (
     FROM_FEATURES,
     PAPER_MAP,
     VARIANTS,
+    ClipPacking,
     HeadConfig,
     HeadInputs,
     build_head,
@@ -321,6 +322,13 @@ def test_pack_round_trip():
     assert packed.shape == (4, 3 * 3, 4)  # B=4 clips (one without boxes), M=3, Q=3
     assert torch.equal(unpack_by_clip(packed, slot, 3), x)
     assert torch.equal(slot // 3, box_clip)
+    # a block's view: one row of M*Q queries per clip, or one row of Q per box slot; unpack returns the real tokens
+    for rows, width in ((4, 3 * 3), (4 * 3, 3)):
+        packing = ClipPacking(slot, 4, 3, rows=rows)
+        rows_x = packing.pack(x)
+        assert rows_x.shape == (rows, width, 4)
+        assert torch.equal(rows_x.reshape(4, 3 * 3, 4), packed)
+        assert torch.equal(packing.unpack(rows_x), x)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
