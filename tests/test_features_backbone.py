@@ -275,3 +275,11 @@ def test_backbone_layout_does_not_change_its_maps():
         contiguous = model(x)
     for a, b in zip(last, contiguous):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t, kt", [(6, 5), (3, 5), (1, 3), (4, 1)])
+def test_shifted_tap_sum_gradient(t, kt):
+    from pipeline.features.backbone import _ShiftedTapSum
+
+    y = torch.randn(2, t, kt, 2, 3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_ShiftedTapSum.apply, (y,))

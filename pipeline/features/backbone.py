@@ -126,6 +126,34 @@ def _pytorchvideo_kwargs(cfg: BackboneConfig) -> dict:
     )
 
 
+class _ShiftedTapSum(torch.autograd.Function):
+    """y (B, T, kt, O, h, w), frame j's map at tap d -> (B, T, O, h, w): output frame i sums y[:, i + d - p, d] over
+    the taps d that land inside the clip (p = kt // 2; outside it is the zero padding). One zeroed tensor in each
+    direction; slicing a padded tensor, which autograd would do, zeroes a tensor the size of y per tap in backward
+    (a third of the stem's time)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        ctx.y_shape = y.shape
+        out = y.new_zeros(y.shape[:2] + y.shape[3:])
+        for d, (lo, hi, shift) in enumerate(_tap_spans(y.shape[1], y.shape[2])):
+            out[:, lo:hi] += y[:, lo + shift : hi + shift, d]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.new_zeros(ctx.y_shape)
+        for d, (lo, hi, shift) in enumerate(_tap_spans(ctx.y_shape[1], ctx.y_shape[2])):
+            g[:, lo + shift : hi + shift, d] = grad[:, lo:hi]
+        return g
+
+
+def _tap_spans(t: int, kt: int) -> list[tuple[int, int, int]]:
+    """Per tap d: the output frames [lo, hi) it reaches and the shift d - kt // 2 to its input frames."""
+    p = kt // 2
+    return [(max(0, p - d), min(t, t + p - d), d - p) for d in range(kt)]
+
+
 class TemporalTapConv3d(nn.Conv3d):
     """A ``Conv3d`` with stride 1 and "same" zero padding in time, computed as one 2D convolution of every frame with
     the kernel's ``kt`` temporal slices stacked as ``kt * O`` output channels, then a sum of those maps shifted by
@@ -162,11 +190,7 @@ class TemporalTapConv3d(nn.Conv3d):
         frames = x.transpose(1, 2).reshape(b * t, c, *x.shape[3:])  # (B*T, C, H, W); a view of channels_last_3d
         taps = self.weight.permute(2, 0, 1, 3, 4).reshape(kt * o, c, *self.kernel_size[1:])  # (kt*O, C, kh, kw), tap-major
         y = F.conv2d(frames, taps, stride=self.stride[1:], padding=self.padding[1:])  # (B*T, kt*O, h, w)
-        y = y.view(b, t, kt, o, *y.shape[2:])  # (B, T, kt, O, h, w)
-        p = kt // 2
-        y = F.pad(y, (0, 0, 0, 0, 0, 0, 0, 0, p, p))  # zeros at both ends of time: (B, T + 2p, kt, O, h, w)
-        out = sum(y[:, d : d + t, d] for d in range(kt))  # output frame i reads input frame i + d - p at tap d
-        out = out.transpose(1, 2)  # (B, O, T, h, w)
+        out = _ShiftedTapSum.apply(y.view(b, t, kt, o, *y.shape[2:])).transpose(1, 2)  # (B, O, T, h, w)
         return out if self.bias is None else out + self.bias.view(1, o, 1, 1, 1)
 
 
