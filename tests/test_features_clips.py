@@ -92,6 +92,35 @@ def test_each_needed_frame_is_decoded_once(frames_root, monkeypatch):
     assert decoded == [32, 31]
 
 
+def test_kept_clips_are_decoded_once_within_the_budget(frames_root, monkeypatch):
+    decoded = []
+
+    def counting(paths):
+        decoded.append(len(paths))
+        return real(paths)
+
+    real = clips_module.decode_frames
+    monkeypatch.setattr(clips_module, "decode_frames", counting)
+    keyframes = [("-vidA_00000", 902), ("-vidA_00000", 903), ("-vidA_00000", 904)]
+    plain = KeyframeClips(frames_root, keyframes, short_side=24, raw_uint8=True)
+    want = [plain[i] for i in range(3)]
+    decoded.clear()
+    one_clip = 32 * 3 * 24 * 32  # bytes of one clip's uint8 frames at 24x32
+    kept = KeyframeClips(frames_root, keyframes, short_side=24, raw_uint8=True)
+    kept.keep_decoded(2 * one_clip)  # room for two of the three
+    epochs = [[kept[i] for i in range(3)] for _ in range(3)]
+    assert len(decoded) == 3 + 2  # epoch 1 decodes all, later epochs only the clip beyond the budget
+    for epoch in epochs:
+        for got, item in zip(epoch, want):
+            assert torch.equal(got["frames"], item["frames"]) and torch.equal(got["fast_index"], item["fast_index"])
+    batch = collate_clips(epochs[1][:2])
+    batch["frames"].zero_()  # what a batch's transforms do to its frames stays in the batch
+    assert torch.equal(kept[0]["frames"], want[0]["frames"])
+    decoded.clear()
+    kept.subset([0, 1])[0]  # a subset starts with nothing kept and no budget
+    assert len(decoded) == 1
+
+
 def test_normalisation_and_no_resize_at_native_size(frames_root):
     ds = KeyframeClips(frames_root, [("vidB_000000", 902)], short_side=40, mean=0.5, std=0.25)
     item = ds[0]

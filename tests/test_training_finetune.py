@@ -113,7 +113,8 @@ def test_a_few_steps_reduce_the_loss_and_write_a_self_describing_checkpoint(data
     assert model.cfg == CFG and info["format"] == "stctx" and info["sha256"] == metrics["sha256"]
     meta = info["meta"]
     assert meta["train_loss"] == metrics["train_loss"] and meta["recipe"] == RECIPE.to_dict()
-    assert meta["finetune"] == {"seed": 0, "batch_size": 2, "epochs": 3, "num_workers": 0, "checkpoint_every": 200}
+    assert meta["finetune"] == {"seed": 0, "batch_size": 2, "epochs": 3, "num_workers": 0, "clip_memory": 2 << 30,
+                                "checkpoint_every": 200}
     assert meta["model"] == finetune.BASELINE_MODEL and meta["world_size"] == 1
     assert info["head_state"]["proj.weight"].shape == (80, CFG.actor_channels)
 

@@ -82,13 +82,17 @@ class FinetuneConfig:
     global batch is this times the number of processes, and it is the global batch that a linearly scaling recipe's
     learning rate follows. ``epochs``: None trains the recipe's; a number replaces the recipe's ``epochs`` (a cosine
     schedule then spans the run, a step schedule is cut where the run ends). ``seed`` drives the initial weights, the
-    batch order, the augmentation and dropout. ``num_workers``: decoding processes.
+    batch order, the augmentation and dropout. ``num_workers``: decoding processes. ``clip_memory``: bytes of decoded
+    clips kept for later epochs (``KeyframeClips.keep_decoded``).
     """
 
     seed: int = 0
     batch_size: int | None = None
     epochs: int | None = None
     num_workers: int = 0
+    # bytes of decoded training clips kept in memory for the epochs after the first (KeyframeClips.keep_decoded); 0
+    # decodes every epoch. Exact: the same frames either way.
+    clip_memory: int = 2 << 30
     # save the training state every this many optimiser steps (0: at epoch ends only) when a resume path is given.
     # 200 steps: 1-3 minutes of mini training on 2 CPU cores (0.28-0.88 s/step, train_mini_backbone), about 95 s of
     # r50 at batch 64 on an H100 (a detection step ran 134 clips/s) per save of 2x (SGD) or 3x (AdamW) its 135 MB
@@ -115,11 +119,12 @@ CHECKS: dict[str, tuple[str, Callable[[int], bool]]] = {
     "batch_size": (">= 1", lambda v: v >= 1),
     "epochs": (">= 1", lambda v: v >= 1),
     "num_workers": (">= 0", lambda v: v >= 0),
+    "clip_memory": (">= 0", lambda v: v >= 0),
     "checkpoint_every": (">= 0", lambda v: v >= 0),
 }
 
 # FinetuneConfig fields that do not change the trained weights, left out of a training state's identity
-NOT_IDENTITY = ("num_workers", "checkpoint_every")
+NOT_IDENTITY = ("num_workers", "checkpoint_every", "clip_memory")
 
 # the default model's part of a training state's identity and of its checkpoint's meta (``ActionDetector`` with
 # ``baseline_head`` at the recipe's dropout; the recipe and the init file are identities of their own)
@@ -384,6 +389,8 @@ def _finetune(backbone_cfg: BackboneConfig, clips: KeyframeClips, proposals: Key
         if resumed is not None:
             (position, records), resumed_from = resumed, dataclasses.asdict(resumed[0])
 
+    if recipe.epochs - position.epoch > 1:  # an epoch still to come reads the clips again
+        train_clips.keep_decoded(cfg.clip_memory)
     start = time.perf_counter()
 
     def save_state(at: Position) -> None:
@@ -555,7 +562,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", choices=["train", "val"])
     defaults = FinetuneConfig()
     helps = {"batch_size": "clips per step and process (default: the recipe's)",
-             "epochs": "default: the recipe's"}
+             "epochs": "default: the recipe's",
+             "clip_memory": "bytes of decoded clips kept for the later epochs (0: decode every epoch)"}
     for f in dataclasses.fields(FinetuneConfig):
         flag = "--" + f.name.replace("_", "-")
         parser.add_argument(flag, type=_checked(flag, f.name), default=getattr(defaults, f.name),
