@@ -77,15 +77,21 @@ def test_item_holds_the_pathway_frames_of_the_keyframe(frames_root, sec):
     np.testing.assert_array_equal(fast_idx, np.clip(center + np.arange(-32, 31, 2), 0, NUM_FRAMES - 1))
 
 
-def test_each_needed_frame_is_decoded_once(frames_root, monkeypatch):
+def _counting_decoder(monkeypatch) -> list[int]:
+    """decode_frames that appends the number of frames of each call to the list it returns (in this process)."""
     decoded = []
+    real = clips_module.decode_frames
 
     def counting(paths):
         decoded.append(len(paths))
         return real(paths)
 
-    real = clips_module.decode_frames
     monkeypatch.setattr(clips_module, "decode_frames", counting)
+    return decoded
+
+
+def test_each_needed_frame_is_decoded_once(frames_root, monkeypatch):
+    decoded = _counting_decoder(monkeypatch)
     ds = KeyframeClips(frames_root, [("-vidA_00000", 902), ("-vidA_00000", 901)], short_side=24)
     ds[0], ds[1]
     # inside the video: the 32 fast frames (the 8 slow ones are among them); at the start, frame 0 repeats
@@ -93,14 +99,7 @@ def test_each_needed_frame_is_decoded_once(frames_root, monkeypatch):
 
 
 def test_kept_clips_are_decoded_once_within_the_budget(frames_root, monkeypatch):
-    decoded = []
-
-    def counting(paths):
-        decoded.append(len(paths))
-        return real(paths)
-
-    real = clips_module.decode_frames
-    monkeypatch.setattr(clips_module, "decode_frames", counting)
+    decoded = _counting_decoder(monkeypatch)
     keyframes = [("-vidA_00000", 902), ("-vidA_00000", 903), ("-vidA_00000", 904)]
     plain = KeyframeClips(frames_root, keyframes, short_side=24, raw_uint8=True)
     want = [plain[i] for i in range(3)]
