@@ -179,7 +179,7 @@ class TemporalTapConv3d(nn.Conv3d):
         super().__init__(*args, **kwargs)
         kt = self.kernel_size[0]
         if (self.stride[0], self.padding[0], self.groups, self.padding_mode) != (1, kt // 2, 1, "zeros") \
-                or kt % 2 == 0 or set(self.dilation) != {1} or isinstance(self.padding, str):
+                or kt % 2 == 0 or set(self.dilation) != {1}:  # a string padding ("same") fails the first test
             raise ValueError(f"TemporalTapConv3d: needs an odd temporal kernel with stride 1, padding kt // 2, no "
                              f"groups or dilation; got {self}")
 
